@@ -1,0 +1,39 @@
+"""The ``ds.cmsn`` accessor: thin, stateless calls into the public functions.
+
+Like xarray's own accessors it holds only ``_obj`` (state cached on an accessor would be pickled into every Dask
+task) and validates when a method is called, not in ``__init__`` (xarray turns errors there into opaque ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import xarray as xr
+
+
+@xr.register_dataset_accessor("cmsn")
+class CMSNAccessor:
+    """Cloud removal and QA helpers on a cube: ``ds.cmsn.cloud_mask()``, ``ds.cmsn.cloud_fraction()``."""
+
+    def __init__(self, obj: xr.Dataset) -> None:
+        self._obj = obj
+
+    def validate(self, **options: Any) -> xr.Dataset:
+        """See :func:`cmsn_cube.cube.validate_cube`."""
+        from cmsn_cube.cube import validate_cube
+
+        return validate_cube(self._obj, **options)
+
+    def cloud_mask(self, **options: Any) -> xr.DataArray:
+        """The cloud mask: the cube's own, or decoded from ``qa_pixel`` (see :func:`cmsn_cube.qa.add_cloud_mask`)."""
+        from cmsn_cube.qa import add_cloud_mask
+
+        if "cloud_mask" in self._obj and not options:
+            return self._obj["cloud_mask"]
+        return add_cloud_mask(self._obj, **options)["cloud_mask"]
+
+    def cloud_fraction(self) -> xr.DataArray:
+        """See :func:`cmsn_cube.qa.cloud_fraction`."""
+        from cmsn_cube.qa import cloud_fraction
+
+        return cloud_fraction(self._obj)

@@ -1,0 +1,488 @@
+"""The cube: one xarray schema for every stage, its validation, and Zarr stores.
+
+A cube is an :class:`xarray.Dataset` with
+
+- ``reflectance(time, band, y, x)`` float32 TOA reflectance in [0, 1], NaN = no data;
+- ``qa_pixel(time, y, x)`` uint16 Landsat Collection 2 QA bits (optional);
+- ``cloud_mask(time, y, x)`` bool, True = cloud, shadow, cirrus or dilated cloud (optional until decoded);
+- coordinates ``time`` (datetime64, strictly increasing), ``band`` = ``blue, green, red, nir``, ``y``/``x`` pixel
+  centres on a regular grid in the CRS's units, ``sensor(time)`` (``LANDSAT_5``/``LANDSAT_8``/...), and the
+  rioxarray ``spatial_ref`` that carries the CRS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+
+from cmsn_cube.exceptions import (
+    BandMismatchError,
+    CubeValidationError,
+    DimensionError,
+    DTypeError,
+    GridError,
+    MissingCRSError,
+    ReflectanceRangeError,
+    StoreError,
+    TimeAxisError,
+)
+
+#: Common band names, in the order every array in this package uses.
+BANDS: tuple[str, ...] = ("blue", "green", "red", "nir")
+
+Sensor = Literal["LANDSAT_5", "LANDSAT_8"]
+
+#: Sensor band designations for the common names. Source: USGS Landsat Collection 2 band designations
+#: (Landsat 4-5 TM: B1 blue, B2 green, B3 red, B4 NIR; Landsat 8-9 OLI: B2 blue, B3 green, B4 red, B5 NIR).
+SENSOR_BANDS: dict[str, dict[str, str]] = {
+    "LANDSAT_5": {"blue": "B1", "green": "B2", "red": "B3", "nir": "B4"},
+    "LANDSAT_8": {"blue": "B2", "green": "B3", "red": "B4", "nir": "B5"},
+}
+
+#: Landsat's nominal pixel size for the reflective bands, in metres.
+LANDSAT_SCALE_M = 30.0
+
+#: Chunks on disk: one date, all bands, 512 x 512 pixels (about 4 MiB of float32 reflectance a chunk).
+DEFAULT_CHUNKS: dict[str, int] = {"time": 1, "band": len(BANDS), "y": 512, "x": 512}
+
+#: Reflectance beyond these bounds is not TOA reflectance (bright cloud tops reach ~1.5; DN reach 65535).
+_REFLECTANCE_BOUNDS = (-0.5, 2.0)
+
+#: Attribute written last into a store; a store without it was interrupted while being written.
+_COMPLETE_ATTR = "cmsn_cube_write_complete"
+
+_DIMS = {
+    "reflectance": ("time", "band", "y", "x"),
+    "qa_pixel": ("time", "y", "x"),
+    "cloud_mask": ("time", "y", "x"),
+}
+
+
+def make_cube(
+    reflectance: Any,
+    *,
+    time: Sequence[Any] | np.ndarray,
+    y: np.ndarray,
+    x: np.ndarray,
+    crs: Any,
+    sensor: str | Sequence[str],
+    qa_pixel: Any | None = None,
+    cloud_mask: Any | None = None,
+    source: str = "",
+    attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Assemble a cube from arrays laid out ``(time, band, y, x)`` and validate it.
+
+    Parameters
+    ----------
+    reflectance : array-like
+        ``(time, 4, y, x)`` reflectance in [0, 1], bands in :data:`BANDS` order; cast to float32.
+    time : sequence of datetime-like
+        Acquisition times.
+    y, x : numpy.ndarray
+        Pixel-centre coordinates in the CRS's units.
+    crs : Any
+        Anything rioxarray accepts (``"EPSG:32650"``, a WKT string, a ``pyproj.CRS``).
+    sensor : str or sequence of str
+        One sensor name for all dates or one per date (``LANDSAT_5``, ``LANDSAT_8``, ...).
+    qa_pixel, cloud_mask : array-like, optional
+        ``(time, y, x)`` Collection 2 QA bits (uint16) and a boolean cloud mask.
+    source : str
+        Where the data came from (recorded in ``attrs["source"]``).
+    attrs : mapping, optional
+        Extra dataset attributes.
+
+    Returns
+    -------
+    xarray.Dataset
+        A valid cube.
+    """
+    times = np.asarray(time, dtype="datetime64[ns]")
+    sensors = [sensor] * len(times) if isinstance(sensor, str) else list(sensor)
+    if len(sensors) != len(times):
+        raise CubeValidationError(
+            f"sensor has {len(sensors)} entries but there are {len(times)} dates: give one per date or a single name"
+        )
+    coords = {
+        "time": times,
+        "band": np.array(BANDS, dtype=object),
+        "y": np.asarray(y, dtype="float64"),
+        "x": np.asarray(x, dtype="float64"),
+        "sensor": ("time", np.array(sensors, dtype=object)),
+    }
+    data_vars: dict[str, Any] = {"reflectance": (_DIMS["reflectance"], _as_float32(reflectance))}
+    if qa_pixel is not None:
+        data_vars["qa_pixel"] = (_DIMS["qa_pixel"], qa_pixel)
+    if cloud_mask is not None:
+        data_vars["cloud_mask"] = (_DIMS["cloud_mask"], cloud_mask)
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs.update({"source": source, "scale_m": LANDSAT_SCALE_M, **(attrs or {})})
+    ds["reflectance"].attrs.update({"long_name": "TOA reflectance", "units": "1"})
+    ds = set_crs(ds, crs)
+    return validate_cube(ds)
+
+
+def _as_float32(array: Any) -> Any:
+    return array.astype("float32") if getattr(array, "dtype", None) != np.float32 else array
+
+
+def set_crs(ds: xr.Dataset, crs: Any) -> xr.Dataset:
+    """Attach ``crs`` to every variable of ``ds`` the way rioxarray does (``spatial_ref`` + ``grid_mapping``)."""
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+
+    ds = ds.rio.write_crs(crs)
+    for name in ds.data_vars:
+        ds[name].attrs.pop("grid_mapping", None)
+        ds[name].encoding["grid_mapping"] = "spatial_ref"
+    return ds
+
+
+def crs_of(ds: xr.Dataset | xr.DataArray) -> Any:
+    """The cube's CRS as a ``rasterio.crs.CRS``, or None."""
+    import rioxarray  # noqa: F401
+
+    return ds.rio.crs
+
+
+def validate_cube(
+    ds: xr.Dataset,
+    *,
+    require: Sequence[str] = ("reflectance",),
+    min_dates: int = 1,
+    check_values: bool | None = None,
+) -> xr.Dataset:
+    """Check that ``ds`` follows the cube schema; raise an error naming the problem and the fix.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The cube.
+    require : sequence of str
+        Variables that must be present (``reflectance``, ``qa_pixel``, ``cloud_mask``).
+    min_dates : int
+        Fewest dates the caller can work with.
+    check_values : bool, optional
+        Look at the reflectance values (range). None: only when the data are already in memory, so a lazy
+        (Dask) cube is never computed by validation.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` itself, so calls can be chained.
+
+    Raises
+    ------
+    DimensionError, BandMismatchError, DTypeError, ReflectanceRangeError, MissingCRSError, TimeAxisError, GridError
+        Each names what is wrong.
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise CubeValidationError(
+            f"expected an xarray.Dataset cube, got {type(ds).__name__}; "
+            "build one with cmsn_cube.make_cube(...) or open one with cmsn_cube.open_cube(path)"
+        )
+    for name in require:
+        if name not in ds.data_vars:
+            hint = " (decode it with cmsn_cube.qa.add_cloud_mask(ds))" if name == "cloud_mask" else ""
+            raise CubeValidationError(f"cube has no variable {name!r}{hint}; it has {sorted(ds.data_vars)}")
+    for name, dims in _DIMS.items():
+        if name in ds.data_vars and ds[name].dims != dims:
+            found = ds[name].dims
+            if set(found) == set(dims):
+                raise DimensionError(
+                    f"{name} has dims {found} in the wrong order; use ds[{name!r}].transpose{dims}"
+                )
+            raise DimensionError(f"{name} must have dims {dims}, found {found}")
+    _check_bands(ds)
+    _check_dtypes(ds)
+    if ds.sizes.get("time", 0) < min_dates:
+        raise DimensionError(f"cube has {ds.sizes.get('time', 0)} date(s); at least {min_dates} are needed")
+    _check_time(ds)
+    _check_grid(ds)
+    if crs_of(ds) is None:
+        raise MissingCRSError(
+            "cube has no CRS; attach one with cmsn_cube.cube.set_crs(ds, 'EPSG:326NN') "
+            "or open stores with cmsn_cube.open_cube (xr.open_zarr drops it unless decode_coords='all')"
+        )
+    in_memory = not _is_lazy(ds["reflectance"]) if "reflectance" in ds else False
+    if check_values or (check_values is None and in_memory):
+        _check_reflectance_range(ds["reflectance"])
+    return ds
+
+
+def _is_lazy(da: xr.DataArray) -> bool:
+    return da.chunks is not None
+
+
+def _check_bands(ds: xr.Dataset) -> None:
+    if "band" not in ds.coords:
+        if "reflectance" in ds:
+            raise BandMismatchError(f"reflectance has no 'band' coordinate; expected band = {list(BANDS)}")
+        return
+    bands = [str(b) for b in ds["band"].values]
+    if bands != list(BANDS):
+        raise BandMismatchError(
+            f"band coordinate is {bands}, expected {list(BANDS)}; rename sensor bands with "
+            f"cmsn_cube.cube.SENSOR_BANDS and reorder with ds.sel(band={list(BANDS)})"
+        )
+
+
+def _check_dtypes(ds: xr.Dataset) -> None:
+    if "reflectance" in ds and ds["reflectance"].dtype != np.float32:
+        kind = ds["reflectance"].dtype
+        fix = "scale digital numbers to reflectance first, then " if np.issubdtype(kind, np.integer) else ""
+        raise DTypeError(f"reflectance must be float32, got {kind}; {fix}use .astype('float32')")
+    if "qa_pixel" in ds and ds["qa_pixel"].dtype != np.uint16:
+        raise DTypeError(f"qa_pixel must be uint16 Collection 2 QA bits, got {ds['qa_pixel'].dtype}")
+    if "cloud_mask" in ds and ds["cloud_mask"].dtype != bool:
+        raise DTypeError(f"cloud_mask must be bool, got {ds['cloud_mask'].dtype}")
+
+
+def _check_time(ds: xr.Dataset) -> None:
+    if "time" not in ds.coords:
+        raise DimensionError("cube has no 'time' coordinate")
+    times = ds["time"].values
+    if not np.issubdtype(times.dtype, np.datetime64):
+        raise TimeAxisError(f"time must be datetime64, got {times.dtype}")
+    steps = np.diff(times.astype("datetime64[ns]").astype("int64"))
+    if np.any(steps == 0):
+        raise TimeAxisError(f"duplicate times {sorted(set(times[1:][steps == 0].astype(str)))}; drop or mosaic them")
+    if np.any(steps < 0):
+        raise TimeAxisError("times are not increasing; sort them with ds.sortby('time')")
+
+
+def _check_grid(ds: xr.Dataset) -> None:
+    for axis in ("y", "x"):
+        if axis not in ds.coords:
+            raise DimensionError(f"cube has no {axis!r} coordinate (pixel centres in the CRS's units)")
+        values = np.asarray(ds[axis].values, dtype="float64")
+        if values.size < 2:
+            continue
+        steps = np.diff(values)
+        if steps[0] == 0 or not np.allclose(steps, steps[0], rtol=1e-6, atol=1e-6 * abs(steps[0])):
+            raise GridError(
+                f"{axis} is not a regular grid (spacing ranges from {steps.min():g} to {steps.max():g}); "
+                "reproject or resample onto a regular grid first (e.g. ds.rio.reproject)"
+            )
+
+
+def _check_reflectance_range(reflectance: xr.DataArray) -> None:
+    low, high = (float(v) for v in (reflectance.min(), reflectance.max()))
+    if np.isnan(low):
+        return  # all NaN: an empty cube is reported by the stage that needs data
+    if low < _REFLECTANCE_BOUNDS[0] or high > _REFLECTANCE_BOUNDS[1]:
+        raise ReflectanceRangeError(
+            f"reflectance ranges {low:g}..{high:g}, far outside [0, 1]: these look like unscaled digital numbers; "
+            "apply the product's scale and offset (Collection 2 L2: DN * 2.75e-5 - 0.2; TOA is already scaled)"
+        )
+
+
+def grid_of(ds: xr.Dataset) -> dict[str, Any]:
+    """The spatial grid of a cube: CRS, shape and the first and step of ``y``/``x`` (for mismatch checks)."""
+    y, x = ds["y"].values, ds["x"].values
+    return {
+        "crs": crs_of(ds),
+        "shape": (y.size, x.size),
+        "y0": float(y[0]),
+        "x0": float(x[0]),
+        "dy": float(y[1] - y[0]) if y.size > 1 else None,
+        "dx": float(x[1] - x[0]) if x.size > 1 else None,
+    }
+
+
+def check_same_grid(a: xr.Dataset, b: xr.Dataset, *, what: str = "the two cubes") -> None:
+    """Raise :class:`GridError` unless ``a`` and ``b`` share CRS and pixel grid."""
+    grid_a, grid_b = grid_of(a), grid_of(b)
+    if grid_a != grid_b:
+        diff = {k: (grid_a[k], grid_b[k]) for k in grid_a if grid_a[k] != grid_b[k]}
+        raise GridError(f"{what} are on different grids: {diff}")
+
+
+# --------------------------------------------------------------------------------------------- Zarr stores
+
+
+def _encodable(ds: xr.Dataset, chunks: Mapping[str, int]) -> xr.Dataset:
+    """Chunk for writing and make string coords variable-length (fixed-width unicode makes zarr v3 warn)."""
+    ds = ds.copy()
+    for name in ("band", "sensor"):
+        if name in ds.coords:
+            ds.coords[name] = ds[name].astype(object)
+    sizes = {dim: min(size, ds.sizes[dim]) for dim, size in chunks.items() if dim in ds.dims}
+    ds = ds.chunk(sizes)
+    for name in ds.variables:
+        ds[name].encoding.pop("chunks", None)
+        ds[name].encoding.pop("preferred_chunks", None)
+    return ds
+
+
+def _is_local(path: str | os.PathLike[str]) -> bool:
+    return "://" not in str(path)
+
+
+def write_cube(
+    ds: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    chunks: Mapping[str, int] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> str:
+    """Write a cube to a Zarr store, so that an interrupted write never looks complete.
+
+    Local stores are written to a temporary sibling and moved in; any store (also ``s3://``/``gs://`` URLs)
+    gets a completion flag written last, which :func:`open_cube` checks.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A valid cube.
+    path : str or path-like
+        Store location (a local folder or an fsspec URL).
+    chunks : mapping, optional
+        Chunk sizes on disk; default :data:`DEFAULT_CHUNKS`.
+    overwrite : bool
+        Replace an existing store.
+    progress : bool
+        Show a progress bar while the data are computed and written.
+
+    Returns
+    -------
+    str
+        The store's path.
+    """
+    validate_cube(ds)
+    path = str(path)
+    target_exists = Path(path).exists() if _is_local(path) else _remote_exists(path)
+    if target_exists and not overwrite:
+        raise StoreError(f"store {path} exists; pass overwrite=True to replace it or append_cube() to add dates")
+    encodable = _encodable(ds, chunks or DEFAULT_CHUNKS)
+    encodable.attrs[_COMPLETE_ATTR] = False
+    if not _is_local(path):
+        _to_zarr(encodable, path, mode="w", progress=progress)
+        _mark_complete(path)
+        return path
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.writing-{uuid.uuid4().hex[:8]}")
+    try:
+        _to_zarr(encodable, str(staging), mode="w-", progress=progress)
+        _mark_complete(str(staging))
+        if final.exists():
+            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, trash)
+            os.replace(staging, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(final)
+
+
+def _to_zarr(ds: xr.Dataset, path: str, *, progress: bool, **kwargs: Any) -> None:
+    delayed = ds.to_zarr(path, compute=False, consolidated=True, **kwargs)
+    if progress:
+        from tqdm.dask import TqdmCallback
+
+        with TqdmCallback(desc=f"writing {Path(path).name}", unit="task"):
+            delayed.compute()
+    else:
+        delayed.compute()
+
+
+def _remote_exists(path: str) -> bool:
+    import fsspec
+
+    mapper = fsspec.get_mapper(path)
+    return any(key in mapper for key in ("zarr.json", ".zgroup"))
+
+
+def _mark_complete(path: str, complete: bool = True) -> None:
+    import zarr
+
+    group = zarr.open_group(path, mode="r+")
+    group.attrs[_COMPLETE_ATTR] = complete
+    zarr.consolidate_metadata(path)
+
+
+def open_cube(
+    path: str | os.PathLike[str],
+    *,
+    chunks: Mapping[str, int] | Literal["auto"] | None = None,
+    validate: bool = True,
+) -> xr.Dataset:
+    """Open a cube written by :func:`write_cube` lazily, with its CRS.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Local folder or fsspec URL of the store.
+    chunks : mapping or "auto", optional
+        Dask chunks; default: the chunks on disk.
+    validate : bool
+        Run :func:`validate_cube` (metadata only; values are not read).
+
+    Raises
+    ------
+    StoreError
+        The store is missing, was interrupted while being written, or cannot be read.
+    """
+    path = str(path)
+    if _is_local(path) and not Path(path).exists():
+        raise StoreError(f"no store at {path}; write one with `cmsn-cube synth {path}` or cmsn_cube.write_cube")
+    try:
+        # decode_coords="all" keeps spatial_ref as a coordinate, so the CRS survives the round trip
+        ds = xr.open_zarr(path, chunks=chunks if chunks is not None else {}, decode_coords="all")
+    except Exception as error:  # zarr/xarray raise many types for a damaged store
+        raise StoreError(f"cannot read the Zarr store at {path}: {type(error).__name__}: {error}") from error
+    if ds.attrs.get(_COMPLETE_ATTR) is not True:
+        raise StoreError(
+            f"store {path} is incomplete (its write was interrupted or it was not written by cmsn-cube); "
+            "write it again"
+        )
+    ds.attrs.pop(_COMPLETE_ATTR)
+    for name in ("band", "sensor"):
+        if name in ds.coords:
+            ds.coords[name] = ds[name].astype(object)
+    if validate:
+        validate_cube(ds)
+    return ds
+
+
+def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool = False) -> str:
+    """Append later dates to an existing store on the same grid.
+
+    The store is flagged incomplete while the append runs, so an interrupted append is detected by
+    :func:`open_cube` instead of passing for a complete store.
+    """
+    validate_cube(ds)
+    path = str(path)
+    existing = open_cube(path)
+    check_same_grid(existing, ds, what=f"the store {path} and the appended dates")
+    missing = set(existing.data_vars) ^ set(ds.data_vars)
+    if missing:
+        raise CubeValidationError(f"appended dates must have the same variables as the store; differ in {missing}")
+    last = existing["time"].values[-1]
+    if ds["time"].values[0] <= last:
+        raise TimeAxisError(
+            f"appended dates must come after the store's last date {np.datetime_as_string(last, unit='D')}; "
+            "write a new store for earlier dates"
+        )
+    encodable = _encodable(ds, {**DEFAULT_CHUNKS, **_disk_chunks(existing)})
+    encodable = encodable.drop_vars([v for v in encodable.variables if "time" not in encodable[v].dims])
+    _mark_complete(path, complete=False)
+    _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress)
+    _mark_complete(path, complete=True)
+    return path
+
+
+def _disk_chunks(ds: xr.Dataset) -> dict[str, int]:
+    preferred = ds["reflectance"].encoding.get("preferred_chunks", {})
+    return {dim: int(size) for dim, size in preferred.items()}

@@ -1,0 +1,67 @@
+"""Errors raised by cmsn-cube.
+
+Every error derives from :class:`CMSNCubeError` and from the built-in it refines, so ``except ValueError``
+keeps working for callers that do not know this package. Messages say what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class CMSNCubeError(Exception):
+    """Base class of every error raised by cmsn-cube."""
+
+
+class CubeValidationError(CMSNCubeError, ValueError):
+    """A cube does not follow the schema (see :func:`cmsn_cube.cube.validate_cube`)."""
+
+
+class DimensionError(CubeValidationError):
+    """A variable is missing a dimension or has them in the wrong order."""
+
+
+class BandMismatchError(CubeValidationError):
+    """Band names differ from the expected ``blue, green, red, nir`` (or a checkpoint's bands)."""
+
+
+class DTypeError(CubeValidationError, TypeError):
+    """A variable has the wrong dtype (e.g. integer digital numbers instead of float reflectance)."""
+
+
+class ReflectanceRangeError(CubeValidationError):
+    """Reflectance values lie far outside [0, 1] (usually unscaled digital numbers)."""
+
+
+class MissingCRSError(CubeValidationError):
+    """The cube carries no coordinate reference system."""
+
+
+class TimeAxisError(CubeValidationError):
+    """Times are not strictly increasing (unsorted or duplicated)."""
+
+
+class GridError(CubeValidationError):
+    """``x``/``y`` are not a regular grid, or two inputs are on different grids."""
+
+
+class NoDataError(CMSNCubeError, ValueError):
+    """Nothing usable: all pixels are no-data or all are cloud."""
+
+
+class StoreError(CMSNCubeError, OSError):
+    """A Zarr store is missing, incomplete (interrupted write) or corrupt."""
+
+
+class MissingDateError(CMSNCubeError, FileNotFoundError):
+    """An expected date (e.g. ``Region_T2_Patch1.tif``) is missing."""
+
+
+class CheckpointError(CMSNCubeError, ValueError):
+    """A checkpoint is not a cmsn-cube checkpoint, is corrupt, or does not fit the model/bands."""
+
+
+class UnknownModelError(CMSNCubeError, LookupError):
+    """No packaged model is registered under that name."""
+
+
+class EarthEngineError(CMSNCubeError, RuntimeError):
+    """Earth Engine is unreachable or not authenticated."""

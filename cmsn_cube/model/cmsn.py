@@ -1,0 +1,275 @@
+"""The CMSN network: coarse-to-refined multi-temporal synchronous cloud removal.
+
+Layout (``T`` dates share every weight; ``C`` = ``width``)::
+
+    inputs (B, T, 5, H, W) ─ normalise bands, zero cloudy pixels ─┐
+      per date: stem 3×3 (full res, skip_width) ── s2 conv (1/2, width/2) ── s2 conv (1/4, width)
+                 │                                 │                          ResFFTConv × depth
+                 │                                 │                          MFAM (dates exchange features)
+                 │                                 │                          ResFFTConv × fusion_depth
+                 │                                 └── MFAM (1/2) ── concat ◄─ upsample
+                 └──────── concat with all dates' bands (own date first) ◄── upsample
+                             └─ coarse head: temporal-fill prior + residual ─► coarse (B, T, 4, H, W)
+                                 refinement stage (coarse + all dates' bands + features) ─► refined
+    output = input bands where clear (bit-identical), refined where cloudy
+
+The heavy work (Fourier blocks, fusion) runs at 1/4 resolution, which is both fast and gives a wide
+receptive field; the full-resolution path only carries the bands of all dates so the net can copy structure
+from a clear date and correct its radiometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmsn_cube.model.mfam import MFAM
+from cmsn_cube.model.resfft import ResFFTConv
+
+__all__ = ["CMSN", "CMSNOutput", "ARCHITECTURE", "DEFAULT_BAND_MEAN", "DEFAULT_BAND_STD"]
+
+#: Name written into every config; a checkpoint naming anything else is refused.
+ARCHITECTURE = "cmsn-cube/cmsn-v1"
+
+# Approximate TOA reflectance statistics of vegetated Landsat scenes (blue, green, red, nir): they only need
+# to bring bands to a similar scale, so fixed values (stored in the config) are enough.
+DEFAULT_BAND_MEAN: tuple[float, ...] = (0.10, 0.10, 0.10, 0.25)
+DEFAULT_BAND_STD: tuple[float, ...] = (0.05, 0.06, 0.08, 0.10)
+
+_DOWNSAMPLING = 4  # two stride-2 stages
+
+
+class CMSNOutput(NamedTuple):
+    """What :class:`CMSN` returns; every field is ``(B, T, bands, H, W)`` reflectance."""
+
+    coarse: torch.Tensor
+    """Decoder reconstruction of every pixel of every date."""
+    refined: torch.Tensor
+    """Refinement-stage reconstruction of every pixel of every date."""
+    output: torch.Tensor
+    """Input bands where the mask is 0 (bit-identical), ``refined`` where the mask is 1."""
+
+
+def _conv(in_channels: int, out_channels: int, kernel: int = 3, *, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2),
+        nn.LeakyReLU(0.1, inplace=True),
+    )
+
+
+def _date_orders(n_dates: int) -> list[list[int]]:
+    # For date t: t itself first, then the other dates in time order, so a shared convolution always sees
+    # "own date" in the same channels.
+    return [[t] + [s for s in range(n_dates) if s != t] for t in range(n_dates)]
+
+
+class CMSN(nn.Module):
+    """Coarse-to-refined multi-temporal synchronous cloud removal network.
+
+    Parameters
+    ----------
+    width : int
+        Channels at 1/4 resolution, where the Fourier blocks and the main fusion run.
+    depth : int
+        Number of :class:`ResFFTConv` blocks before the fusion.
+    fusion_depth : int
+        Number of :class:`ResFFTConv` blocks after the fusion.
+    skip_width : int
+        Channels of the full-resolution path.
+    n_dates : int
+        Dates per sample (3 in the tensor contract).
+    bands : sequence of str
+        Band names in channel order; stored in the config and checked when a checkpoint is loaded.
+    band_mean, band_std : sequence of float
+        Fixed per-band normalisation of reflectance (one value per band).
+
+    Notes
+    -----
+    Inputs are ``(B, T, len(bands) + 1, H, W)``: reflectance of each band in [0, 1] with cloudy pixels set to
+    0, then the cloud mask (1 = cloud). Any H and W work: the input is reflect-padded to a multiple of 4 and
+    the outputs are cropped back.
+
+    Examples
+    --------
+    >>> net = CMSN(width=8, depth=1, skip_width=4)
+    >>> out = net(torch.rand(1, 3, 5, 37, 53).round())
+    >>> out.output.shape
+    torch.Size([1, 3, 4, 37, 53])
+    """
+
+    def __init__(
+        self,
+        *,
+        width: int = 48,
+        depth: int = 2,
+        fusion_depth: int = 1,
+        skip_width: int = 16,
+        n_dates: int = 3,
+        bands: Sequence[str] = ("blue", "green", "red", "nir"),
+        band_mean: Sequence[float] = DEFAULT_BAND_MEAN,
+        band_std: Sequence[float] = DEFAULT_BAND_STD,
+    ) -> None:
+        super().__init__()
+        n_bands = len(bands)
+        if len(band_mean) != n_bands or len(band_std) != n_bands:
+            raise ValueError(
+                f"band_mean and band_std need one value per band ({n_bands}: {list(bands)}), "
+                f"got {len(band_mean)} and {len(band_std)}"
+            )
+        if min(band_std) <= 0:
+            raise ValueError(f"band_std must be positive, got {list(band_std)}")
+        if width < 2 or skip_width < 1 or depth < 0 or fusion_depth < 0 or n_dates < 2:
+            raise ValueError(
+                "need width >= 2, skip_width >= 1, depth >= 0, fusion_depth >= 0 and n_dates >= 2; got "
+                f"width={width}, skip_width={skip_width}, depth={depth}, fusion_depth={fusion_depth}, "
+                f"n_dates={n_dates}"
+            )
+        self.config: dict[str, Any] = {
+            "architecture": ARCHITECTURE,
+            "width": int(width),
+            "depth": int(depth),
+            "fusion_depth": int(fusion_depth),
+            "skip_width": int(skip_width),
+            "n_dates": int(n_dates),
+            "bands": [str(band) for band in bands],
+            "band_mean": [float(value) for value in band_mean],
+            "band_std": [float(value) for value in band_std],
+        }
+        self.n_dates = n_dates
+        self.n_bands = n_bands
+        half_width = max(width // 2, 1)
+        all_dates_bands = n_dates * (n_bands + 1)
+        self.register_buffer("band_mean", torch.tensor(band_mean, dtype=torch.float32).view(1, 1, -1, 1, 1))
+        self.register_buffer("band_std", torch.tensor(band_std, dtype=torch.float32).view(1, 1, -1, 1, 1))
+        self.register_buffer("date_orders", torch.tensor(_date_orders(n_dates)), persistent=False)
+
+        # Encoder, shared by all dates.
+        self.stem = _conv(n_bands + 1, skip_width)
+        self.down_half = _conv(skip_width, half_width, stride=2)
+        self.down_quarter = _conv(half_width, width, stride=2)
+        self.encoder_blocks = nn.Sequential(*[ResFFTConv(width) for _ in range(depth)])
+        self.fusion = MFAM(width, n_dates=n_dates)
+        self.fusion_blocks = nn.Sequential(*[ResFFTConv(width) for _ in range(fusion_depth)])
+        # Decoder: 1/4 -> 1/2 (with a lighter fusion of the 1/2 skip) -> full resolution.
+        self.fusion_half = MFAM(half_width, n_dates=n_dates)
+        self.decode_half = nn.Sequential(_conv(width + half_width, half_width, 1), _conv(half_width, half_width))
+        self.decode_full = nn.Sequential(
+            _conv(half_width + skip_width + all_dates_bands, skip_width, 1), _conv(skip_width, skip_width)
+        )
+        self.coarse_head = nn.Conv2d(skip_width, n_bands, 3, padding=1)
+        # Refinement stage: sees the coarse estimate next to every date's bands.
+        self.refine = nn.Sequential(
+            _conv(n_bands + all_dates_bands + skip_width, skip_width, 1),
+            _conv(skip_width, skip_width),
+            nn.Conv2d(skip_width, n_bands, 3, padding=1),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, a=0.1, nonlinearity="leaky_relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Heads start small (not zero: every parameter must receive a gradient) so the initial coarse
+        # estimate is the temporal-fill prior.
+        for head in (self.coarse_head, self.refine[-1]):
+            head.weight.data.mul_(0.1)
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(parameter.numel() for parameter in self.parameters() if parameter.requires_grad)
+
+    def _with_all_dates(self, per_date: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C, H, W)`` -> ``(B*T, T*C, H, W)``: each date followed by the others (own first)."""
+        batch, dates, channels, height, width = per_date.shape
+        gathered = per_date[:, self.date_orders]  # (B, T, T, C, H, W)
+        return gathered.reshape(batch * dates, dates * channels, height, width)
+
+    def forward(self, inputs: torch.Tensor) -> CMSNOutput:
+        """Reconstruct every date.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor
+            ``(B, T, bands + 1, H, W)`` float: reflectance (0 at cloudy pixels) then the cloud mask.
+
+        Returns
+        -------
+        CMSNOutput
+            ``coarse``, ``refined`` and ``output``, each ``(B, T, bands, H, W)``.
+
+        Raises
+        ------
+        ValueError
+            If ``inputs`` does not have the shape the model was built for.
+        """
+        if inputs.ndim != 5 or inputs.shape[1] != self.n_dates or inputs.shape[2] != self.n_bands + 1:
+            raise ValueError(
+                f"inputs must be (batch, {self.n_dates} dates, {self.n_bands} bands + mask, H, W); "
+                f"got {tuple(inputs.shape)}"
+            )
+        batch, dates, _, height, width = inputs.shape
+        bands = inputs[:, :, : self.n_bands]
+        mask = inputs[:, :, self.n_bands :].clamp(0, 1)
+        clear = 1 - mask
+        normalised = (bands - self.band_mean) / self.band_std * clear  # cloudy pixels sit at the band mean
+        prior = self._temporal_fill(normalised, clear)
+        net_inputs = torch.cat([normalised, mask], dim=2)
+
+        pad_bottom = (-height) % _DOWNSAMPLING
+        pad_right = (-width) % _DOWNSAMPLING
+        padded = self._pad(net_inputs.reshape(batch * dates, -1, height, width), pad_bottom, pad_right)
+        prior_padded = self._pad(prior.reshape(batch * dates, -1, height, width), pad_bottom, pad_right)
+        full_height, full_width = padded.shape[-2:]
+
+        full = self.stem(padded)
+        half = self.down_half(full)
+        quarter = self.encoder_blocks(self.down_quarter(half))
+        quarter = quarter.reshape(batch, dates, -1, *quarter.shape[-2:])
+        quarter = self.fusion(quarter)
+        quarter = self.fusion_blocks(quarter.flatten(0, 1))
+
+        half_fused = self.fusion_half(half.reshape(batch, dates, -1, *half.shape[-2:])).flatten(0, 1)
+        up = F.interpolate(quarter, size=half.shape[-2:], mode="bilinear", align_corners=False)
+        decoded = self.decode_half(torch.cat([up, half_fused], dim=1))
+        up = F.interpolate(decoded, size=(full_height, full_width), mode="bilinear", align_corners=False)
+        all_dates = self._with_all_dates(padded.reshape(batch, dates, -1, full_height, full_width))
+        decoded = self.decode_full(torch.cat([up, full, all_dates], dim=1))
+
+        coarse_normalised = prior_padded + self.coarse_head(decoded)
+        refined_normalised = coarse_normalised + self.refine(torch.cat([coarse_normalised, all_dates, decoded], 1))
+
+        def to_reflectance(normalised_bands: torch.Tensor) -> torch.Tensor:
+            cropped = normalised_bands[..., :height, :width].reshape(batch, dates, self.n_bands, height, width)
+            return cropped.float() * self.band_std + self.band_mean
+
+        coarse = to_reflectance(coarse_normalised)
+        refined = to_reflectance(refined_normalised)
+        # torch.where copies input values bit for bit where the mask is clear.
+        output = torch.where(mask > 0.5, refined, bands.to(refined.dtype))
+        return CMSNOutput(coarse=coarse, refined=refined, output=output)
+
+    @staticmethod
+    def _temporal_fill(normalised: torch.Tensor, clear: torch.Tensor) -> torch.Tensor:
+        """Own value where clear, else the mean of the other dates that are clear there (else the band mean)."""
+        total = (normalised * clear).sum(dim=1, keepdim=True)
+        count = clear.sum(dim=1, keepdim=True)
+        others = (total - normalised * clear) / (count - clear).clamp(min=1)
+        return normalised * clear + others * (1 - clear)
+
+    @staticmethod
+    def _pad(images: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
+        if bottom == 0 and right == 0:
+            return images
+        # Reflection needs the pad to be smaller than the image; tiny images fall back to replication.
+        mode = "reflect" if images.shape[-2] > bottom and images.shape[-1] > right else "replicate"
+        return F.pad(images, (0, right, 0, bottom), mode=mode)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.config.items() if key != "architecture")

@@ -1,0 +1,1 @@
+"""Where cubes come from: Earth Engine (xee), the embedded synthetic scene, seed-style GeoTIFFs."""
