@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -309,12 +310,11 @@ def check_same_grid(a: xr.Dataset, b: xr.Dataset, *, what: str = "the two cubes"
 
 def _encodable(ds: xr.Dataset, chunks: Mapping[str, int]) -> xr.Dataset:
     """Chunk for writing and make string coords variable-length (fixed-width unicode makes zarr v3 warn)."""
-    ds = ds.copy()
-    for name in ("band", "sensor"):
-        if name in ds.coords:
-            ds.coords[name] = ds[name].astype(object)
     sizes = {dim: min(size, ds.sizes[dim]) for dim, size in chunks.items() if dim in ds.dims}
     ds = ds.chunk(sizes)
+    for name in ("band", "sensor"):
+        if name in ds.coords:  # in memory: a dask array of objects would be loaded to guess its dtype
+            ds.coords[name] = (ds[name].dims, np.asarray(ds[name].values, dtype=object))
     for name in ds.variables:
         ds[name].encoding.pop("chunks", None)
         ds[name].encoding.pop("preferred_chunks", None)
@@ -386,8 +386,14 @@ def write_cube(
     return str(final)
 
 
+#: Consolidated metadata lets remote stores open with one read; zarr 3 warns that it is an extension.
+_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
+
+
 def _to_zarr(ds: xr.Dataset, path: str, *, progress: bool, **kwargs: Any) -> None:
-    delayed = ds.to_zarr(path, compute=False, consolidated=True, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        delayed = ds.to_zarr(path, compute=False, consolidated=True, **kwargs)
     if progress:
         from tqdm.dask import TqdmCallback
 
@@ -409,7 +415,9 @@ def _mark_complete(path: str, complete: bool = True) -> None:
 
     group = zarr.open_group(path, mode="r+")
     group.attrs[_COMPLETE_ATTR] = complete
-    zarr.consolidate_metadata(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        zarr.consolidate_metadata(path)
 
 
 def open_cube(

@@ -1,0 +1,45 @@
+"""Plain-text and Markdown summaries of stores, evaluations and runs (what `cmsn-cube info` prints)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import xarray as xr
+
+from cmsn_cube.cube import crs_of, open_cube
+
+
+def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:
+    """Dates, sensors, bands, cloud fraction per date, CRS, grid and size of a cube, as text.
+
+    Computes the cloud fraction (reads ``cloud_mask``/``qa_pixel`` and the reflectance's no-data pattern).
+    """
+    from cmsn_cube.qa import cloud_fraction
+
+    has_mask = "cloud_mask" in cube or "qa_pixel" in cube
+    fractions = cloud_fraction(cube).values if has_mask else np.full(cube.sizes["time"], np.nan)
+    ny, nx = cube.sizes["y"], cube.sizes["x"]
+    dx = abs(float(cube.x[1] - cube.x[0])) if nx > 1 else float("nan")
+    dy = abs(float(cube.y[1] - cube.y[0])) if ny > 1 else float("nan")
+    size_mb = sum(v.nbytes for v in cube.data_vars.values()) / 1e6
+    lines = [
+        f"{name}",
+        f"  CRS        {crs_of(cube)}",
+        f"  grid       {ny} x {nx} px at {dy:g} m x {dx:g} m ({ny * dy / 1000:.1f} km x {nx * dx / 1000:.1f} km)",
+        f"  bands      {', '.join(str(b) for b in cube.band.values)}",
+        f"  variables  {', '.join(sorted(cube.data_vars))}",
+        f"  size       {size_mb:.1f} MB uncompressed",
+        f"  dates      {cube.sizes['time']}",
+        "    date         sensor      cloud %",
+    ]
+    sensors = cube["sensor"].values if "sensor" in cube.coords else ["?"] * cube.sizes["time"]
+    for t, fraction, sensor in zip(cube.time.values, fractions, sensors, strict=True):
+        cloud = f"{100 * fraction:6.1f}" if np.isfinite(fraction) else "   n/a"
+        lines.append(f"    {np.datetime_as_string(t, unit='D')}   {sensor:<10}  {cloud}")
+    return "\n".join(lines)
+
+
+def describe_store(path: str | os.PathLike[str]) -> str:
+    """:func:`describe_cube` of the store at ``path``."""
+    return describe_cube(open_cube(path), name=str(path))

@@ -1,0 +1,206 @@
+"""Cube schema validation (one test per kind of bad input) and Zarr stores (round trip, append, interruption)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from cmsn_cube.cube import (
+    BANDS,
+    SENSOR_BANDS,
+    append_cube,
+    crs_of,
+    make_cube,
+    open_cube,
+    set_crs,
+    validate_cube,
+    write_cube,
+)
+from cmsn_cube.exceptions import (
+    BandMismatchError,
+    CubeValidationError,
+    DimensionError,
+    DTypeError,
+    GridError,
+    MissingCRSError,
+    ReflectanceRangeError,
+    StoreError,
+    TimeAxisError,
+)
+from cmsn_cube.sources.synthetic import synthetic_scene
+
+
+def tiny_cube(n_dates: int = 3, size: int = 8) -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    return make_cube(
+        rng.uniform(0, 0.5, (n_dates, 4, size, size)).astype("float32"),
+        time=np.datetime64("2020-01-01") + np.arange(n_dates) * np.timedelta64(16, "D"),
+        y=3_000_000 - 30 * np.arange(size) - 15,
+        x=500_000 + 30 * np.arange(size) + 15,
+        crs="EPSG:32650",
+        sensor="LANDSAT_8",
+        cloud_mask=rng.random((n_dates, size, size)) < 0.2,
+    )
+
+
+def test_valid_cube_passes_and_has_schema():
+    cube = tiny_cube()
+    assert validate_cube(cube) is cube
+    assert cube.reflectance.dims == ("time", "band", "y", "x")
+    assert list(cube.band.values) == list(BANDS)
+    assert crs_of(cube).to_epsg() == 32650
+
+
+def test_missing_dim_is_named():
+    cube = tiny_cube().isel(time=0)
+    with pytest.raises(DimensionError, match="time"):
+        validate_cube(cube)
+
+
+def test_wrong_dim_order_says_how_to_transpose():
+    cube = tiny_cube()
+    bad = cube.assign(reflectance=cube.reflectance.transpose("band", "time", "y", "x"))
+    with pytest.raises(DimensionError, match=r"transpose\('time', 'band', 'y', 'x'\)"):
+        validate_cube(bad)
+
+
+def test_wrong_band_names():
+    cube = tiny_cube().assign_coords(band=["B2", "B3", "B4", "B5"])
+    with pytest.raises(BandMismatchError, match="B2"):
+        validate_cube(cube)
+
+
+def test_integer_reflectance_is_rejected():
+    cube = tiny_cube()
+    bad = cube.assign(reflectance=(cube.reflectance * 10000).astype("uint16"))
+    with pytest.raises(DTypeError, match="float32"):
+        validate_cube(bad)
+
+
+def test_unscaled_digital_numbers_are_rejected():
+    cube = tiny_cube()
+    bad = cube.assign(reflectance=(cube.reflectance * 10000 + 7000).astype("float32"))
+    with pytest.raises(ReflectanceRangeError, match="unscaled digital numbers"):
+        validate_cube(bad)
+
+
+def test_missing_crs():
+    cube = tiny_cube().drop_vars("spatial_ref")
+    for name in cube.data_vars:
+        cube[name].encoding.pop("grid_mapping", None)
+    with pytest.raises(MissingCRSError, match="no CRS"):
+        validate_cube(cube)
+
+
+def test_unsorted_times():
+    cube = tiny_cube()
+    with pytest.raises(TimeAxisError, match="sortby"):
+        validate_cube(cube.isel(time=[1, 0, 2]))
+
+
+def test_duplicate_times():
+    cube = tiny_cube()
+    dup = cube.assign_coords(time=[cube.time.values[0]] * 2 + [cube.time.values[2]])
+    with pytest.raises(TimeAxisError, match="duplicate"):
+        validate_cube(dup)
+
+
+def test_irregular_grid():
+    cube = tiny_cube()
+    x = cube.x.values.copy()
+    x[-1] += 7
+    with pytest.raises(GridError, match="x is not a regular grid"):
+        validate_cube(cube.assign_coords(x=x))
+
+
+def test_not_a_dataset():
+    with pytest.raises(CubeValidationError, match="xarray.Dataset"):
+        validate_cube(tiny_cube().reflectance)  # type: ignore[arg-type]
+
+
+def test_too_few_dates():
+    with pytest.raises(DimensionError, match="at least 3"):
+        validate_cube(tiny_cube(n_dates=2), min_dates=3)
+
+
+def test_validation_of_lazy_cube_does_not_compute(no_compute):
+    cube = tiny_cube().chunk({"time": 1})
+    validate_cube(cube)  # metadata only: the no_compute scheduler would raise otherwise
+
+
+def test_sensor_band_table():
+    assert [SENSOR_BANDS["LANDSAT_5"][b] for b in BANDS] == ["B1", "B2", "B3", "B4"]
+    assert [SENSOR_BANDS["LANDSAT_8"][b] for b in BANDS] == ["B2", "B3", "B4", "B5"]
+
+
+# ------------------------------------------------------------------------------------------------- stores
+
+
+def test_zarr_round_trip_keeps_values_crs_attrs_times(tmp_path):
+    scene = synthetic_scene(height=40, width=56, seed=5, sensor="LANDSAT_5")
+    path = write_cube(scene, tmp_path / "s.zarr")
+    reopened = open_cube(path)
+    assert reopened.reflectance.chunks is not None, "stores must open lazily"
+    xr.testing.assert_identical(reopened.reflectance.load().reset_coords(drop=True), scene.reflectance.reset_coords(drop=True))
+    np.testing.assert_array_equal(reopened.qa_pixel.values, scene.qa_pixel.values)
+    np.testing.assert_array_equal(reopened.cloud_mask.values, scene.cloud_mask.values)
+    assert crs_of(reopened) == crs_of(scene)
+    np.testing.assert_array_equal(reopened.time.values, scene.time.values)
+    assert list(reopened.sensor.values) == ["LANDSAT_5"] * 3
+    assert list(reopened.band.values) == list(BANDS)
+    for key in ("source", "scale_m", "seed", "requested_cloud_fractions"):
+        assert json.dumps(reopened.attrs[key]) == json.dumps(scene.attrs[key])
+    assert reopened.reflectance.rio.transform() == scene.reflectance.rio.transform()
+
+
+def test_write_refuses_to_clobber_and_overwrites_on_request(tmp_path):
+    path = write_cube(tiny_cube(), tmp_path / "s.zarr")
+    with pytest.raises(StoreError, match="exists"):
+        write_cube(tiny_cube(), path)
+    replacement = tiny_cube(n_dates=2)
+    write_cube(replacement, path, overwrite=True)
+    assert open_cube(path).sizes["time"] == 2
+    leftovers = [p.name for p in Path(tmp_path).iterdir() if p.name != "s.zarr"]
+    assert leftovers == [], f"temporary stores left behind: {leftovers}"
+
+
+def test_append_dates(tmp_path):
+    full = tiny_cube(n_dates=5)
+    path = write_cube(full.isel(time=slice(0, 3)), tmp_path / "s.zarr")
+    append_cube(full.isel(time=slice(3, 5)), path)
+    reopened = open_cube(path)
+    assert reopened.sizes["time"] == 5
+    xr.testing.assert_equal(reopened.reflectance.load().reset_coords(drop=True), full.reflectance.reset_coords(drop=True))
+    np.testing.assert_array_equal(reopened.cloud_mask.values, full.cloud_mask.values)
+
+
+def test_append_rejects_earlier_dates_and_other_grids(tmp_path):
+    full = tiny_cube(n_dates=4)
+    path = write_cube(full.isel(time=slice(2, 4)), tmp_path / "s.zarr")
+    with pytest.raises(TimeAxisError, match="after"):
+        append_cube(full.isel(time=slice(0, 1)), path)
+    shifted = full.isel(time=slice(3, 4)).assign_coords(x=full.x + 30)
+    shifted = set_crs(shifted.assign_coords(time=shifted.time + np.timedelta64(100, "D")), "EPSG:32650")
+    with pytest.raises(GridError, match="different grids"):
+        append_cube(shifted, path)
+
+
+def test_interrupted_write_does_not_open_as_complete(tmp_path):
+    # simulate a killed writer: the data went to disk but the completion flag was never set
+    cube = tiny_cube()
+    cube.to_zarr(tmp_path / "killed.zarr", consolidated=True)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_cube(tmp_path / "killed.zarr")
+
+
+def test_corrupt_and_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="no store"):
+        open_cube(tmp_path / "absent.zarr")
+    path = Path(write_cube(tiny_cube(), tmp_path / "s.zarr"))
+    (path / "zarr.json").write_text("{ not json")
+    with pytest.raises(StoreError, match="cannot read"):
+        open_cube(path)
