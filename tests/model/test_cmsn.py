@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cmsn_cube.model import CMSN, build_model, cmsn_loss
+
+
+@pytest.mark.parametrize(("height", "width"), [(37, 53), (3, 5), (32, 32)])
+def test_shapes_for_any_size(tiny_config, batch_factory, height, width):
+    net = CMSN(**tiny_config).eval()
+    inputs = batch_factory(batch=1, height=height, width=width)["inputs"]
+    with torch.no_grad():
+        out = net(inputs)
+    for name in ("coarse", "refined", "output"):
+        assert getattr(out, name).shape == (1, 3, 4, height, width), name
+        assert torch.isfinite(getattr(out, name)).all(), name
+
+
+def test_clear_pixels_are_kept_bit_for_bit(tiny_config, batch_factory):
+    torch.manual_seed(1)
+    net = CMSN(**tiny_config).eval()
+    inputs = batch_factory(height=37, width=53, seed=3)["inputs"]
+    inputs[:, :, :4] += torch.rand_like(inputs[:, :, :4]) * 1e-3 * (1 - inputs[:, :, 4:])  # non-round values
+    with torch.no_grad():
+        out = net(inputs)
+    clear = (inputs[:, :, 4] == 0).unsqueeze(2).expand_as(out.output)
+    cloudy = ~clear
+    assert clear.any() and cloudy.any()
+    assert torch.equal(out.output[clear], inputs[:, :, :4][clear])
+    assert torch.equal(out.output[cloudy], out.refined[cloudy])
+    # The network does produce something where it is cloudy (inputs are 0 there).
+    assert out.output[cloudy].abs().min() > 0
+
+
+def test_gradients_reach_every_parameter_with_sane_magnitudes(batch_factory):
+    torch.manual_seed(0)
+    net = CMSN(width=16, depth=2, fusion_depth=1, skip_width=8)
+    batch = batch_factory(batch=2, height=32, width=32)
+    cmsn_loss(net(batch["inputs"]), batch)["total"].backward()
+    grad_rms = {}
+    for name, parameter in net.named_parameters():
+        assert parameter.grad is not None, f"{name} received no gradient"
+        assert torch.isfinite(parameter.grad).all(), f"{name} has a non-finite gradient"
+        grad_rms[name] = parameter.grad.square().mean().sqrt().item()
+    # The seed's gradients were 1e-5 ... 1e-12: here every parameter gets a usable signal.
+    too_small = {name: value for name, value in grad_rms.items() if value < 1e-6}
+    assert not too_small, too_small
+    assert max(grad_rms.values()) < 10.0
+    assert sorted(grad_rms.values())[len(grad_rms) // 2] > 1e-4
+
+
+def test_config_is_json_and_rebuilds_the_same_architecture(tiny_config):
+    net = CMSN(**tiny_config, band_mean=(0.1, 0.1, 0.1, 0.3), band_std=(0.1, 0.1, 0.1, 0.1))
+    config = json.loads(json.dumps(net.config))
+    rebuilt = build_model(config)
+    assert rebuilt.config == net.config
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in net.parameters()]
+
+
+def test_wrong_input_shape_is_refused(tiny_config):
+    net = CMSN(**tiny_config)
+    with pytest.raises(ValueError, match="bands \\+ mask"):
+        net(torch.zeros(1, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match="band_mean"):
+        CMSN(band_mean=(0.1, 0.1))
+
+
+def test_default_model_is_small():
+    # The default must train on a CPU and fit a packaged checkpoint of a few MB.
+    assert CMSN().num_parameters < 1_000_000
