@@ -1,0 +1,54 @@
+"""Helpers for tests and examples: tiny cubes, Zarr stores of them, and the shared real-data folder.
+
+Users can import these in their own tests (``from cmsn_cube.testing import tiny_scene``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+#: Environment variable that points at the shared real-data folder (``cbers_timeseries/``, ``cloud_masks_ukis/``...).
+SHARED_DATA_ENV = "CMSN_SHARED_DATA"
+
+
+def shared_data_dir() -> Path | None:
+    """The shared real-data folder, or None when it is not there.
+
+    ``$CMSN_SHARED_DATA`` wins; otherwise ``../shared/data`` next to the repository (the layout of the
+    development machines: ``<root>/main`` is the repository, ``<root>/shared/data`` the data).
+    """
+    override = os.environ.get(SHARED_DATA_ENV)
+    if override:
+        path = Path(override)
+        return path if path.is_dir() else None
+    path = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+    return path if path.is_dir() else None
+
+
+def shared_data_path(name: str) -> Path | None:
+    """``shared_data_dir() / name`` when it exists, else None (e.g. ``shared_data_path("cbers_timeseries")``)."""
+    root = shared_data_dir()
+    if root is None:
+        return None
+    path = root / name
+    return path if path.exists() else None
+
+
+def tiny_scene(*, size: int = 96, n_dates: int = 3, seed: int = 0, **options: Any) -> xr.Dataset:
+    """A small embedded synthetic scene (``size`` x ``size`` px) with its ``truth``; options go to
+    :func:`cmsn_cube.sources.synthetic.synthetic_scene`."""
+    from cmsn_cube.sources.synthetic import synthetic_scene
+
+    return synthetic_scene(height=size, width=size, n_dates=n_dates, seed=seed, **options)
+
+
+def tiny_store(path: str | os.PathLike[str], cube: xr.Dataset | None = None, *, chunk: int = 64, **options: Any) -> str:
+    """Write ``cube`` (default :func:`tiny_scene` with ``options``) to a Zarr store at ``path``, small chunks."""
+    from cmsn_cube.cube import write_cube
+
+    cube = tiny_scene(**options) if cube is None else cube
+    return write_cube(cube, path, chunks={"time": 1, "band": 4, "y": chunk, "x": chunk}, overwrite=True)
