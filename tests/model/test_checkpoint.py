@@ -42,6 +42,7 @@ def test_card_describes_the_weights(saved):
     assert not list(path.parent.glob("*.tmp"))  # atomic writes leave no temporary files
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_foreign_pickle_is_refused(tmp_path):
     path = tmp_path / "foreign.pt"
     path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))

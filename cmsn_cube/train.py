@@ -1,0 +1,615 @@
+"""Training loop for :class:`cmsn_cube.model.CMSN`.
+
+AdamW with warm-up and a cosine (or one-cycle) schedule, gradient clipping, mixed precision on CUDA,
+validation each epoch with PSNR/SSIM in the cloudy pixels, early stopping, a wall-clock budget, atomic
+checkpoints (``last.pt`` for ``resume``, ``best.pt`` for use) with JSON cards, and the loss history as JSON
+and PNG. The same function fine-tunes an existing checkpoint: pass its path (or a loaded model).
+
+Batches follow the sample-stream contract: a dict with ``inputs`` ``(B, 3, 5, H, W)``, ``truth``
+``(B, 3, 4, H, W)``, ``truth_valid`` ``(B, 3, H, W)`` bool and ``sim_mask`` ``(B, 3, H, W)`` bool.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmsn_cube.model.checkpoint import _atomic_write_bytes, build_model, load_checkpoint, load_model, save_checkpoint
+from cmsn_cube.model.cmsn import ARCHITECTURE, CMSN
+from cmsn_cube.model.losses import DEFAULT_LOSS_WEIGHTS, CMSNLoss
+
+__all__ = ["TrainResult", "evaluate_batches", "plot_history", "train", "Schedule", "Monitor", "StopReason"]
+
+Schedule = Literal["cosine", "onecycle", "constant"]
+Monitor = Literal["psnr_cloudy", "ssim_cloudy", "loss"]
+StopReason = Literal["completed", "early_stopping", "time_budget"]
+
+_REQUIRED_KEYS = ("inputs", "truth", "truth_valid", "sim_mask")
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+HISTORY_JSON = "history.json"
+HISTORY_PNG = "loss.png"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    model : CMSN
+        The trained model (the best validated weights when ``restore_best`` and a validation set were given).
+    history : dict
+        ``{"train": [{"step", "epoch", "lr", "total", "mtgl", ...}], "val": [{"step", "epoch", "loss",
+        "psnr_cloudy", "ssim_cloudy", "mae_cloudy"}]}``.
+    best_metrics : dict or None
+        Validation record of the best epoch.
+    steps, epochs : int
+        Optimizer steps and epochs done in total (including resumed ones).
+    stop_reason : {"completed", "early_stopping", "time_budget"}
+    elapsed_s : float
+        Wall-clock seconds of this call.
+    device : str
+    checkpoint_dir, best_checkpoint, last_checkpoint : pathlib.Path or None
+    """
+
+    model: CMSN
+    history: dict[str, list[dict[str, float]]]
+    best_metrics: dict[str, float] | None
+    steps: int
+    epochs: int
+    stop_reason: StopReason
+    elapsed_s: float
+    device: str
+    checkpoint_dir: Path | None = None
+    best_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _resolve_model(model_or_config: CMSN | Mapping[str, Any] | str | os.PathLike[str] | None) -> CMSN:
+    if model_or_config is None:
+        return CMSN()
+    if isinstance(model_or_config, CMSN):
+        return model_or_config
+    if isinstance(model_or_config, Mapping):
+        return build_model({"architecture": ARCHITECTURE, **model_or_config})
+    if isinstance(model_or_config, (str, os.PathLike)):
+        # Fine-tuning: start from a checkpoint path or a packaged model name.
+        return load_model(model_or_config, bands=None)
+    raise TypeError(
+        "model_or_config must be a CMSN, a config dict, a checkpoint path / packaged name, or None; "
+        f"got {type(model_or_config).__name__}"
+    )
+
+
+def _learning_rate(step: int, *, total_steps: int, peak: float, schedule: Schedule, warmup_steps: int) -> float:
+    if schedule == "constant":
+        return peak
+    if schedule == "onecycle":
+        # As torch's OneCycleLR: 30 % rise from peak/25, then cosine down to peak/1e4.
+        rise = max(1, int(0.3 * total_steps))
+        if step < rise:
+            start = peak / 25
+            return start + (peak - start) * (1 - math.cos(math.pi * step / rise)) / 2
+        progress = (step - rise) / max(1, total_steps - rise)
+        return peak / 1e4 + (peak - peak / 1e4) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    floor = peak * 0.01
+    return floor + (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    missing = [key for key in _REQUIRED_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"training batches need keys {list(_REQUIRED_KEYS)}; this batch lacks {missing}")
+    return {
+        key: value.to(device, non_blocking=True)
+        for key, value in batch.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    return kernel[:, None] * kernel[None, :]
+
+
+def _ssim_map(prediction: torch.Tensor, truth: torch.Tensor, *, window_size: int = 11) -> torch.Tensor:
+    """Per-pixel SSIM (data range 1, Gaussian window σ=1.5) of ``(N, C, H, W)`` images, same shape out."""
+    channels = prediction.shape[1]
+    window = _gaussian_window(window_size, 1.5, prediction.device).expand(channels, 1, -1, -1).contiguous()
+    half = window_size // 2
+    mode = "reflect" if min(prediction.shape[-2:]) > half else "replicate"
+
+    def blur(image: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(image, (half, half, half, half), mode=mode), window, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mean_p, mean_t = blur(prediction), blur(truth)
+    var_p = blur(prediction * prediction) - mean_p**2
+    var_t = blur(truth * truth) - mean_t**2
+    covariance = blur(prediction * truth) - mean_p * mean_t
+    return ((2 * mean_p * mean_t + c1) * (2 * covariance + c2)) / ((mean_p**2 + mean_t**2 + c1) * (var_p + var_t + c2))
+
+
+@torch.inference_mode()
+def evaluate_batches(
+    model: CMSN,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    loss_weights: Mapping[str, float] | None = None,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+) -> dict[str, float]:
+    """Validation metrics of ``model`` over ``batches``.
+
+    PSNR, SSIM and MAE are computed on the model's ``output`` in the cloudy pixels that have truth
+    (``sim_mask & truth_valid``), data range 1; PSNR comes from the pooled squared error of all batches.
+
+    Parameters
+    ----------
+    model : CMSN
+    batches : iterable of dict
+        Batches of the sample stream.
+    loss_weights : mapping, optional
+        λ, δ, ξ for the ``loss`` entry (defaults of :data:`DEFAULT_LOSS_WEIGHTS`).
+    device : str or torch.device, optional
+        Default: the model's device.
+    amp : bool, optional
+        Autocast on CUDA (default: on when the device is CUDA).
+
+    Returns
+    -------
+    dict of str to float
+        ``loss``, ``mtgl``, ``mtfr``, ``refine``, ``psnr_cloudy`` (dB), ``ssim_cloudy``, ``mae_cloudy``,
+        ``cloudy_pixels`` (NaN metrics when there is no cloudy pixel).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    use_amp = (device.type == "cuda") if amp is None else (amp and device.type == "cuda")
+    loss_fn = CMSNLoss(**{**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})})
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n_batches = 0
+    squared_error = absolute_error = ssim_total = 0.0
+    cloudy_values = cloudy_pixels = 0
+    for raw_batch in batches:
+        batch = _to_device(raw_batch, device)
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            prediction = model(batch["inputs"])
+        terms = loss_fn(prediction, batch)
+        for key in ("total", "mtgl", "mtfr", "refine"):
+            sums[key] = sums.get(key, 0.0) + float(terms[key])
+        n_batches += 1
+        truth = batch["truth"].float()
+        output = prediction.output.float()
+        scored = (batch["sim_mask"] & batch["truth_valid"]).unsqueeze(2)  # (B, T, 1, H, W)
+        valid = batch["truth_valid"].unsqueeze(2).float()
+        error = (output - truth) * scored
+        squared_error += float((error**2).sum())
+        absolute_error += float(error.abs().sum())
+        n_bands = truth.shape[2]
+        cloudy_values += int(scored.sum()) * n_bands
+        cloudy_pixels += int(scored.sum())
+        # SSIM needs whole images: invalid pixels are set to 0 in both so they do not count as errors.
+        ssim = _ssim_map((output * valid).flatten(0, 1), (truth * valid).flatten(0, 1))
+        ssim_total += float((ssim.reshape(truth.shape) * scored).sum())
+    model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("validation loader yielded no batch")
+    metrics = {("loss" if key == "total" else key): value / n_batches for key, value in sums.items()}
+    if cloudy_values:
+        mse = squared_error / cloudy_values
+        metrics["psnr_cloudy"] = float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+        metrics["ssim_cloudy"] = ssim_total / cloudy_values
+        metrics["mae_cloudy"] = absolute_error / cloudy_values
+    else:
+        metrics.update(psnr_cloudy=float("nan"), ssim_cloudy=float("nan"), mae_cloudy=float("nan"))
+    metrics["cloudy_pixels"] = float(cloudy_pixels)
+    return metrics
+
+
+def plot_history(history: Mapping[str, list[Mapping[str, float]]], path: str | os.PathLike[str]) -> Path:
+    """Plot training (and validation) loss against steps, and validation PSNR, to a PNG.
+
+    Uses matplotlib's Agg canvas directly, so the caller's backend is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_axes, psnr_axes = figure.subplots(1, 2)
+    train_records = history.get("train", [])
+    val_records = history.get("val", [])
+    if train_records:
+        steps = [record["step"] for record in train_records]
+        for key, style in (("total", "-"), ("mtgl", "--"), ("mtfr", ":"), ("refine", "-.")):
+            loss_axes.plot(steps, [record[key] for record in train_records], style, label=f"train {key}")
+    if val_records:
+        loss_axes.plot([r["step"] for r in val_records], [r["loss"] for r in val_records], "o-", label="val total")
+        psnr_axes.plot([r["step"] for r in val_records], [r["psnr_cloudy"] for r in val_records], "o-")
+    loss_axes.set(xlabel="step", ylabel="loss (reflectance L1 units)", yscale="log", title="losses")
+    if train_records or val_records:
+        loss_axes.legend(fontsize=7)
+    psnr_axes.set(xlabel="step", ylabel="PSNR in cloudy pixels (dB)", title="validation")
+    figure.tight_layout()
+    path = Path(path)
+    _atomic_write_bytes(path, lambda stream: figure.savefig(stream, format="png"))
+    return path
+
+
+def _write_history(history: Mapping[str, Any], directory: Path) -> None:
+    text = json.dumps(history, indent=1, allow_nan=True) + "\n"
+    _atomic_write_bytes(directory / HISTORY_JSON, lambda stream: stream.write(text.encode()))
+    plot_history(history, directory / HISTORY_PNG)
+
+
+def _improved(value: float, best: float | None, *, monitor: Monitor, min_delta: float) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if monitor == "loss" else value > best + min_delta
+
+
+def train(
+    model_or_config: CMSN | Mapping[str, Any] | str | os.PathLike[str] | None,
+    train_loader: Iterable[Mapping[str, Any]],
+    val_loader: Iterable[Mapping[str, Any]] | None = None,
+    *,
+    epochs: int | None = None,
+    steps: int | None = None,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    schedule: Schedule = "cosine",
+    warmup_steps: int | None = None,
+    loss_weights: Mapping[str, float] | None = None,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    time_budget: float | None = None,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    monitor: Monitor = "psnr_cloudy",
+    restore_best: bool = True,
+    log_every: int = 10,
+    training_data: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or fine-tune) a CMSN.
+
+    Parameters
+    ----------
+    model_or_config : CMSN, dict, str, path-like or None
+        A model (trained in place), a config dict for :class:`CMSN` (built after seeding, so the
+        initialisation is reproducible), a checkpoint path or packaged model name to fine-tune, or ``None``
+        for the default CMSN.
+    train_loader : iterable of dict
+        Batches of the sample stream (e.g. a ``torch.utils.data.DataLoader``); re-iterated every epoch.
+    val_loader : iterable of dict, optional
+        Held-out batches, evaluated after each epoch (PSNR/SSIM in cloudy pixels).
+    epochs : int, optional
+        Passes over ``train_loader``.
+    steps : int, optional
+        Optimizer steps in total; training stops at this count even mid-epoch (then validates once more).
+        At least one of ``epochs`` and ``steps`` is needed; with only ``steps``, epochs repeat as needed.
+    lr : float
+        Peak learning rate of AdamW.
+    weight_decay : float
+        AdamW weight decay, applied to convolution kernels only (not biases or scales).
+    schedule : {"cosine", "onecycle", "constant"}
+        Learning-rate schedule over the total number of steps.
+    warmup_steps : int, optional
+        Linear warm-up of the cosine schedule (default: 5 % of the steps, at most 200).
+    loss_weights : mapping, optional
+        Overrides of ``lambda_cloudy``, ``delta``, ``xi`` (see :func:`cmsn_cube.model.cmsn_loss`).
+    grad_clip : float or None
+        Maximum global gradient norm; ``None`` disables clipping.
+    seed : int
+        Seeds Python, NumPy and torch (including a DataLoader's default shuffling generator).
+    device : str or torch.device, optional
+        Default: CUDA when available, else CPU.
+    amp : bool, optional
+        Mixed precision (bfloat16 where supported, else float16 with loss scaling) on CUDA; default on for
+        CUDA, always off on CPU.
+    checkpoint_dir : str or path-like, optional
+        Where ``last.pt`` (resumable), ``best.pt`` (best validation), their ``.json`` cards,
+        ``history.json`` and ``loss.png`` are written (atomically).
+    resume : bool
+        Continue from ``checkpoint_dir/last.pt`` (weights, optimizer, step, history, RNG state) if present.
+    time_budget : float, optional
+        Seconds of wall clock for this call; training stops cleanly (validating and saving) when exceeded.
+    patience : int, optional
+        Early stopping: stop after this many validations without improvement of ``monitor``.
+    min_delta : float
+        Smallest change of ``monitor`` counted as an improvement.
+    monitor : {"psnr_cloudy", "ssim_cloudy", "loss"}
+        Validation quantity for best checkpoint and early stopping.
+    restore_best : bool
+        Return the model with the best validated weights (when a validation loader was given).
+    log_every : int
+        Steps between entries of the training history (each the mean over those steps).
+    training_data : mapping, optional
+        JSON-serialisable description of the training data, written into the checkpoint cards.
+    progress : bool
+        Show a tqdm progress bar with the running loss.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ValueError
+        If neither ``epochs`` nor ``steps`` is given, or an option is out of range.
+    KeyError
+        If a batch lacks a key of the sample-stream contract.
+    FloatingPointError
+        If the loss becomes NaN or infinite.
+    CheckpointError
+        If ``resume`` finds a checkpoint that is not a cmsn-cube checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    if epochs is None and steps is None:
+        raise ValueError("give epochs=..., steps=... or both")
+    if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
+        raise ValueError(f"epochs and steps must be >= 1, got epochs={epochs}, steps={steps}")
+    if lr <= 0 or weight_decay < 0:
+        raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+    if schedule not in ("cosine", "onecycle", "constant"):
+        raise ValueError(f"schedule must be 'cosine', 'onecycle' or 'constant', got {schedule!r}")
+    if monitor not in ("psnr_cloudy", "ssim_cloudy", "loss"):
+        raise ValueError(f"monitor must be 'psnr_cloudy', 'ssim_cloudy' or 'loss', got {monitor!r}")
+    unknown_weights = sorted(set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS))
+    if unknown_weights:
+        raise ValueError(f"unknown loss weights {unknown_weights}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+    weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+
+    started = time.monotonic()
+    _seed_everything(seed)
+    model = _resolve_model(model_or_config)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    use_amp = (device.type == "cuda") if amp is None else (amp and device.type == "cuda")
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    loss_fn = CMSNLoss(**weights)
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 4]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 4]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+
+    try:
+        batches_per_epoch: int | None = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        batches_per_epoch = None
+    if steps is not None:
+        total_steps = steps
+    elif batches_per_epoch is not None:
+        total_steps = epochs * batches_per_epoch  # type: ignore[operator]
+    else:
+        raise ValueError("train_loader has no len(); give steps=... so the schedule knows its length")
+    max_epochs = epochs if epochs is not None else math.inf
+    if warmup_steps is None:
+        warmup_steps = min(200, max(1, total_steps // 20))
+
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
+    step = epoch = 0
+    best_value: float | None = None
+    best_metrics: dict[str, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    validations_without_improvement = 0
+    if resume:
+        if directory is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        last_path = directory / LAST_CHECKPOINT
+        if last_path.is_file():
+            payload = load_checkpoint(last_path, map_location=device)
+            model.load_state_dict(payload["state_dict"])
+            state = payload.get("training_state") or {}
+            if "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+            step = int(state.get("step", 0))
+            epoch = int(state.get("epoch", 0))
+            history = json.loads(state.get("history_json", '{"train": [], "val": []}'))
+            best_value = state.get("best_value")
+            best_metrics = json.loads(state["best_metrics_json"]) if state.get("best_metrics_json") else None
+            validations_without_improvement = int(state.get("validations_without_improvement", 0))
+            if "torch_rng" in state:
+                torch.set_rng_state(state["torch_rng"].cpu())
+            best_path = directory / BEST_CHECKPOINT
+            if best_path.is_file():
+                best_state = load_checkpoint(best_path)["state_dict"]
+
+    run_facts = {
+        "seed": seed,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "grad_clip": grad_clip,
+        "loss_weights": weights,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "amp": str(amp_dtype).removeprefix("torch.") if use_amp else "off",
+        "torch": str(torch.__version__),
+        "training_data": dict(training_data or {}),
+    }
+
+    def card_metadata(elapsed: float) -> dict[str, Any]:
+        return {
+            "training": {**run_facts, "steps": step, "epochs": epoch, "train_seconds": round(elapsed, 1)},
+            "metrics": best_metrics or {},
+        }
+
+    def save_last(elapsed: float) -> Path | None:
+        if directory is None:
+            return None
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "history_json": json.dumps(history),
+            "best_value": best_value,
+            "best_metrics_json": json.dumps(best_metrics) if best_metrics else "",
+            "validations_without_improvement": validations_without_improvement,
+            "torch_rng": torch.get_rng_state(),
+        }
+        path = save_checkpoint(
+            directory / LAST_CHECKPOINT, model, metadata=card_metadata(elapsed), training_state=training_state
+        )
+        _write_history(history, directory)
+        return path
+
+    stop_reason: StopReason = "completed"
+    window: dict[str, float] = {}
+    window_count = 0
+    running_loss: float | None = None
+    current_lr = lr
+    saved_at_step = -1
+    last_path: Path | None = None
+    model.train()
+    while epoch < max_epochs and step < total_steps and stop_reason == "completed":
+        epoch_batches = batches_per_epoch if batches_per_epoch is not None else total_steps - step
+        bar = tqdm(
+            total=min(epoch_batches, total_steps - step),
+            desc=f"epoch {epoch + 1}",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for raw_batch in train_loader:
+            if step >= total_steps:
+                break
+            if time_budget is not None and time.monotonic() - started > time_budget:
+                stop_reason = "time_budget"
+                break
+            current_lr = _learning_rate(
+                step, total_steps=total_steps, peak=lr, schedule=schedule, warmup_steps=warmup_steps
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            batch = _to_device(raw_batch, device)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                prediction = model(batch["inputs"])
+            terms = loss_fn(prediction, batch)
+            if not torch.isfinite(terms["total"]):
+                raise FloatingPointError(
+                    f"loss became {float(terms['total'])} at step {step}; lower lr (now {current_lr:.2e}) "
+                    "or check the batch for NaN reflectance"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["total"]).backward()
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+
+            loss_value = float(terms["total"].detach())
+            running_loss = loss_value if running_loss is None else 0.9 * running_loss + 0.1 * loss_value
+            for key, value in terms.items():
+                window[key] = window.get(key, 0.0) + float(value.detach())
+            window_count += 1
+            if window_count >= log_every or step == total_steps:
+                history["train"].append(
+                    {"step": step, "epoch": epoch + 1, "lr": current_lr}
+                    | {key: value / window_count for key, value in window.items()}
+                )
+                window, window_count = {}, 0
+            bar.set_postfix(loss=f"{running_loss:.4f}", lr=f"{current_lr:.1e}")
+            bar.update()
+        bar.close()
+        epoch += 1
+
+        if val_loader is not None:
+            metrics = evaluate_batches(model, val_loader, loss_weights=weights, device=device, amp=use_amp)
+            record = {"step": step, "epoch": epoch, **metrics}
+            history["val"].append(record)
+            value = metrics[monitor]
+            if _improved(value, best_value, monitor=monitor, min_delta=min_delta):
+                best_value, best_metrics = value, record
+                validations_without_improvement = 0
+                best_state = {key: tensor.detach().cpu().clone() for key, tensor in model.state_dict().items()}
+                if directory is not None:
+                    save_checkpoint(
+                        directory / BEST_CHECKPOINT, model, metadata=card_metadata(time.monotonic() - started)
+                    )
+            else:
+                validations_without_improvement += 1
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch} step {step}: val loss {metrics['loss']:.4f}, "
+                    f"PSNR cloudy {metrics['psnr_cloudy']:.2f} dB, SSIM cloudy {metrics['ssim_cloudy']:.4f}"
+                )
+            if patience is not None and validations_without_improvement >= patience:
+                stop_reason = "early_stopping"
+        last_path = save_last(time.monotonic() - started)
+        saved_at_step = step
+        if time_budget is not None and time.monotonic() - started > time_budget and step < total_steps:
+            stop_reason = "time_budget"
+
+    if window_count:
+        history["train"].append(
+            {"step": step, "epoch": epoch, "lr": current_lr}
+            | {key: value / window_count for key, value in window.items()}
+        )
+        window_count = 0
+        saved_at_step = -1  # the history changed since the last save
+    if saved_at_step != step:
+        last_path = save_last(time.monotonic() - started)
+    if val_loader is None and directory is not None:
+        # Without validation the final weights are the ones to use.
+        save_checkpoint(directory / BEST_CHECKPOINT, model, metadata=card_metadata(time.monotonic() - started))
+    best_path = None
+    if directory is not None and (directory / BEST_CHECKPOINT).is_file():
+        best_path = directory / BEST_CHECKPOINT
+    if restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        model=model,
+        history=copy.deepcopy(history),
+        best_metrics=best_metrics,
+        steps=step,
+        epochs=epoch,
+        stop_reason=stop_reason,
+        elapsed_s=time.monotonic() - started,
+        device=str(device),
+        checkpoint_dir=directory,
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
+        extra={"run": run_facts},
+    )
