@@ -73,5 +73,63 @@ def demo(out_dir: Path, store: Path, size: int, seed: int) -> None:
     run_demo(out_dir, store=store, height=size, width=size, seed=seed, echo=click.echo)
 
 
+class _FloatList(click.ParamType):
+    """Comma-separated floats: ``W,S,E,N`` for --bbox, ``0.25,0.15,0.10`` for --levels."""
+
+    name = "floats"
+
+    def __init__(self, count: int | None = None) -> None:
+        self.count = count
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not comma-separated numbers", param, ctx)
+        if self.count is not None and len(values) != self.count:
+            self.fail(f"{value!r} must have {self.count} comma-separated numbers (W,S,E,N in degrees)", param, ctx)
+        return values
+
+
+@main.command()
+@click.option("--region", help="Region name in --config (e.g. wuhan, new_south_wales).")
+@click.option("--config", type=click.Path(path_type=Path), default=Path("pipelines/regions.yaml"), help="Regions file.")
+@click.option("--bbox", type=_FloatList(4), help="W,S,E,N in degrees (instead of --region).")
+@click.option("--start", help="First day, e.g. 2013-04-15 (with --bbox).")
+@click.option("--end", help="Last day, included (with --bbox).")
+@click.option("--sensor", type=click.Choice(["LANDSAT_5", "LANDSAT_8"]), default="LANDSAT_8", help="With --bbox.")
+@click.option("--wrs-path", type=int, help="WRS-2 path filter (with --bbox).")
+@click.option("--wrs-row", type=int, help="WRS-2 row filter (with --bbox).")
+@click.option("--levels", type=_FloatList(), default="0.25,0.15,0.10", help="Target cloud fraction per kept date (with --bbox).")
+@click.option("--seed-dates", is_flag=True, help="Keep the region's listed dates instead of choosing by cloud level.")
+@click.option("--out", type=click.Path(path_type=Path), help="Store; default stores/<region>.zarr.")
+@click.option("--project", help="Earth Engine Cloud project (default: EE_PROJECT or the credentials').")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (collection, bands, dates, grid, size) and stop; offline.")
+def pull(
+    region: str | None, config: Path, bbox: tuple[float, ...] | None, start: str | None, end: str | None, sensor: str,
+    wrs_path: int | None, wrs_row: int | None, levels: tuple[float, ...], seed_dates: bool, out: Path | None,
+    project: str | None, overwrite: bool, dry_run: bool,
+) -> None:
+    """Pull Landsat TOA from Earth Engine (via xee) into a Zarr cube: a region of --config, or --bbox + dates."""
+    from cmsn_cube.sources.earthengine import plan_pull, plan_region, pull_region
+
+    if region and bbox:
+        raise click.UsageError("give --region or --bbox, not both")
+    if region:
+        plan = plan_region(region, config=config, use_dates=seed_dates)
+    elif bbox and start and end:
+        plan = plan_pull(sensor=sensor, start=start, end=end, bbox=bbox, wrs_path=wrs_path, wrs_row=wrs_row, name="bbox", levels=levels)  # type: ignore[arg-type]
+    else:
+        raise click.UsageError("give --region NAME, or --bbox W,S,E,N with --start and --end")
+    click.echo(plan.describe())
+    if dry_run:
+        return
+    path = pull_region(plan, out or Path("stores") / f"{plan.name}.zarr", project=project, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
