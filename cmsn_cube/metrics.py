@@ -1,0 +1,252 @@
+"""Reconstruction metrics: PSNR, SSIM, MAE, RMSE, SAM, NDVI error; over all pixels or the cloudy ones only.
+
+Every metric is NaN-safe: a pixel counts only where it is selected by the mask and finite in both the
+reconstruction and the truth (the share of selected pixels a method filled is reported as ``coverage``).
+Reflectance is in [0, 1], so ``data_range`` defaults to 1.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy import ndimage
+
+from cmsn_cube.cube import BANDS
+from cmsn_cube.exceptions import BandMismatchError, DimensionError
+
+Region = Literal["cloudy", "all"]
+METRICS: tuple[str, ...] = ("psnr", "ssim", "mae", "rmse", "sam", "ndvi_mae", "coverage", "n_pixels")
+
+#: Reflectance spans [0, 1]: the peak value PSNR and SSIM are relative to.
+DEFAULT_DATA_RANGE = 1.0
+_RED, _NIR = BANDS.index("red"), BANDS.index("nir")
+
+
+def _array(values: Any) -> np.ndarray:
+    return np.asarray(values.values if isinstance(values, xr.DataArray) else values, dtype=np.float64)
+
+
+def _selected(prediction: np.ndarray, truth: np.ndarray, mask: Any | None) -> np.ndarray:
+    keep = np.isfinite(prediction) & np.isfinite(truth)
+    if mask is not None:
+        keep &= np.broadcast_to(_array(mask).astype(bool), keep.shape)
+    return keep
+
+
+def mae(prediction: Any, truth: Any, *, mask: Any | None = None) -> float:
+    """Mean absolute error over the selected finite pixels (NaN when none)."""
+    p, t = _array(prediction), _array(truth)
+    keep = _selected(p, t, mask)
+    return float(np.abs(p[keep] - t[keep]).mean()) if keep.any() else np.nan
+
+
+def rmse(prediction: Any, truth: Any, *, mask: Any | None = None) -> float:
+    """Root mean square error over the selected finite pixels (NaN when none)."""
+    p, t = _array(prediction), _array(truth)
+    keep = _selected(p, t, mask)
+    return float(np.sqrt(np.mean((p[keep] - t[keep]) ** 2))) if keep.any() else np.nan
+
+
+def psnr(prediction: Any, truth: Any, *, mask: Any | None = None, data_range: float = DEFAULT_DATA_RANGE) -> float:
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range**2 / MSE)``; inf for identical images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> psnr(np.full(4, 0.5), np.full(4, 0.6))  # MSE 0.01 -> 20 dB
+    20.0
+    """
+    error = rmse(prediction, truth, mask=mask)
+    if np.isnan(error):
+        return np.nan
+    return np.inf if error == 0 else float(round(20 * np.log10(data_range / error), 10))
+
+
+def ssim(
+    prediction: Any,
+    truth: Any,
+    *,
+    mask: Any | None = None,
+    data_range: float = DEFAULT_DATA_RANGE,
+    win_size: int = 7,
+) -> float:
+    """Mean structural similarity (scikit-image, Gaussian-free 7x7 window) over the selected pixels.
+
+    Images are ``(..., y, x)``; every 2-D image gets its own SSIM map. Pixels whose window touches a NaN in
+    either image are left out (NaN would spread through the window's means).
+
+    Parameters
+    ----------
+    prediction, truth : array-like
+        ``(..., y, x)`` images.
+    mask : array-like, optional
+        ``(..., y, x)`` bool: the pixels to average over.
+    data_range : float
+        Value range of the data (1.0 for reflectance).
+    win_size : int
+        Side of the sliding window (odd).
+    """
+    from skimage.metrics import structural_similarity
+
+    p, t = _array(prediction), _array(truth)
+    if p.shape != t.shape or p.ndim < 2:
+        raise DimensionError(f"SSIM needs two images of the same (..., y, x) shape, got {p.shape} and {t.shape}")
+    selected = np.broadcast_to(_array(mask).astype(bool), p.shape) if mask is not None else np.ones(p.shape, bool)
+    p2, t2, s2 = p.reshape(-1, *p.shape[-2:]), t.reshape(-1, *t.shape[-2:]), selected.reshape(-1, *p.shape[-2:])
+    if min(p.shape[-2:]) < win_size:
+        raise DimensionError(f"SSIM needs images of at least {win_size} x {win_size} px, got {p.shape[-2:]}")
+    total, count = 0.0, 0
+    for image, reference, keep in zip(p2, t2, s2, strict=True):
+        finite = np.isfinite(image) & np.isfinite(reference)
+        clean = ndimage.minimum_filter(finite.astype(np.uint8), size=win_size, mode="nearest").astype(bool)
+        use = keep & clean
+        if not use.any():
+            continue
+        _, full = structural_similarity(
+            np.where(finite, image, 0), np.where(finite, reference, 0), data_range=data_range, win_size=win_size, full=True
+        )
+        total += float(full[use].sum())
+        count += int(use.sum())
+    return total / count if count else np.nan
+
+
+def _band_axis(values: Any, axis: int) -> tuple[np.ndarray, int]:
+    array = _array(values)
+    if array.shape[axis] != len(BANDS):
+        raise BandMismatchError(f"expected {len(BANDS)} bands ({', '.join(BANDS)}) on axis {axis}, got {array.shape}")
+    return array, axis % array.ndim
+
+
+def ndvi(reflectance: Any, *, axis: int = -3) -> Any:
+    """NDVI = (NIR - red) / (NIR + red), NaN where the sum is 0, clipped to [-1, 1].
+
+    Parameters
+    ----------
+    reflectance : xarray.DataArray or array-like
+        With a ``band`` dim (xarray; ``red`` and ``nir`` are selected by name) or bands blue, green, red, nir
+        on ``axis`` (numpy).
+    axis : int
+        The band axis of a numpy array.
+
+    Returns
+    -------
+    xarray.DataArray or numpy.ndarray
+        Without the band dimension.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ndvi(np.array([0.1, 0.1, 0.1, 0.3]), axis=0)
+    array(0.5)
+    """
+    if isinstance(reflectance, xr.DataArray):
+        red, nir = reflectance.sel(band="red", drop=True), reflectance.sel(band="nir", drop=True)
+        total = nir + red
+        return ((nir - red) / total.where(total != 0)).clip(-1, 1).rename("ndvi")
+    array, axis = _band_axis(reflectance, axis)
+    red, nir = np.take(array, _RED, axis=axis), np.take(array, _NIR, axis=axis)
+    total = nir + red
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip(np.where(total != 0, (nir - red) / np.where(total != 0, total, 1), np.nan), -1, 1)
+
+
+def ndvi_error(prediction: Any, truth: Any, *, mask: Any | None = None, axis: int = -3) -> float:
+    """Mean absolute NDVI difference over the selected pixels (bands on ``axis``)."""
+    return mae(ndvi(_array(prediction), axis=axis), ndvi(_array(truth), axis=axis), mask=mask)
+
+
+def sam(prediction: Any, truth: Any, *, mask: Any | None = None, axis: int = -3) -> float:
+    """Mean spectral angle in degrees between the band vectors (bands on ``axis``) over the selected pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> round(sam(np.array([1.0, 0, 0, 0]), np.array([1.0, 1.0, 0, 0]), axis=0), 6)
+    45.0
+    """
+    p, axis = _band_axis(prediction, axis)
+    t, _ = _band_axis(truth, axis)
+    dot = (p * t).sum(axis=axis)
+    norms = np.sqrt((p * p).sum(axis=axis) * (t * t).sum(axis=axis))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        angle = np.degrees(np.arccos(np.clip(dot / np.where(norms > 0, norms, np.nan), -1, 1)))
+    keep = np.isfinite(angle)
+    if mask is not None:
+        keep &= np.broadcast_to(_array(mask).astype(bool), keep.shape)
+    return float(angle[keep].mean()) if keep.any() else np.nan
+
+
+def _as_cube_array(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, xr.DataArray):
+        order = [d for d in ("time", "band", "y", "x") if d in values.dims]
+        if len(order) != values.ndim:
+            raise DimensionError(f"{name} has dims {values.dims}; expected (time, band, y, x) or (band, y, x)")
+        values = values.transpose(*order)
+    array = _array(values)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1] != len(BANDS):
+        raise DimensionError(f"{name} must be (time, band, y, x) with {len(BANDS)} bands, got shape {array.shape}")
+    return array
+
+
+def evaluate_reconstruction(
+    reconstructed: Any, truth: Any, cloudy_mask: Any, *, data_range: float = DEFAULT_DATA_RANGE
+) -> pd.DataFrame:
+    """Score a reconstruction against the truth, over the cloudy (filled) pixels and over all pixels.
+
+    Parameters
+    ----------
+    reconstructed, truth : xarray.DataArray or array-like
+        ``(time, band, y, x)`` (or ``(band, y, x)``) reflectance, bands blue, green, red, nir.
+    cloudy_mask : xarray.DataArray or array-like
+        ``(time, y, x)`` bool: the pixels that were filled and can be scored.
+    data_range : float
+        Value range for PSNR and SSIM (1.0 for reflectance).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``(region, band)`` with region ``cloudy``/``all`` and band ``blue … nir, mean``; columns
+        :data:`METRICS`. Per band: PSNR, SSIM, MAE, RMSE; ``mean``: PSNR/MAE/RMSE pooled over bands, SSIM
+        averaged over bands, SAM and NDVI MAE. ``coverage`` = share of the region's pixels the method filled
+        (finite in every band); ``n_pixels`` = pixels in the region (truth finite).
+    """
+    prediction, reference = _as_cube_array(reconstructed, "reconstructed"), _as_cube_array(truth, "truth")
+    if prediction.shape != reference.shape:
+        raise DimensionError(f"reconstructed {prediction.shape} and truth {reference.shape} differ in shape")
+    cloudy = _array(cloudy_mask).astype(bool)
+    if cloudy.ndim == 2:
+        cloudy = cloudy[None]
+    if cloudy.shape != (prediction.shape[0], *prediction.shape[2:]):
+        raise DimensionError(f"cloudy_mask {cloudy.shape} does not match (time, y, x) of {prediction.shape}")
+    known = np.isfinite(reference).all(axis=1)
+    filled = np.isfinite(prediction).all(axis=1)
+    rows = []
+    for region, pixels in (("cloudy", cloudy & known), ("all", known)):
+        n_pixels = int(pixels.sum())
+        coverage = float((pixels & filled).sum() / n_pixels) if n_pixels else np.nan
+        ssims = []
+        for b, band in enumerate(BANDS):
+            p, t = prediction[:, b], reference[:, b]
+            band_ssim = ssim(p, t, mask=pixels, data_range=data_range)
+            ssims.append(band_ssim)
+            rows.append(
+                {"region": region, "band": band, "psnr": psnr(p, t, mask=pixels, data_range=data_range),
+                 "ssim": band_ssim, "mae": mae(p, t, mask=pixels), "rmse": rmse(p, t, mask=pixels),
+                 "sam": np.nan, "ndvi_mae": np.nan, "coverage": coverage, "n_pixels": n_pixels}
+            )
+        pooled = pixels[:, None]
+        rows.append(
+            {"region": region, "band": "mean",
+             "psnr": psnr(prediction, reference, mask=pooled, data_range=data_range),
+             "ssim": float(np.nanmean(ssims)) if np.isfinite(ssims).any() else np.nan,
+             "mae": mae(prediction, reference, mask=pooled), "rmse": rmse(prediction, reference, mask=pooled),
+             "sam": sam(prediction, reference, mask=pixels, axis=1),
+             "ndvi_mae": ndvi_error(prediction, reference, mask=pixels, axis=1),
+             "coverage": coverage, "n_pixels": n_pixels}
+        )
+    return pd.DataFrame(rows).set_index(["region", "band"])[list(METRICS)]
