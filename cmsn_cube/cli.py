@@ -131,5 +131,22 @@ def pull(
     click.echo(f"wrote {path}")
 
 
+@main.command("evaluate")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--methods", default="nearest,linear,median,regression", help="Comma-separated gap-fillers to score.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for evaluation.csv and evaluation.json.")
+@click.option("--seed", default=0, help="Seed of the pasted clouds (stores without a truth variable).")
+@click.option("--truth", type=click.Choice(["cube", "pasted"]), default=None, help="Truth source; default: the store's truth variable if any, else pasted clouds.")
+def evaluate_command(store: Path, methods: str, out: Path | None, seed: int, truth: str | None) -> None:
+    """Score gap-filling METHODS on a cube STORE whose truth is known; print the table (method x metric)."""
+    from cmsn_cube.cube import open_cube
+    from cmsn_cube.evaluate import evaluate
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    evaluate(open_cube(store), methods=names, seed=seed, truth=truth, out=out, echo=click.echo)  # type: ignore[arg-type]
+    if out is not None:
+        click.echo(f"wrote {out / 'evaluation.csv'} and {out / 'evaluation.json'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
