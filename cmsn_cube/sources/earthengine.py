@@ -26,6 +26,7 @@ import json
 import math
 import os
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -267,7 +268,10 @@ def grid_for_bbox(bbox: Sequence[float], *, crs: str | None = None, scale: float
     crs = crs or utm_crs((west + east) / 2, (south + north) / 2)
     # a box's edges are curves in UTM: densify so the bounds of the reprojected vertices cover it
     box = shapely.segmentize(shapely.box(west, south, east, north), max_segment_length=(east - west) / 64)
-    params = xee.fit_geometry(box, geometry_crs="EPSG:4326", grid_crs=crs, grid_scale=(scale, -scale))
+    with warnings.catch_warnings():
+        # xee 0.1.2 calls shapely.ops.transform, deprecated in shapely 2.1: not ours to fix
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="xee")
+        params = xee.fit_geometry(box, geometry_crs="EPSG:4326", grid_crs=crs, grid_scale=(scale, -scale))
     return {
         "crs": params["crs"],
         "crs_transform": tuple(float(v) for v in params["crs_transform"]),
@@ -530,6 +534,9 @@ def open_xee(
     import ee
 
     collection = collection if collection is not None else collection_for_plan(plan)
+    chunks = dict(chunks or DEFAULT_XEE_CHUNKS)
+    # one Earth Engine request per dask chunk and band (1 x 512 x 512 float32 ~ 1.3 MB, under the 48 MB limit)
+    xee_options.setdefault("io_chunks", dict(chunks))
     try:
         return xr.open_dataset(
             collection,
@@ -537,7 +544,7 @@ def open_xee(
             crs=plan.crs,
             crs_transform=plan.crs_transform,
             shape_2d=plan.shape_2d,
-            chunks=dict(chunks or DEFAULT_XEE_CHUNKS),
+            chunks=chunks,
             **xee_options,
         )
     except ee.EEException as error:
@@ -631,7 +638,7 @@ def xee_to_cube(
         raise MissingCRSError("the xee dataset names no CRS (no 'crs' attr); pass crs='EPSG:326NN'")
 
     # xee's encoding holds scale_factor = pixel size: rebuild from .data so no xee encoding reaches the store
-    reflectance = xr.concat([a.transpose("time", "y", "x").variable for a in arrays], dim="band")
+    reflectance = xr.Variable.concat([a.transpose("time", "y", "x").variable for a in arrays], dim="band")
     reflectance = reflectance.transpose("time", "band", "y", "x").data.astype("float32")
     qa_values = qa.transpose("time", "y", "x").variable.data
     no_data = np.isnan(qa_values)
