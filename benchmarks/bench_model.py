@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="batch of the training step (default: 4)")
     parser.add_argument("--forward-batch", type=int, default=2, help="batch of the forward pass (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions, best kept (default: 3)")
-    parser.add_argument("--config", default="{}", help='CMSN options as JSON, e.g. \'{"width": 64}\'')
+    parser.add_argument("--config", default="{}", help="CMSN options as JSON, e.g. '{\"width\": 64}'")
     parser.add_argument("--matmul", type=int, default=2048, help="matmul size n for the n×n×n reference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -81,7 +81,7 @@ class TrainResult:
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - samplers may still draw from the legacy global RNG
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -125,11 +125,7 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, torc
     missing = [key for key in _REQUIRED_KEYS if key not in batch]
     if missing:
         raise KeyError(f"training batches need keys {list(_REQUIRED_KEYS)}; this batch lacks {missing}")
-    return {
-        key: value.to(device, non_blocking=True)
-        for key, value in batch.items()
-        if isinstance(value, torch.Tensor)
-    }
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
 
 def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
@@ -435,9 +431,9 @@ def train(
     if resume:
         if directory is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        last_path = directory / LAST_CHECKPOINT
-        if last_path.is_file():
-            payload = load_checkpoint(last_path, map_location=device)
+        resume_path = directory / LAST_CHECKPOINT
+        if resume_path.is_file():
+            payload = load_checkpoint(resume_path, map_location=device)
             model.load_state_dict(payload["state_dict"])
             state = payload.get("training_state") or {}
             if "optimizer" in state:
@@ -450,9 +446,9 @@ def train(
             validations_without_improvement = int(state.get("validations_without_improvement", 0))
             if "torch_rng" in state:
                 torch.set_rng_state(state["torch_rng"].cpu())
-            best_path = directory / BEST_CHECKPOINT
-            if best_path.is_file():
-                best_state = load_checkpoint(best_path)["state_dict"]
+            resume_best_path = directory / BEST_CHECKPOINT
+            if resume_best_path.is_file():
+                best_state = load_checkpoint(resume_best_path)["state_dict"]
 
     run_facts = {
         "seed": seed,
@@ -593,7 +589,7 @@ def train(
     if val_loader is None and directory is not None:
         # Without validation the final weights are the ones to use.
         save_checkpoint(directory / BEST_CHECKPOINT, model, metadata=card_metadata(time.monotonic() - started))
-    best_path = None
+    best_path: Path | None = None
     if directory is not None and (directory / BEST_CHECKPOINT).is_file():
         best_path = directory / BEST_CHECKPOINT
     if restore_best and best_state is not None:

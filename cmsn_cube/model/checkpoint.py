@@ -185,8 +185,7 @@ def _resolve(path_or_name: PathLike) -> tuple[Path, bool]:
             return registered, True
         available = list_models()
         raise UnknownModelError(
-            f"no packaged model named {text!r}; available: {available or 'none'} "
-            "(or pass the path of a .pt checkpoint)"
+            f"no packaged model named {text!r}; available: {available or 'none'} (or pass the path of a .pt checkpoint)"
         )
     raise FileNotFoundError(f"checkpoint file not found: {text}")
 
@@ -344,7 +343,7 @@ def load_model(
     True
     """
     payload = load_checkpoint(path_or_name, map_location="cpu")
-    config = payload.get("config")
+    config: Any = payload.get("config")
     model = build_model(config)
     if bands is not None and list(config["bands"]) != list(bands):
         raise BandMismatchError(

@@ -101,6 +101,10 @@ class CMSN(nn.Module):
     torch.Size([1, 3, 4, 37, 53])
     """
 
+    band_mean: torch.Tensor
+    band_std: torch.Tensor
+    date_orders: torch.Tensor
+
     def __init__(
         self,
         *,
@@ -178,7 +182,9 @@ class CMSN(nn.Module):
         # Heads start small (not zero: every parameter must receive a gradient) so the initial coarse
         # estimate is the temporal-fill prior.
         for head in (self.coarse_head, self.refine[-1]):
-            head.weight.data.mul_(0.1)
+            assert isinstance(head, nn.Conv2d)  # internal invariant, not user input
+            with torch.no_grad():
+                head.weight.mul_(0.1)
 
     @property
     def num_parameters(self) -> int:

@@ -30,7 +30,12 @@ def test_train_writes_checkpoints_history_and_plot(tmp_path, batch_factory, tiny
     train_batches = [batch_factory(seed=s, height=16, width=16) for s in range(2)]
     val_batches = [batch_factory(seed=10, height=16, width=16)]
     result = train(
-        tiny_config, train_batches, val_batches, epochs=2, checkpoint_dir=tmp_path, progress=False,
+        tiny_config,
+        train_batches,
+        val_batches,
+        epochs=2,
+        checkpoint_dir=tmp_path,
+        progress=False,
         training_data={"source": "tests"},
     )
     for name in ("last.pt", "last.json", "best.pt", "best.json", "history.json", "loss.png"):
@@ -52,9 +57,7 @@ def test_resume_continues_where_it_stopped(tmp_path, batch_factory, tiny_config)
     batches = [batch_factory(seed=s, height=16, width=16) for s in range(2)]
     first = train(tiny_config, batches, steps=6, epochs=2, checkpoint_dir=tmp_path, progress=False, log_every=1)
     assert first.steps == 4
-    resumed = train(
-        tiny_config, batches, steps=6, checkpoint_dir=tmp_path, resume=True, progress=False, log_every=1
-    )
+    resumed = train(tiny_config, batches, steps=6, checkpoint_dir=tmp_path, resume=True, progress=False, log_every=1)
     assert resumed.steps == 6
     assert [record["step"] for record in resumed.history["train"]] == [1, 2, 3, 4, 5, 6]
 
