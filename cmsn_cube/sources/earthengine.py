@@ -539,7 +539,7 @@ def open_xee(
     xee_options.setdefault("io_chunks", dict(chunks))
     try:
         return xr.open_dataset(
-            collection,
+            collection,  # type: ignore[arg-type]  # xee's backend takes an ee.ImageCollection
             engine="ee",
             crs=plan.crs,
             crs_transform=plan.crs_transform,
@@ -612,13 +612,13 @@ def xee_to_cube(
         array = _xee_variable(ds, (sensor_name, common))
         if array is None:
             raise BandMismatchError(
-                f"the xee dataset has no band {sensor_name!r} ({common} of {sensor}); it has {sorted(ds.data_vars)}"
+                f"the xee dataset has no band {sensor_name!r} ({common} of {sensor}); it has {sorted(map(str, ds.data_vars))}"
                 " - is sensor right? (Landsat 5 TM: B1-B4, Landsat 8 OLI: B2-B5)"
             )
         arrays.append(array)
     qa = _xee_variable(ds, (qa_band, "qa_pixel"))
     if qa is None:
-        raise BandMismatchError(f"the xee dataset has no {qa_band!r} band; it has {sorted(ds.data_vars)}")
+        raise BandMismatchError(f"the xee dataset has no {qa_band!r} band; it has {sorted(map(str, ds.data_vars))}")
     for array in (*arrays, qa):
         if set(array.dims) != {"time", "y", "x"}:
             raise DimensionError(
