@@ -1,0 +1,70 @@
+"""evaluate(): a table on the embedded scene (API and CLI), files written, the model hook, real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cmsn_cube.cli import main
+from cmsn_cube.exceptions import CubeValidationError
+from cmsn_cube.evaluate import evaluate
+from cmsn_cube.testing import shared_data_path, tiny_scene, tiny_store
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return tiny_scene(size=96, seed=1)
+
+
+def test_evaluate_prints_a_table_and_writes_files(scene, tmp_path, capsys):
+    table = evaluate(scene, out=tmp_path)
+    printed = capsys.readouterr().out
+    for name in ("nearest", "linear", "median", "regression", "psnr", "ssim", "cloudy", "all"):
+        assert name in printed
+    assert set(table.index.get_level_values("method")) == {"nearest", "linear", "median", "regression"}
+    cloudy = table.xs(("cloudy", "mean"), level=("region", "band"))
+    assert (cloudy["psnr"] > 20).all() and (cloudy["ssim"] > 0.5).all()
+    assert cloudy["n_pixels"].iloc[0] == int(scene["cloud_mask"].sum())
+    assert (tmp_path / "evaluation.csv").read_text().startswith("method,region,band,psnr")
+    records = json.loads((tmp_path / "evaluation.json").read_text())
+    assert len(records) == 4 * 2 * 5
+
+
+def test_a_callable_method_is_scored_and_never_sees_the_truth(scene):
+    seen = []
+
+    def truth_peeker(cube):
+        seen.append("truth" in cube)
+        return cube["reflectance"].fillna(0).where(~cube["cloud_mask"], 0)
+
+    table = evaluate(scene, methods=["nearest", truth_peeker], echo=None)
+    assert seen == [False]
+    zero_fill = table.loc[("truth_peeker", "cloudy", "mean")]
+    assert zero_fill["mae"] > table.loc[("nearest", "cloudy", "mean")]["mae"]
+    with pytest.raises(CubeValidationError):
+        evaluate(scene, methods=["kriging"], echo=None)
+
+
+def test_cli_evaluate_on_a_store(scene, tmp_path):
+    store = tiny_store(tmp_path / "scene.zarr", scene)
+    result = CliRunner().invoke(main, ["evaluate", store, "--methods", "nearest,median", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "nearest" in result.output and "median" in result.output and "regression" not in result.output
+    assert (tmp_path / "out" / "evaluation.json").exists()
+    bad = CliRunner().invoke(main, ["evaluate", str(tmp_path / "missing.zarr")])
+    assert bad.exit_code == 1 and "no store" in bad.output
+
+
+@pytest.mark.skipif(shared_data_path("cbers_timeseries") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent")
+def test_evaluate_real_cbers_with_pasted_clouds():
+    from cmsn_cube.sources.cbers import open_cbers_series
+
+    cube = open_cbers_series(shared_data_path("cbers_timeseries")).isel(time=slice(0, 8))
+    table = evaluate(cube, methods=["nearest", "linear"], seed=3, echo=None)
+    cloudy = table.xs(("cloudy", "mean"), level=("region", "band"))
+    assert (cloudy["n_pixels"] > 0).all() and np.isfinite(cloudy["psnr"]).all()
+    again = evaluate(cube, methods=["nearest", "linear"], seed=3, echo=None)
+    assert again.equals(table)
