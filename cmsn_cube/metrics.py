@@ -139,8 +139,8 @@ def ndvi(reflectance: Any, *, axis: int = -3) -> Any:
     Examples
     --------
     >>> import numpy as np
-    >>> ndvi(np.array([0.1, 0.1, 0.1, 0.3]), axis=0)
-    array(0.5)
+    >>> float(ndvi(np.array([0.1, 0.1, 0.2, 0.6]), axis=0))
+    0.5
     """
     if isinstance(reflectance, xr.DataArray):
         red, nir = reflectance.sel(band="red", drop=True), reflectance.sel(band="nir", drop=True)

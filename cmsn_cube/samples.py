@@ -362,7 +362,6 @@ def make_scoring_cube(
     reflectance = np.asarray(cube["reflectance"].values, dtype=np.float32)
     cloud = np.asarray(cube["cloud_mask"].values, dtype=bool)
     masked = cloud | ~np.isfinite(reflectance).all(axis=1)
-    shape = masked.shape[1:]
     fractions = masked.mean(axis=(1, 2))
     reference = _resolve_reference(reference_masks)
     pasted = np.zeros_like(masked)

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from cmsn_cube.cli import main
-from cmsn_cube.exceptions import CubeValidationError
 from cmsn_cube.evaluate import evaluate
+from cmsn_cube.exceptions import CubeValidationError
 from cmsn_cube.testing import shared_data_path, tiny_scene, tiny_store
 
 
