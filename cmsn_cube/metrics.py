@@ -139,7 +139,7 @@ def ndvi(reflectance: Any, *, axis: int = -3) -> Any:
     Examples
     --------
     >>> import numpy as np
-    >>> float(ndvi(np.array([0.1, 0.1, 0.2, 0.6]), axis=0))
+    >>> float(ndvi(np.array([0.1, 0.1, 0.25, 0.75]), axis=0))
     0.5
     """
     if isinstance(reflectance, xr.DataArray):
