@@ -30,7 +30,33 @@ class CMSNAccessor:
 
         if "cloud_mask" in self._obj and not options:
             return self._obj["cloud_mask"]
-        return add_cloud_mask(self._obj, **options)["cloud_mask"]
+        return add_cloud_mask(self._obj.drop_vars("cloud_mask", errors="ignore"), **options)["cloud_mask"]
+
+    def reconstruct(
+        self,
+        model: Any = None,
+        *,
+        tile: int = 256,
+        overlap: int = 32,
+        batch_size: int = 4,
+        device: str | None = None,
+        chunk: int = 1024,
+    ) -> xr.Dataset:
+        """Lazy cloud removal of every date; see :func:`cmsn_cube.inference.reconstruct`."""
+        from cmsn_cube.inference import reconstruct
+
+        return reconstruct(
+            self._obj, model=model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, chunk=chunk
+        )
+
+    def ndvi(self) -> xr.DataArray:
+        """NDVI of the observed reflectance, NaN under clouds (see :func:`cmsn_cube.metrics.ndvi`)."""
+        from cmsn_cube.metrics import ndvi
+
+        reflectance = self._obj["reflectance"]
+        if "cloud_mask" in self._obj or "qa_pixel" in self._obj:
+            reflectance = reflectance.where(~self.cloud_mask())
+        return ndvi(reflectance).rename("ndvi")
 
     def cloud_fraction(self) -> xr.DataArray:
         """See :func:`cmsn_cube.qa.cloud_fraction`."""

@@ -36,18 +36,27 @@ def main() -> None:
 @click.option("--height", default=512, help="Scene height in pixels (30 m).")
 @click.option("--width", default=512, help="Scene width in pixels (30 m).")
 @click.option("--dates", "n_dates", default=3, help="Number of acquisitions, 16 days apart.")
-@click.option("--cloud", "cloud_fractions", default="0.25,0.15,0.10", help="Cloud fraction per date, comma-separated (repeated to --dates).")
+@click.option(
+    "--cloud",
+    "cloud_fractions",
+    default="0.25,0.15,0.10",
+    help="Cloud fraction per date, comma-separated (repeated to --dates).",
+)
 @click.option("--sensor", type=click.Choice(["LANDSAT_5", "LANDSAT_8"]), default="LANDSAT_8")
 @click.option("--seed", default=0, help="Random seed: the same seed gives the same scene.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-def synth(store: Path, height: int, width: int, n_dates: int, cloud_fractions: str, sensor: str, seed: int, overwrite: bool) -> None:
+def synth(
+    store: Path, height: int, width: int, n_dates: int, cloud_fractions: str, sensor: str, seed: int, overwrite: bool
+) -> None:
     """Write the embedded synthetic Landsat scene (with its cloud-free truth) to a Zarr STORE."""
     from cmsn_cube.cube import write_cube
     from cmsn_cube.sources.synthetic import synthetic_scene
 
     levels = [float(v) for v in cloud_fractions.split(",") if v.strip()]
     levels = [levels[i % len(levels)] for i in range(n_dates)]
-    cube = synthetic_scene(height=height, width=width, n_dates=n_dates, cloud_fractions=levels, sensor=sensor, seed=seed)
+    cube = synthetic_scene(
+        height=height, width=width, n_dates=n_dates, cloud_fractions=levels, sensor=sensor, seed=seed
+    )
     path = write_cube(cube, store, overwrite=overwrite)
     click.echo(f"wrote {path}: {n_dates} dates x {height} x {width} px, {sensor}, seed {seed}")
 
@@ -62,8 +71,16 @@ def info(store: Path) -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("outputs/demo"), help="Folder for figures and the report.")
-@click.option("--store", type=click.Path(path_type=Path), default=Path("stores/demo.zarr"), help="Zarr store the demo writes.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("outputs/demo"),
+    help="Folder for figures and the report.",
+)
+@click.option(
+    "--store", type=click.Path(path_type=Path), default=Path("stores/demo.zarr"), help="Zarr store the demo writes."
+)
 @click.option("--size", default=512, help="Scene height and width in pixels.")
 @click.option("--seed", default=0, help="Scene seed.")
 def demo(out_dir: Path, store: Path, size: int, seed: int) -> None:
@@ -102,16 +119,31 @@ class _FloatList(click.ParamType):
 @click.option("--sensor", type=click.Choice(["LANDSAT_5", "LANDSAT_8"]), default="LANDSAT_8", help="With --bbox.")
 @click.option("--wrs-path", type=int, help="WRS-2 path filter (with --bbox).")
 @click.option("--wrs-row", type=int, help="WRS-2 row filter (with --bbox).")
-@click.option("--levels", type=_FloatList(), default="0.25,0.15,0.10", help="Target cloud fraction per kept date (with --bbox).")
+@click.option(
+    "--levels", type=_FloatList(), default="0.25,0.15,0.10", help="Target cloud fraction per kept date (with --bbox)."
+)
 @click.option("--seed-dates", is_flag=True, help="Keep the region's listed dates instead of choosing by cloud level.")
 @click.option("--out", type=click.Path(path_type=Path), help="Store; default stores/<region>.zarr.")
 @click.option("--project", help="Earth Engine Cloud project (default: EE_PROJECT or the credentials').")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (collection, bands, dates, grid, size) and stop; offline.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (collection, bands, dates, grid, size) and stop; offline."
+)
 def pull(
-    region: str | None, config: Path, bbox: tuple[float, ...] | None, start: str | None, end: str | None, sensor: str,
-    wrs_path: int | None, wrs_row: int | None, levels: tuple[float, ...], seed_dates: bool, out: Path | None,
-    project: str | None, overwrite: bool, dry_run: bool,
+    region: str | None,
+    config: Path,
+    bbox: tuple[float, ...] | None,
+    start: str | None,
+    end: str | None,
+    sensor: str,
+    wrs_path: int | None,
+    wrs_row: int | None,
+    levels: tuple[float, ...],
+    seed_dates: bool,
+    out: Path | None,
+    project: str | None,
+    overwrite: bool,
+    dry_run: bool,
 ) -> None:
     """Pull Landsat TOA from Earth Engine (via xee) into a Zarr cube: a region of --config, or --bbox + dates."""
     from cmsn_cube.sources.earthengine import plan_pull, plan_region, pull_region
@@ -121,7 +153,16 @@ def pull(
     if region:
         plan = plan_region(region, config=config, use_dates=seed_dates)
     elif bbox and start and end:
-        plan = plan_pull(sensor=sensor, start=start, end=end, bbox=bbox, wrs_path=wrs_path, wrs_row=wrs_row, name="bbox", levels=levels)  # type: ignore[arg-type]
+        plan = plan_pull(
+            sensor=sensor,
+            start=start,
+            end=end,
+            bbox=bbox,
+            wrs_path=wrs_path,
+            wrs_row=wrs_row,
+            name="bbox",
+            levels=levels,
+        )  # type: ignore[arg-type]
     else:
         raise click.UsageError("give --region NAME, or --bbox W,S,E,N with --start and --end")
     click.echo(plan.describe())
@@ -134,9 +175,16 @@ def pull(
 @main.command("evaluate")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--methods", default="nearest,linear,median,regression", help="Comma-separated gap-fillers to score.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for evaluation.csv and evaluation.json.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Folder for evaluation.csv and evaluation.json."
+)
 @click.option("--seed", default=0, help="Seed of the pasted clouds (stores without a truth variable).")
-@click.option("--truth", type=click.Choice(["cube", "pasted"]), default=None, help="Truth source; default: the store's truth variable if any, else pasted clouds.")
+@click.option(
+    "--truth",
+    type=click.Choice(["cube", "pasted"]),
+    default=None,
+    help="Truth source; default: the store's truth variable if any, else pasted clouds.",
+)
 def evaluate_command(store: Path, methods: str, out: Path | None, seed: int, truth: str | None) -> None:
     """Score gap-filling METHODS on a cube STORE whose truth is known; print the table (method x metric)."""
     from cmsn_cube.cube import open_cube
@@ -146,6 +194,49 @@ def evaluate_command(store: Path, methods: str, out: Path | None, seed: int, tru
     evaluate(open_cube(store), methods=names, seed=seed, truth=truth, out=out, echo=click.echo)  # type: ignore[arg-type]
     if out is not None:
         click.echo(f"wrote {out / 'evaluation.csv'} and {out / 'evaluation.json'}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Packaged model name or checkpoint path (default: the packaged model).")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Address of an existing Dask scheduler (tcp://host:8786); default: a LocalCluster.",
+)
+@click.option("--workers", type=int, default=None, help="LocalCluster worker processes (default: one per core).")
+@click.option("--tile", default=256, help="Window size fed to the network, in pixels.")
+@click.option("--overlap", default=32, help="Pixels shared by neighbouring windows (blended).")
+@click.option("--batch-size", default=4, help="Windows per forward pass.")
+@click.option("--chunk", default=1024, help="Dask chunk size along y/x, in pixels.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when present).")
+def reconstruct(
+    store: Path,
+    out: Path,
+    model: str | None,
+    scheduler: str | None,
+    workers: int | None,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    chunk: int,
+    device: str | None,
+) -> None:
+    """Remove clouds from every date of STORE and write reconstruction + NDVI to OUT (Zarr), resumably."""
+    from cmsn_cube.cluster import get_client
+    from cmsn_cube.cube import open_cube
+    from cmsn_cube.inference import reconstruct as reconstruct_cube
+    from cmsn_cube.inference import write_reconstruction
+
+    cube = open_cube(store)
+    with get_client(scheduler, workers=workers, dashboard=True) as client:
+        click.echo(f"Dask dashboard: {client.dashboard_link}")
+        result = reconstruct_cube(
+            cube, model=model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, chunk=chunk
+        )
+        write_reconstruction(result, out)
+    click.echo(f"wrote {out}: reconstructed, filled, ndvi, ndvi_observed ({result.attrs['model']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

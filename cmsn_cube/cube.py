@@ -196,9 +196,7 @@ def validate_cube(
         if name in ds.data_vars and ds[name].dims != dims:
             found = ds[name].dims
             if set(found) == set(dims):
-                raise DimensionError(
-                    f"{name} has dims {found} in the wrong order; use ds[{name!r}].transpose{dims}"
-                )
+                raise DimensionError(f"{name} has dims {found} in the wrong order; use ds[{name!r}].transpose{dims}")
             raise DimensionError(f"{name} must have dims {dims}, found {found}")
     _check_bands(ds)
     _check_dtypes(ds)
@@ -365,14 +363,14 @@ def write_cube(
     encodable.attrs[_COMPLETE_ATTR] = False
     if not _is_local(path):
         _to_zarr(encodable, path, mode="w", progress=progress)
-        _mark_complete(path)
+        mark_store_complete(path)
         return path
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.writing-{uuid.uuid4().hex[:8]}")
     try:
         _to_zarr(encodable, str(staging), mode="w-", progress=progress)
-        _mark_complete(str(staging))
+        mark_store_complete(str(staging))
         if final.exists():
             trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(final, trash)
@@ -410,7 +408,8 @@ def _remote_exists(path: str) -> bool:
     return any(key in mapper for key in ("zarr.json", ".zgroup"))
 
 
-def _mark_complete(path: str, complete: bool = True) -> None:
+def mark_store_complete(path: str, complete: bool = True) -> None:
+    """Set the flag :func:`open_store` checks (written last, after all data)."""
     import zarr
 
     group = zarr.open_group(path, mode="r+")
@@ -418,6 +417,36 @@ def _mark_complete(path: str, complete: bool = True) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
         zarr.consolidate_metadata(path)
+
+
+def open_store(
+    path: str | os.PathLike[str], *, chunks: Mapping[str, int] | Literal["auto"] | None = None
+) -> xr.Dataset:
+    """Open any store written by cmsn-cube (a cube or a reconstruction) lazily, with its CRS.
+
+    Raises
+    ------
+    StoreError
+        The store is missing, was interrupted while being written, or cannot be read.
+    """
+    path = str(path)
+    if _is_local(path) and not Path(path).exists():
+        raise StoreError(f"no store at {path}; write one with `cmsn-cube synth {path}` or cmsn_cube.write_cube")
+    try:
+        # decode_coords="all" keeps spatial_ref as a coordinate, so the CRS survives the round trip
+        ds = xr.open_zarr(path, chunks=chunks if chunks is not None else {}, decode_coords="all")
+    except Exception as error:  # zarr/xarray raise many types for a damaged store
+        raise StoreError(f"cannot read the Zarr store at {path}: {type(error).__name__}: {error}") from error
+    if ds.attrs.get(_COMPLETE_ATTR) is not True:
+        raise StoreError(
+            f"store {path} is incomplete (its write was interrupted or it was not written by cmsn-cube); "
+            "write it again (reconstructions resume where they stopped)"
+        )
+    ds.attrs.pop(_COMPLETE_ATTR)
+    for name in ("band", "sensor"):
+        if name in ds.coords:
+            ds.coords[name] = ds[name].astype(object)
+    return ds
 
 
 def open_cube(
@@ -442,23 +471,7 @@ def open_cube(
     StoreError
         The store is missing, was interrupted while being written, or cannot be read.
     """
-    path = str(path)
-    if _is_local(path) and not Path(path).exists():
-        raise StoreError(f"no store at {path}; write one with `cmsn-cube synth {path}` or cmsn_cube.write_cube")
-    try:
-        # decode_coords="all" keeps spatial_ref as a coordinate, so the CRS survives the round trip
-        ds = xr.open_zarr(path, chunks=chunks if chunks is not None else {}, decode_coords="all")
-    except Exception as error:  # zarr/xarray raise many types for a damaged store
-        raise StoreError(f"cannot read the Zarr store at {path}: {type(error).__name__}: {error}") from error
-    if ds.attrs.get(_COMPLETE_ATTR) is not True:
-        raise StoreError(
-            f"store {path} is incomplete (its write was interrupted or it was not written by cmsn-cube); "
-            "write it again"
-        )
-    ds.attrs.pop(_COMPLETE_ATTR)
-    for name in ("band", "sensor"):
-        if name in ds.coords:
-            ds.coords[name] = ds[name].astype(object)
+    ds = open_store(path, chunks=chunks)
     if validate:
         validate_cube(ds)
     return ds
@@ -485,9 +498,9 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
         )
     encodable = _encodable(ds, {**DEFAULT_CHUNKS, **_disk_chunks(existing)})
     encodable = encodable.drop_vars([v for v in encodable.variables if "time" not in encodable[v].dims])
-    _mark_complete(path, complete=False)
+    mark_store_complete(path, complete=False)
     _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress)
-    _mark_complete(path, complete=True)
+    mark_store_complete(path, complete=True)
     return path
 
 

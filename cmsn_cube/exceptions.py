@@ -63,5 +63,9 @@ class UnknownModelError(CMSNCubeError, LookupError):
     """No packaged model is registered under that name."""
 
 
+class RegionError(CMSNCubeError, ValueError):
+    """A region (bbox, WRS path/row, config entry) is malformed or unknown."""
+
+
 class EarthEngineError(CMSNCubeError, RuntimeError):
     """Earth Engine is unreachable or not authenticated."""

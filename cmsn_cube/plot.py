@@ -25,7 +25,9 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def rgb_stretch(images: Sequence[np.ndarray], *, percentiles: tuple[float, float] = (2, 98)) -> tuple[np.ndarray, np.ndarray]:
+def rgb_stretch(
+    images: Sequence[np.ndarray], *, percentiles: tuple[float, float] = (2, 98)
+) -> tuple[np.ndarray, np.ndarray]:
     """One stretch for a whole figure: per-band low/high percentiles over all clear pixels of all images.
 
     Parameters
@@ -66,7 +68,13 @@ def _save(fig, path: str | os.PathLike[str]) -> str:  # type: ignore[no-untyped-
     return str(path)
 
 
-def plot_date_with_mask(cube: xr.Dataset, time_index: int, path: str | os.PathLike[str], *, stretch: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+def plot_date_with_mask(
+    cube: xr.Dataset,
+    time_index: int,
+    path: str | os.PathLike[str],
+    *,
+    stretch: tuple[np.ndarray, np.ndarray] | None = None,
+) -> str:
     """One date: natural colour beside its cloud mask (cloud + shadow + dilated), cloud fraction in the title."""
     plt = _pyplot()
     date = cube.isel(time=time_index)
@@ -86,7 +94,14 @@ def plot_date_with_mask(cube: xr.Dataset, time_index: int, path: str | os.PathLi
 
 def plot_dates(cube: xr.Dataset, out_dir: str | os.PathLike[str], *, prefix: str = "date") -> list[str]:
     """One PNG per date (natural colour + cloud mask), all with the same stretch."""
-    rgbs = [rgb_array(cube["reflectance"].isel(time=t).where(~cube["cloud_mask"].isel(time=t))) for t in range(cube.sizes["time"])] if "cloud_mask" in cube else [rgb_array(cube["reflectance"].isel(time=t)) for t in range(cube.sizes["time"])]
+    rgbs = (
+        [
+            rgb_array(cube["reflectance"].isel(time=t).where(~cube["cloud_mask"].isel(time=t)))
+            for t in range(cube.sizes["time"])
+        ]
+        if "cloud_mask" in cube
+        else [rgb_array(cube["reflectance"].isel(time=t)) for t in range(cube.sizes["time"])]
+    )
     stretch = rgb_stretch(rgbs)
     paths = []
     for t in range(cube.sizes["time"]):

@@ -152,9 +152,7 @@ def select_dates(
     """
     values = np.asarray(fractions.values, dtype="float64")
     if len(levels) > np.isfinite(values).sum():
-        raise NoDataError(
-            f"{len(levels)} dates requested but only {np.isfinite(values).sum()} dates have valid pixels"
-        )
+        raise NoDataError(f"{len(levels)} dates requested but only {np.isfinite(values).sum()} dates have valid pixels")
     chosen: list[int] = []
     # greedy by closeness so the best-matching level gets its date first
     candidates = sorted(

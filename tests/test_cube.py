@@ -145,7 +145,9 @@ def test_zarr_round_trip_keeps_values_crs_attrs_times(tmp_path):
     path = write_cube(scene, tmp_path / "s.zarr")
     reopened = open_cube(path)
     assert reopened.reflectance.chunks is not None, "stores must open lazily"
-    xr.testing.assert_identical(reopened.reflectance.load().reset_coords(drop=True), scene.reflectance.reset_coords(drop=True))
+    xr.testing.assert_identical(
+        reopened.reflectance.load().reset_coords(drop=True), scene.reflectance.reset_coords(drop=True)
+    )
     np.testing.assert_array_equal(reopened.qa_pixel.values, scene.qa_pixel.values)
     np.testing.assert_array_equal(reopened.cloud_mask.values, scene.cloud_mask.values)
     assert crs_of(reopened) == crs_of(scene)
@@ -174,7 +176,9 @@ def test_append_dates(tmp_path):
     append_cube(full.isel(time=slice(3, 5)), path)
     reopened = open_cube(path)
     assert reopened.sizes["time"] == 5
-    xr.testing.assert_equal(reopened.reflectance.load().reset_coords(drop=True), full.reflectance.reset_coords(drop=True))
+    xr.testing.assert_equal(
+        reopened.reflectance.load().reset_coords(drop=True), full.reflectance.reset_coords(drop=True)
+    )
     np.testing.assert_array_equal(reopened.cloud_mask.values, full.cloud_mask.values)
 
 

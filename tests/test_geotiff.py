@@ -13,11 +13,21 @@ from cmsn_cube.sources.geotiff import open_seed_patches
 DATES = ["2013-05-12", "2013-06-13", "2013-07-31"]
 
 
-def write_patch(path, values, *, origin=(500_000.0, 3_400_000.0), crs="EPSG:32650", names=("B2", "B3", "B4", "B5", "QA_PIXEL")):
+def write_patch(
+    path, values, *, origin=(500_000.0, 3_400_000.0), crs="EPSG:32650", names=("B2", "B3", "B4", "B5", "QA_PIXEL")
+):
     count, height, width = values.shape
     with rasterio.open(
-        path, "w", driver="GTiff", height=height, width=width, count=count, dtype="float32",
-        crs=crs, transform=from_origin(*origin, 30, 30), nodata=np.nan,
+        path,
+        "w",
+        driver="GTiff",
+        height=height,
+        width=width,
+        count=count,
+        dtype="float32",
+        crs=crs,
+        transform=from_origin(*origin, 30, 30),
+        nodata=np.nan,
     ) as dst:
         dst.write(values.astype("float32"))
         dst.descriptions = names[:count]
@@ -59,7 +69,9 @@ def test_band_names_follow_the_sensor(tmp_path):
     # Landsat 5 files name blue..NIR B1..B4; write them in a shuffled order to prove names are used
     for t in (1, 2, 3):
         values = patch_values(t)
-        write_patch(tmp_path / f"NSW_T{t}_Patch1.tif", values[[2, 0, 3, 1, 4]], names=("B3", "B1", "B4", "B2", "QA_PIXEL"))
+        write_patch(
+            tmp_path / f"NSW_T{t}_Patch1.tif", values[[2, 0, 3, 1, 4]], names=("B3", "B1", "B4", "B2", "QA_PIXEL")
+        )
     cube = open_seed_patches(tmp_path, region="NSW", patch=1, dates=DATES, sensor="LANDSAT_5")
     np.testing.assert_allclose(cube.reflectance.values[0], patch_values(1)[:4])
 

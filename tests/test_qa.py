@@ -68,7 +68,10 @@ def test_encode_is_inverse_of_decode():
     flags = decode_qa(qa_array())
     words = encode_qa(
         {name: flags[name].values for name in QA_BITS},
-        {name: flags[name].values for name in ("cloud_confidence", "cloud_shadow_confidence", "snow_ice_confidence", "cirrus_confidence")},
+        {
+            name: flags[name].values
+            for name in ("cloud_confidence", "cloud_shadow_confidence", "snow_ice_confidence", "cirrus_confidence")
+        },
     )
     np.testing.assert_array_equal(words, WORDS)
 

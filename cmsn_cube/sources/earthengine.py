@@ -38,11 +38,11 @@ import xarray as xr
 from cmsn_cube.cube import BANDS, LANDSAT_SCALE_M, SENSOR_BANDS, make_cube, validate_cube, write_cube
 from cmsn_cube.exceptions import (
     BandMismatchError,
-    CMSNCubeError,
     DimensionError,
     EarthEngineError,
     MissingCRSError,
     MissingDateError,
+    RegionError,
     TimeAxisError,
 )
 from cmsn_cube.qa import DEFAULT_CLOUD_LEVELS, QA_BITS, add_cloud_mask, cloud_fraction, select_dates
@@ -100,10 +100,6 @@ _HOW_TO_AUTHENTICATE = (
     "or point EE_SERVICE_ACCOUNT_KEY / GOOGLE_APPLICATION_CREDENTIALS at a service-account JSON key; "
     "to work offline, use the embedded scene instead: `cmsn-cube synth stores/synthetic.zarr`"
 )
-
-
-class RegionError(CMSNCubeError, ValueError):
-    """A region or pull request is incomplete or inconsistent (bbox, dates, sensor, path/row)."""
 
 
 # ----------------------------------------------------------------------------------------------- the plan

@@ -20,7 +20,13 @@ from cmsn_cube.qa import DEFAULT_CLOUD_FLAGS, DEFAULT_CLOUD_LEVELS, encode_qa
 LAND_COVER_CLASSES: tuple[str, ...] = ("water", "forest", "cropland", "bare_soil", "urban", "road")
 
 #: Default share of the scene per land-cover class (roads and field boundaries come on top).
-DEFAULT_LAND_COVER: dict[str, float] = {"water": 0.08, "forest": 0.27, "cropland": 0.45, "bare_soil": 0.08, "urban": 0.08}
+DEFAULT_LAND_COVER: dict[str, float] = {
+    "water": 0.08,
+    "forest": 0.27,
+    "cropland": 0.45,
+    "bare_soil": 0.08,
+    "urban": 0.08,
+}
 
 #: Surface reflectance per class, bands blue, green, red, NIR (typical values of USGS/ASTER spectral libraries).
 _SURFACE = {
@@ -59,7 +65,9 @@ def fractal_noise(shape: tuple[int, int], rng: np.random.Generator, *, beta: flo
     return ((field - field.mean()) / (field.std() + 1e-12)).astype(np.float32)
 
 
-def _split_parcels(shape: tuple[int, int], rng: np.random.Generator, *, min_size: int = 14, max_size: int = 60) -> np.ndarray:
+def _split_parcels(
+    shape: tuple[int, int], rng: np.random.Generator, *, min_size: int = 14, max_size: int = 60
+) -> np.ndarray:
     """Agricultural parcels: recursive axis-aligned splits, as on a cadastral map. Returns a parcel id map."""
     parcels = np.zeros(shape, dtype=np.int32)
     stack = [(0, 0, shape[0], shape[1])]
@@ -80,7 +88,9 @@ def _split_parcels(shape: tuple[int, int], rng: np.random.Generator, *, min_size
     return parcels
 
 
-def _land_cover(shape: tuple[int, int], rng: np.random.Generator, shares: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+def _land_cover(
+    shape: tuple[int, int], rng: np.random.Generator, shares: Mapping[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Class map (indices into :data:`LAND_COVER_CLASSES`) and parcel ids."""
     total = sum(shares.values())
     share = {name: shares.get(name, 0.0) / total for name in DEFAULT_LAND_COVER}
@@ -92,11 +102,15 @@ def _land_cover(shape: tuple[int, int], rng: np.random.Generator, shares: Mappin
     cls[terrain >= np.quantile(terrain, 1 - share["forest"])] = LAND_COVER_CLASSES.index("forest")
     water = terrain <= np.quantile(terrain, share["water"] * 0.6)
     rows = np.arange(height)
-    centre = width * (0.3 + 0.4 * rng.random()) + width * 0.12 * np.sin(rows / (height / (2 + 2 * rng.random())) * np.pi)
+    centre = width * (0.3 + 0.4 * rng.random()) + width * 0.12 * np.sin(
+        rows / (height / (2 + 2 * rng.random())) * np.pi
+    )
     half_width = 2 + 3 * rng.random()
     water |= np.abs(np.arange(width)[None, :] - centre[:, None]) < half_width * (share["water"] > 0)
     rest = ~water & (cls != LAND_COVER_CLASSES.index("forest"))
-    urban_cut = np.quantile(settlement[rest], 1 - min(1.0, share["urban"] / max(rest.mean(), 1e-6))) if rest.any() else np.inf
+    urban_cut = (
+        np.quantile(settlement[rest], 1 - min(1.0, share["urban"] / max(rest.mean(), 1e-6))) if rest.any() else np.inf
+    )
     cls[rest & (settlement >= urban_cut)] = LAND_COVER_CLASSES.index("urban")
     parcels = _split_parcels(shape, rng)
     n_parcels = int(parcels.max()) + 1
@@ -122,15 +136,15 @@ def _greenness(day_of_year: float, phase: np.ndarray) -> np.ndarray:
     return np.exp(-(((day_of_year - phase) / 45.0) ** 2))
 
 
-def _ground_reflectance(
-    cls: np.ndarray, parcels: np.ndarray, days: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _ground_reflectance(cls: np.ndarray, parcels: np.ndarray, days: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Cloud-free surface reflectance (time, band, y, x) with texture and crop phenology."""
     shape = cls.shape
     n_parcels = int(parcels.max()) + 1
     phase = rng.uniform(90, 260, n_parcels)[parcels]  # each field has its own sowing date
     parcel_gain = rng.uniform(0.85, 1.15, n_parcels)[parcels]
-    boundary = (np.diff(parcels, axis=0, prepend=parcels[:1]) != 0) | (np.diff(parcels, axis=1, prepend=parcels[:, :1]) != 0)
+    boundary = (np.diff(parcels, axis=0, prepend=parcels[:1]) != 0) | (
+        np.diff(parcels, axis=1, prepend=parcels[:, :1]) != 0
+    )
     texture = 1 + 0.06 * fractal_noise(shape, rng, beta=1.5) + 0.04 * fractal_noise(shape, rng, beta=2.5)
     urban_texture = 1 + 0.18 * rng.standard_normal(shape).astype(np.float32)
     names = LAND_COVER_CLASSES
@@ -250,9 +264,11 @@ def synthetic_scene(
         raise CubeValidationError(f"scene must be at least 16 x 16 pixels, got {height} x {width}")
     if sensor not in ("LANDSAT_5", "LANDSAT_8"):
         raise CubeValidationError(f"sensor must be 'LANDSAT_5' or 'LANDSAT_8', got {sensor!r}")
-    levels = list(cloud_fractions) if cloud_fractions is not None else [
-        DEFAULT_CLOUD_LEVELS[i % len(DEFAULT_CLOUD_LEVELS)] for i in range(n_dates)
-    ]
+    levels = (
+        list(cloud_fractions)
+        if cloud_fractions is not None
+        else [DEFAULT_CLOUD_LEVELS[i % len(DEFAULT_CLOUD_LEVELS)] for i in range(n_dates)]
+    )
     if len(levels) != n_dates:
         raise CubeValidationError(f"cloud_fractions has {len(levels)} values for {n_dates} dates")
     if any(not 0 <= level < 1 for level in levels):
@@ -308,7 +324,9 @@ def synthetic_scene(
     cube["truth"] = (("time", "band", "y", "x"), truth)
     cube["truth"].attrs.update(long_name="cloud-free TOA reflectance", units="1")
     cube["land_cover"] = (("y", "x"), cls)
-    cube["land_cover"].attrs.update(flag_values=list(range(len(LAND_COVER_CLASSES))), flag_meanings=" ".join(LAND_COVER_CLASSES))
+    cube["land_cover"].attrs.update(
+        flag_values=list(range(len(LAND_COVER_CLASSES))), flag_meanings=" ".join(LAND_COVER_CLASSES)
+    )
     for name in ("truth", "land_cover"):
         cube[name].encoding["grid_mapping"] = "spatial_ref"
     return cube

@@ -1,0 +1,66 @@
+"""Dask clusters: a LocalCluster of worker processes by default, or any existing scheduler by address.
+
+Workers get the allocator settings torch needs on CPU (glibc's defaults mmap every large tensor afresh: a worker
+ran 2.2x slower than the main thread here). glibc reads them only when a process starts, so they go through
+Dask's ``distributed.nanny.pre-spawn-environ`` (set before the worker process is spawned), not ``env``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+#: glibc: no mmap for large blocks, never trim, one arena (measured 2-2.4x faster torch on CPU).
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1"
+
+
+def worker_environment(threads_per_worker: int = 1) -> dict[str, str]:
+    """Environment for worker processes: allocator tuning and as many torch/BLAS threads as Dask threads."""
+    threads = str(threads_per_worker)
+    return {
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES),
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+    }
+
+
+def get_client(
+    scheduler: str | None = None,
+    *,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    dashboard: bool = False,
+) -> Client:
+    """Connect to ``scheduler`` (``tcp://host:8786``) or start a LocalCluster of worker processes.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of an existing Dask scheduler (Kubernetes, HPC jobqueue, Coiled...). Its workers should be
+        started with the environment of :func:`worker_environment`.
+    workers : int, optional
+        Local worker processes; default one per core divided by ``threads_per_worker``.
+    threads_per_worker : int
+        Threads per worker (torch uses as many).
+    dashboard : bool
+        Serve the Dask dashboard (its link is in ``client.dashboard_link``).
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler)
+    n_workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
+    environment = worker_environment(threads_per_worker)
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environment.items()}):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            dashboard_address=":0" if dashboard else None,
+        )
+    return Client(cluster)

@@ -1,0 +1,163 @@
+"""Whole-scene reconstruction: laziness, tiling and blending, Dask clusters, region-wise Zarr writes, NDVI."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from cmsn_cube.cube import make_cube, open_store, write_cube
+from cmsn_cube.exceptions import BandMismatchError, DimensionError, StoreError
+from cmsn_cube.inference import (
+    AxisTiling,
+    _load_spec,
+    model_inputs,
+    nearest_date_triplets,
+    reconstruct,
+    write_reconstruction,
+)
+from cmsn_cube.model import CMSN
+from cmsn_cube.sources.synthetic import synthetic_scene
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> CMSN:
+    torch.manual_seed(0)
+    return CMSN(width=8, depth=1, fusion_depth=1, skip_width=4).eval()
+
+
+@pytest.fixture(scope="module")
+def scene() -> xr.Dataset:
+    return synthetic_scene(height=300, width=270, seed=2)
+
+
+def direct(model: CMSN, cube: xr.Dataset) -> np.ndarray:
+    channels, _ = model_inputs(cube)
+    with torch.no_grad():
+        return model(torch.from_numpy(channels.values[None])).output[0].numpy()
+
+
+def test_reconstruct_is_lazy(tiny_model, scene_store, no_compute):
+    from cmsn_cube.cube import open_cube
+
+    _load_spec.cache_clear()
+    result = reconstruct(open_cube(scene_store), model=tiny_model, tile=64, overlap=8, chunk=64)
+    assert result.reconstructed.chunks is not None
+    assert _load_spec.cache_info().currsize == 0, "no model may be built before compute"
+
+
+def test_single_window_equals_model_on_whole_cube(tiny_model):
+    cube = synthetic_scene(height=70, width=58, seed=4)
+    result = reconstruct(cube, model=tiny_model, tile=256).compute()
+    np.testing.assert_allclose(result.reconstructed.values, direct(tiny_model, cube), rtol=0, atol=1e-6)
+
+
+def test_result_does_not_depend_on_chunking(tiny_model, scene):
+    small = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=96).compute()
+    large = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=1024).compute()
+    assert small.reconstructed.shape == scene.reflectance.shape
+    np.testing.assert_allclose(small.reconstructed.values, large.reconstructed.values, rtol=0, atol=1e-5)
+
+
+def test_clear_pixels_untouched_and_every_gap_filled(tiny_model, scene):
+    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128).compute()
+    clear = ~result.filled.values
+    observed = scene.reflectance.values.transpose(1, 0, 2, 3)
+    reconstructed = result.reconstructed.values.transpose(1, 0, 2, 3)
+    assert np.array_equal(observed[:, clear], reconstructed[:, clear]), "clear pixels must be bit-identical"
+    assert np.isfinite(result.reconstructed.values).all()
+    np.testing.assert_array_equal(result.filled.values, scene.cloud_mask.values)
+
+
+def test_no_seam_at_tile_borders(tiny_model):
+    # fully cloudy date 2: every pixel there comes from the network, so seams would show
+    cube = synthetic_scene(height=256, width=256, seed=6)
+    mask = cube.cloud_mask.values.copy()
+    mask[1] = True
+    cube["cloud_mask"] = (cube.cloud_mask.dims, mask)
+    tile, overlap = 64, 16
+    result = reconstruct(cube, model=tiny_model, tile=tile, overlap=overlap, chunk=128).compute()
+    image = result.reconstructed.values[1].astype("float64")
+    steps = np.abs(np.diff(image, axis=-1)).mean(axis=(0, 1))  # mean step between columns c and c+1
+    tiling = AxisTiling.plan(256, tile=tile, overlap=overlap, chunk=128)
+    # the columns where a tile begins or ends, in scene coordinates
+    borders = sorted({int(s - tiling.pad_before + e) for s in tiling.starts for e in (0, tile)} & set(range(1, 255)))
+    at_borders = steps[[b - 1 for b in borders]].mean()
+    inside = np.delete(steps, [b - 1 for b in borders]).mean()
+    assert at_borders <= 1.25 * inside, (at_borders, inside)
+    # and without blending there would be a seam: tiles run alone differ where they meet
+    hard = reconstruct(cube, model=tiny_model, tile=tile, overlap=0, chunk=128).compute()
+    assert not np.allclose(hard.reconstructed.values[1], result.reconstructed.values[1])
+
+
+def test_more_dates_use_nearest_neighbours(tiny_model):
+    days = np.array(["2020-01-01", "2020-01-17", "2020-02-02", "2020-06-01", "2020-06-17"], dtype="datetime64[D]")
+    assert nearest_date_triplets(days) == [(0, 1, 2), (0, 1, 2), (0, 1, 2), (2, 3, 4), (2, 3, 4)]
+    cube = synthetic_scene(height=48, width=48, n_dates=5, seed=8)
+    result = reconstruct(cube, model=tiny_model).compute()
+    first = direct(tiny_model, cube.isel(time=[2, 3, 4]))
+    np.testing.assert_allclose(result.reconstructed.values[3], first[1], atol=1e-6)
+
+
+def test_ndvi_of_known_cube(tiny_model):
+    reflectance = np.full((3, 4, 16, 16), 0.1, dtype="float32")
+    reflectance[:, 3] = 0.4  # NIR 0.4, red 0.1: NDVI = 0.3 / 0.5 = 0.6
+    reflectance[:, 2, 0, 0] = 0.0
+    reflectance[:, 3, 0, 0] = 0.0  # red + NIR = 0: NaN
+    cube = make_cube(
+        reflectance,
+        time=["2020-01-01", "2020-01-17", "2020-02-02"],
+        y=np.arange(16.0)[::-1] * 30,
+        x=np.arange(16.0) * 30,
+        crs="EPSG:32650",
+        sensor="LANDSAT_8",
+        cloud_mask=np.zeros((3, 16, 16), dtype=bool),
+    )
+    result = reconstruct(cube, model=tiny_model).compute()
+    assert result.ndvi.values[0, 5, 5] == pytest.approx(0.6, abs=1e-6)
+    assert np.isnan(result.ndvi.values[0, 0, 0])
+    assert np.nanmax(np.abs(result.ndvi.values)) <= 1
+
+
+def test_two_dates_or_other_bands_are_refused(tiny_model, small_scene):
+    with pytest.raises(DimensionError, match="at least 3"):
+        reconstruct(small_scene.isel(time=[0, 1]), model=tiny_model)
+    with pytest.raises(BandMismatchError, match="B2"):
+        reconstruct(small_scene.assign_coords(band=["B2", "B3", "B4", "B5"]), model=tiny_model)
+
+
+def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
+    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    path = str(tmp_path / "out.zarr")
+    write_reconstruction(result, path, max_regions=2, progress=False)  # a job stopped after two regions
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(path)
+    done_first = sorted(os.listdir(path + ".regions"))
+    assert len(done_first) == 2
+    write_reconstruction(result, path, progress=False)  # resumes: the other regions
+    reopened = open_store(path)
+    expected = result.compute()
+    xr.testing.assert_allclose(reopened.reconstructed.load(), expected.reconstructed, rtol=0, atol=0)
+    xr.testing.assert_equal(reopened.filled.load(), expected.filled)
+    xr.testing.assert_allclose(reopened.ndvi.load(), expected.ndvi, rtol=0, atol=0)
+    assert reopened.rio.crs == scene.rio.crs
+    assert reopened.attrs["model_sha256"] == expected.attrs["model_sha256"]
+
+
+@pytest.mark.slow
+def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
+    from cmsn_cube.cluster import get_client
+
+    threaded = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128).compute(scheduler="threads")
+    store = write_cube(scene, tmp_path / "scene.zarr")
+    from cmsn_cube.cube import open_cube
+
+    with get_client(workers=2) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        env = client.run(lambda: os.environ.get("GLIBC_TUNABLES", ""))
+        assert all("mmap_max=0" in value for value in env.values()), "workers need the allocator settings"
+        distributed = reconstruct(open_cube(store), model=tiny_model, tile=96, overlap=16, chunk=128).compute()
+    np.testing.assert_allclose(distributed.reconstructed.values, threaded.reconstructed.values, rtol=0, atol=1e-6)
