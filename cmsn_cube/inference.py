@@ -22,7 +22,6 @@ import hashlib
 import io
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import BANDS, validate_cube
-from cmsn_cube.exceptions import CubeValidationError, DimensionError
+from cmsn_cube.exceptions import CubeValidationError
 
 if TYPE_CHECKING:  # torch loads only when a model runs
     import torch
@@ -41,31 +40,6 @@ if TYPE_CHECKING:  # torch loads only when a model runs
 DEFAULT_MODEL = "cmsn-small"
 
 ModelLike = Any  # None | packaged name | checkpoint path | torch.nn.Module (a CMSN)
-
-
-# ------------------------------------------------------------------------------------------ dates
-
-
-def nearest_date_triplets(times: Sequence[Any] | np.ndarray) -> list[tuple[int, int, int]]:
-    """For each date, itself and its two nearest dates in time, as sorted positions.
-
-    Ties go to the earlier date. With exactly three dates every date gets ``(0, 1, 2)``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> days = np.array(["2020-01-01", "2020-01-17", "2020-02-02", "2020-06-01"], dtype="datetime64[D]")
-    >>> nearest_date_triplets(days)
-    [(0, 1, 2), (0, 1, 2), (0, 1, 2), (1, 2, 3)]
-    """
-    values = np.asarray(times).astype("datetime64[s]").astype("int64")
-    if values.size < 3:
-        raise DimensionError(f"reconstruction needs at least 3 dates, the cube has {values.size}")
-    triplets = []
-    for index, value in enumerate(values):
-        others = sorted((abs(int(v) - int(value)), j) for j, v in enumerate(values) if j != index)
-        triplets.append(tuple(sorted((index, others[0][1], others[1][1]))))
-    return triplets  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------ model spec
@@ -356,6 +330,8 @@ def reconstruct(
     BandMismatchError, CubeValidationError
         The cube does not follow the schema.
     """
+    from cmsn_cube.samples import date_triplets  # each date with its two nearest dates
+
     if "cloud_mask" not in cube and "qa_pixel" in cube:
         from cmsn_cube.qa import add_cloud_mask
 
@@ -390,7 +366,7 @@ def reconstruct(
         spec=dask.delayed(spec, pure=True, traverse=False),
         tilings=tilings,
         overlap=overlap,
-        triplets=tuple(nearest_date_triplets(cube.time.values)),
+        triplets=tuple(date_triplets(cube)),
         batch_size=batch_size,
         device=device,
         chunks=(padded.chunks[0], (len(BANDS) + 1,), *(tuple(c + t.tile for c in t.chunks) for t in tilings)),
@@ -411,7 +387,9 @@ def reconstruct(
     network = xr.DataArray(blended, dims=("time", "band", "y", "x"), coords=cube["reflectance"].coords)
     # blending averages identical clear values in float64: re-impose them so they stay bit-identical
     reconstructed = cube["reflectance"].where(~to_fill, network).rename("reconstructed")
-    return _assemble(cube, reconstructed, to_fill, spec)
+    result = _assemble(cube, reconstructed, to_fill, spec)
+    # one chunking for every variable: all dates, the output blocks in y/x (what region writes follow)
+    return result.chunk({"time": -1, "y": tilings[0].output_chunks, "x": tilings[1].output_chunks})
 
 
 def _normalise(summed: np.ndarray) -> np.ndarray:

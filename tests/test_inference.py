@@ -15,11 +15,11 @@ from cmsn_cube.inference import (
     AxisTiling,
     _load_spec,
     model_inputs,
-    nearest_date_triplets,
     reconstruct,
     write_reconstruction,
 )
 from cmsn_cube.model import CMSN
+from cmsn_cube.samples import date_triplets
 from cmsn_cube.sources.synthetic import synthetic_scene
 
 
@@ -95,7 +95,7 @@ def test_no_seam_at_tile_borders(tiny_model):
 
 def test_more_dates_use_nearest_neighbours(tiny_model):
     days = np.array(["2020-01-01", "2020-01-17", "2020-02-02", "2020-06-01", "2020-06-17"], dtype="datetime64[D]")
-    assert nearest_date_triplets(days) == [(0, 1, 2), (0, 1, 2), (0, 1, 2), (2, 3, 4), (2, 3, 4)]
+    assert date_triplets(days) == [(0, 1, 2), (0, 1, 2), (0, 1, 2), (2, 3, 4), (2, 3, 4)]
     cube = synthetic_scene(height=48, width=48, n_dates=5, seed=8)
     result = reconstruct(cube, model=tiny_model).compute()
     first = direct(tiny_model, cube.isel(time=[2, 3, 4]))
