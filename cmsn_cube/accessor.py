@@ -41,13 +41,27 @@ class CMSNAccessor:
         batch_size: int = 4,
         device: str | None = None,
         chunk: int = 1024,
+        adapt: bool = False,
+        fit_options: dict[str, Any] | None = None,
     ) -> xr.Dataset:
-        """Lazy cloud removal of every date; see :func:`cmsn_cube.inference.reconstruct`."""
+        """Lazy cloud removal of every date; see :func:`cmsn_cube.inference.reconstruct`.
+
+        With ``adapt=True`` the model is first fine-tuned on this cube (:func:`cmsn_cube.adapt.fit` with
+        ``fit_options``; that part computes), then the adapted model reconstructs it.
+        """
         from cmsn_cube.inference import reconstruct
 
+        if adapt:
+            model = self.fit(**{"model": model, "device": device, **(fit_options or {})}).model
         return reconstruct(
             self._obj, model=model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, chunk=chunk
         )
+
+    def fit(self, **options: Any) -> Any:
+        """Adapt a checkpoint to this cube from its own clear pixels; see :func:`cmsn_cube.adapt.fit`."""
+        from cmsn_cube.adapt import fit
+
+        return fit(self._obj, **options)
 
     def ndvi(self) -> xr.DataArray:
         """NDVI of the observed reflectance, NaN under clouds (see :func:`cmsn_cube.metrics.ndvi`)."""
