@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
-from cmsn_cube.exceptions import DimensionError, NoDataError
+from cmsn_cube.exceptions import CheckpointError, DimensionError, NoDataError
 
 if TYPE_CHECKING:  # torch loads only when fit runs
     from cmsn_cube.model.cmsn import CMSN
@@ -282,10 +282,15 @@ def _source(model: str | os.PathLike[str] | CMSN | None) -> tuple[CMSN, dict[str
     fitted = load_model(name)  # verifies the checkpoint; a fresh object, so the source file is never touched
     path = Path(name) if Path(name).is_file() else WEIGHTS_DIR / f"{os.fspath(name)}.pt"
     try:
-        sha256 = model_card(path)["sha256"]
-    except Exception:  # no card next to a bare checkpoint: hash the file itself
-        sha256 = file_sha256(path)
-    return fitted, {"name": os.fspath(name), "path": str(path.resolve()), "sha256": sha256}
+        card = model_card(path)
+    except CheckpointError:  # no card next to a bare checkpoint: hash the file itself
+        card = {"sha256": file_sha256(path)}
+    described = {"name": os.fspath(name), "path": str(path.resolve()), "sha256": card["sha256"]}
+    # fine-tune with the loss the source was trained with (its card records it)
+    weights = (card.get("training") or {}).get("loss_weights")
+    if weights:
+        described["loss_weights"] = dict(weights)
+    return fitted, described
 
 
 def _describe(cube: xr.Dataset, name: str) -> dict[str, Any]:
@@ -420,7 +425,9 @@ def fit(
     )
     device = default_device(device)
     source_model, source = _source(model)
-    before = evaluate_batches(source_model.to(device), val_loader, device=device)
+    before = evaluate_batches(
+        source_model.to(device), val_loader, loss_weights=source.get("loss_weights"), device=device
+    )
     source_state = {k: v.detach().cpu().clone() for k, v in source_model.state_dict().items()}
     remaining = None if time_budget is None else max(1.0, time_budget - (time.monotonic() - started))
     result = train(
@@ -434,6 +441,7 @@ def fit(
         time_budget=remaining,
         patience=patience,
         warmup_steps=min(20, max(1, steps // 10)),
+        loss_weights=source.get("loss_weights"),
         training_data={"adaptation_of": source["name"], "cube": name},
         progress=progress,
     )
