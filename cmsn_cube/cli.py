@@ -76,18 +76,34 @@ def info(store: Path) -> None:
     "out_dir",
     type=click.Path(path_type=Path),
     default=Path("outputs/demo"),
-    help="Folder for figures and the report.",
+    help="Folder for figures, tables and report.md.",
 )
 @click.option(
     "--store", type=click.Path(path_type=Path), default=Path("stores/demo.zarr"), help="Zarr store the demo writes."
 )
 @click.option("--size", default=512, help="Scene height and width in pixels.")
-@click.option("--seed", default=0, help="Scene seed.")
-def demo(out_dir: Path, store: Path, size: int, seed: int) -> None:
-    """Run the end-to-end demo on the embedded synthetic scene."""
+@click.option("--seed", default=2026, help="Scene seed (not one the packaged model was trained on).")
+@click.option("--model", default=None, help="Checkpoint path or packaged name (default: the packaged model).")
+@click.option(
+    "--adapt-seconds", default=0.0, help="First fine-tune the model on the scene's own clear pixels for this long (s)."
+)
+@click.option("--workers", default=2, help="Dask LocalCluster worker processes.")
+def demo(
+    out_dir: Path, store: Path, size: int, seed: int, model: str | None, adapt_seconds: float, workers: int
+) -> None:
+    """Run the end-to-end demo on the embedded synthetic scene: figures, tables and report.md."""
     from cmsn_cube.demo import run_demo
 
-    run_demo(out_dir, store=store, height=size, width=size, seed=seed, echo=click.echo)
+    run_demo(
+        out_dir,
+        store=store,
+        size=size,
+        seed=seed,
+        model=model,
+        adapt_seconds=adapt_seconds,
+        workers=workers,
+        echo=click.echo,
+    )
 
 
 class _FloatList(click.ParamType):
@@ -237,6 +253,91 @@ def reconstruct(
         )
         write_reconstruction(result, out)
     click.echo(f"wrote {out}: reconstructed, filled, ndvi, ndvi_observed ({result.attrs['model']})")
+
+
+@main.command("train")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder (best.pt, last.pt).")
+@click.option("--init", default=None, help="Checkpoint path or packaged model name to fine-tune.")
+@click.option("--epochs", type=int, default=None, help="Passes over the training windows.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps in total (default 1000 without --epochs).")
+@click.option("--lr", default=2e-3, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", default=1e-4, help="AdamW weight decay (convolution kernels).")
+@click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), default="cosine")
+@click.option("--warmup-steps", type=int, default=None, help="Warm-up of the cosine schedule (default 5 %).")
+@click.option("--batch-size", default=8, help="Windows per step.")
+@click.option("--patch-size", default=128, help="Window side in pixels.")
+@click.option("--overlap", default=32, help="Pixels shared by neighbouring windows.")
+@click.option("--val-fraction", default=0.2, help="Share of each store's rows held out for validation.")
+@click.option("--truth", type=click.Choice(["auto", "cube", "observed"]), default="auto", help="Training truth.")
+@click.option("--levels", type=_FloatList(3), default="0.25,0.15,0.10", help="Masked fraction for T1,T2,T3.")
+@click.option("--lambda-cloudy", type=float, default=None, help="λ: weight of cloudy pixels in MTGL.")
+@click.option("--delta", type=float, default=None, help="δ: weight of the frequency loss MTFR.")
+@click.option("--xi", type=float, default=None, help="ξ: weight of the refinement loss.")
+@click.option("--width", type=int, default=None, help="Channels at 1/4 resolution (new model).")
+@click.option("--depth", type=int, default=None, help="Fourier blocks before the fusion (new model).")
+@click.option("--fusion-depth", type=int, default=None, help="Fourier blocks after the fusion (new model).")
+@click.option("--skip-width", type=int, default=None, help="Channels of the full-resolution path (new model).")
+@click.option("--time-budget", type=float, default=None, help="Seconds of wall clock; stops cleanly.")
+@click.option("--patience", type=int, default=None, help="Early stopping after this many epochs without gain.")
+@click.option("--seed", default=0, help="Seed of clouds, shuffling, augmentation and initialisation.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when present).")
+@click.option("--num-workers", default=0, help="DataLoader worker processes.")
+@click.option("--no-augment", is_flag=True, help="No random flips and quarter turns.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+def train_command(
+    stores: tuple[Path, ...],
+    out: Path,
+    lambda_cloudy: float | None,
+    delta: float | None,
+    xi: float | None,
+    no_augment: bool,
+    steps: int | None,
+    epochs: int | None,
+    **options: object,
+) -> None:
+    """Train (or fine-tune with --init) a CMSN on windows of one or more cube STORES; checkpoints go to --out."""
+    from cmsn_cube.train import train_on_stores
+
+    weights = {"lambda_cloudy": lambda_cloudy, "delta": delta, "xi": xi}
+    if steps is None and epochs is None:
+        steps = 1000
+    result = train_on_stores(
+        list(stores),
+        out=out,
+        steps=steps,
+        epochs=epochs,
+        augment=not no_augment,
+        loss_weights={key: value for key, value in weights.items() if value is not None},
+        **options,  # type: ignore[arg-type]
+    )
+    best = result.best_metrics or {}
+    click.echo(
+        f"{result.steps} steps, {result.epochs} epochs in {result.elapsed_s:.0f} s on {result.device} "
+        f"({result.stop_reason}); best validation PSNR cloudy {best.get('psnr_cloudy', float('nan')):.2f} dB, "
+        f"SSIM cloudy {best.get('ssim_cloudy', float('nan')):.4f}"
+    )
+    click.echo(f"wrote {result.best_checkpoint} (use with --model), {out / 'loss.png'}")
+
+
+@main.command("fit")
+@click.argument("store", type=str)
+@click.option("--model", default=None, help="Checkpoint path or packaged model name to adapt (default: packaged).")
+@click.option("--steps", default=400, help="Optimizer steps at most.")
+@click.option("--time-budget", type=float, default=240.0, help="Seconds of wall clock for the whole fit.")
+@click.option("--lr", default=5e-4, help="Peak AdamW learning rate.")
+@click.option("--seed", default=0, help="Seed of the pasted clouds, shuffling and torch.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Checkpoint [default: STORE-fitted.pt].")
+def fit_command(
+    store: str, model: str | None, steps: int, time_budget: float, lr: float, seed: int, out: Path | None
+) -> None:
+    """Adapt a checkpoint to the cube in STORE (path or URL) from its own clear pixels; write the checkpoint."""
+    from cmsn_cube.adapt import fit, fitted_path
+
+    result = fit(
+        store, model=model, steps=steps, time_budget=time_budget, lr=lr, seed=seed, out=out or fitted_path(store)
+    )
+    click.echo(result.summary())
 
 
 if __name__ == "__main__":  # pragma: no cover

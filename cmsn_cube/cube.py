@@ -59,6 +59,9 @@ _REFLECTANCE_BOUNDS = (-0.5, 2.0)
 #: Attribute written last into a store; a store without it was interrupted while being written.
 _COMPLETE_ATTR = "cmsn_cube_write_complete"
 
+#: Consolidated metadata lets remote stores open with one read; zarr 3 warns that it is an extension.
+_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
+
 _DIMS = {
     "reflectance": ("time", "band", "y", "x"),
     "qa_pixel": ("time", "y", "x"),
@@ -309,14 +312,29 @@ def check_same_grid(a: xr.Dataset, b: xr.Dataset, *, what: str = "the two cubes"
 def _encodable(ds: xr.Dataset, chunks: Mapping[str, int]) -> xr.Dataset:
     """Chunk for writing and make string coords variable-length (fixed-width unicode makes zarr v3 warn)."""
     sizes = {dim: min(size, ds.sizes[dim]) for dim, size in chunks.items() if dim in ds.dims}
-    ds = ds.chunk(sizes)
-    for name in ("band", "sensor"):
-        if name in ds.coords:  # in memory: a dask array of objects would be loaded to guess its dtype
-            ds.coords[name] = (ds[name].dims, np.asarray(ds[name].values, dtype=object))
+    ds = _plain_string_coords(ds.chunk(sizes))
     for name in ds.variables:
         ds[name].encoding.pop("chunks", None)
         ds[name].encoding.pop("preferred_chunks", None)
     return ds
+
+
+def _plain_string_coords(ds: xr.Dataset) -> xr.Dataset:
+    """String coords as in-memory object arrays: a dask array of objects is loaded to guess its dtype, and
+    fixed-width unicode makes zarr v3 warn."""
+    for name in ("band", "sensor"):
+        if name in ds.coords:
+            ds.coords[name] = (ds[name].dims, np.asarray(ds[name].values, dtype=object))
+    return ds
+
+
+def write_template(ds: xr.Dataset, path: str) -> None:
+    """Write a store's metadata and coordinates, not its (lazy) data, flagged incomplete: for region writes."""
+    template = _plain_string_coords(ds.copy())
+    template.attrs[_COMPLETE_ATTR] = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        template.to_zarr(path, compute=False, mode="w", consolidated=True)
 
 
 def _is_local(path: str | os.PathLike[str]) -> bool:
@@ -382,10 +400,6 @@ def write_cube(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return str(final)
-
-
-#: Consolidated metadata lets remote stores open with one read; zarr 3 warns that it is an extension.
-_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
 
 
 def _to_zarr(ds: xr.Dataset, path: str, *, progress: bool, **kwargs: Any) -> None:

@@ -467,7 +467,7 @@ def write_reconstruction(
     """
     import fsspec
 
-    from cmsn_cube.cube import mark_store_complete
+    from cmsn_cube.cube import mark_store_complete, write_template
 
     path = str(path)
     mapper = fsspec.get_mapper(path)
@@ -481,8 +481,7 @@ def write_reconstruction(
             }
         if "zarr.json" in mapper or ".zgroup" in mapper:
             mapper.fs.rm(mapper.root, recursive=True)
-        template.attrs["cmsn_cube_write_complete"] = False
-        template.to_zarr(path, compute=False, mode="w", consolidated=True)
+        write_template(template, path)
     names = list(result.data_vars)
     y_chunks, x_chunks = result.chunks["y"], result.chunks["x"]
     tasks = []
@@ -549,3 +548,35 @@ def _compute_with_progress(tasks: list[Any], *, progress: bool, description: str
         as_completed(futures), total=len(futures), desc=description, unit="region", disable=not progress
     ):
         future.result()
+
+
+def predict_window(cube: xr.Dataset, *, model: ModelLike = None, device: str | None = None) -> xr.Dataset:
+    """Run the network once on a small three-date cube (a window) and keep every stage of its output.
+
+    For figures and inspection: ``coarse``, ``refined`` and ``output`` (time, band, y, x); for whole scenes use
+    :func:`reconstruct`. Computes.
+    """
+    import torch
+
+    if "cloud_mask" not in cube and "qa_pixel" in cube:
+        from cmsn_cube.qa import add_cloud_mask
+
+        cube = add_cloud_mask(cube)
+    validate_cube(cube, require=("reflectance", "cloud_mask"), min_dates=3)
+    if cube.sizes["time"] != 3:
+        raise CubeValidationError(
+            f"predict_window takes exactly 3 dates, got {cube.sizes['time']}; select them with .isel(time=[...])"
+        )
+    spec = model_spec(model)
+    device = default_device(device)
+    channels, _ = model_inputs(cube)
+    with torch.inference_mode():
+        prediction = _model_on_worker(spec, device)(torch.from_numpy(np.asarray(channels.values)[None]).to(device))
+    coords = cube["reflectance"].coords
+    stages = {
+        name: xr.DataArray(
+            getattr(prediction, name)[0].float().cpu().numpy(), dims=("time", "band", "y", "x"), coords=coords
+        )
+        for name in ("coarse", "refined", "output")
+    }
+    return xr.Dataset(stages, attrs={"model": spec.name, "model_sha256": spec.sha256})

@@ -1,4 +1,6 @@
-"""Figures: natural-colour composites with one shared stretch, cloud masks, panels, NDVI maps, loss curves.
+"""Figures: natural-colour composites with one shared stretch, cloud masks, panels, NDVI maps, method bars.
+
+Loss curves are drawn by :func:`cmsn_cube.train.plot_history`, next to the history they plot.
 
 Every function writes a PNG and returns its path. matplotlib runs on the Agg backend (no screen needed).
 """
@@ -108,3 +110,127 @@ def plot_dates(cube: xr.Dataset, out_dir: str | os.PathLike[str], *, prefix: str
         day = np.datetime_as_string(cube.time.values[t], unit="D")
         paths.append(plot_date_with_mask(cube, t, Path(out_dir) / f"{prefix}_{t + 1}_{day}.png", stretch=stretch))
     return paths
+
+
+def _outline(ax, mask: np.ndarray, color: str = "yellow") -> None:  # type: ignore[no-untyped-def]
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=0.7)
+
+
+def plot_panel(
+    cube: xr.Dataset,
+    stages: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    date: int = 0,
+    truth: xr.DataArray | None = None,
+) -> str:
+    """The seed's panel done right, for one date of a three-date window.
+
+    Top: T1, T2, T3 as observed (cloud mask outlined in yellow). Bottom: coarse, refined (clear pixels kept),
+    truth (when known) and |refined - truth| as a heat map with a colour bar. One stretch for all RGB images.
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+        The three-date window (``reflectance``, ``cloud_mask``).
+    stages : xarray.Dataset
+        :func:`cmsn_cube.inference.predict_window` of that window (``coarse``, ``refined``, ``output``).
+    path : path-like
+        PNG to write.
+    date : int
+        Which date's reconstruction is shown.
+    truth : xarray.DataArray, optional
+        Cloud-free ``(time, band, y, x)`` reference.
+    """
+    plt = _pyplot()
+    observed = [rgb_array(cube["reflectance"].isel(time=t)) for t in range(3)]
+    masks = [np.asarray(cube["cloud_mask"].isel(time=t).values) for t in range(3)]
+    coarse = rgb_array(stages["coarse"].isel(time=date))
+    refined = rgb_array(stages["output"].isel(time=date))
+    clear_views = [np.where(m[None], np.nan, o) for o, m in zip(observed, masks, strict=True)]
+    reference = rgb_array(truth.isel(time=date)) if truth is not None else None
+    low, high = rgb_stretch(clear_views + [refined] + ([reference] if reference is not None else []))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 9))
+    days = [np.datetime_as_string(t, unit="D") for t in cube.time.values]
+    for t in range(3):
+        axes[0, t].imshow(to_rgb(observed[t], low, high))
+        _outline(axes[0, t], masks[t])
+        axes[0, t].set_title(f"T{t + 1} {days[t]} observed ({100 * masks[t].mean():.0f} % cloud)")
+    axes[0, 3].set_axis_off()
+    axes[1, 0].imshow(to_rgb(coarse, low, high))
+    axes[1, 0].set_title(f"T{date + 1} coarse (decoder)")
+    axes[1, 1].imshow(to_rgb(refined, low, high))
+    _outline(axes[1, 1], masks[date])
+    axes[1, 1].set_title(f"T{date + 1} refined (clear pixels kept)")
+    if reference is not None:
+        axes[1, 2].imshow(to_rgb(reference, low, high))
+        axes[1, 2].set_title(f"T{date + 1} truth (cloud-free)")
+        error = np.abs(stages["output"].isel(time=date).values - truth.isel(time=date).values).mean(axis=0)
+        image = axes[1, 3].imshow(error, cmap="magma", vmin=0, vmax=max(float(np.nanpercentile(error, 99.5)), 1e-3))
+        fig.colorbar(
+            image, ax=axes[1, 3], fraction=0.046, pad=0.04, label="|refined − truth|, reflectance (mean of 4 bands)"
+        )
+        axes[1, 3].set_title("absolute error")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
+
+
+def plot_ndvi_maps(
+    observed: xr.DataArray, reconstructed: xr.DataArray, path: str | os.PathLike[str], *, title: str = ""
+) -> str:
+    """NDVI observed (NaN under clouds, grey) beside NDVI reconstructed; diverging colours fixed to [-1, 1]."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("0.6")
+    for ax, data, name in zip(
+        axes, (observed, reconstructed), ("observed (clouds masked)", "reconstructed"), strict=True
+    ):
+        image = ax.imshow(np.asarray(data.values), cmap=cmap, vmin=-1, vmax=1)
+        ax.set_title(f"NDVI {name}")
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes, fraction=0.025, pad=0.02, label="NDVI (unitless)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_ndvi_scatter(
+    reconstructed: np.ndarray, truth: np.ndarray, path: str | os.PathLike[str], *, label: str = "cloudy pixels"
+) -> str:
+    """2-D histogram of reconstructed vs true NDVI (log counts) with the 1:1 line, MAE and bias in the title."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    valid = np.isfinite(reconstructed) & np.isfinite(truth)
+    x, y = truth[valid], reconstructed[valid]
+    fig, ax = plt.subplots(figsize=(6.2, 5.6))
+    counts = ax.hist2d(x, y, bins=120, range=[[-0.3, 1], [-0.3, 1]], norm=LogNorm(), cmap="viridis")
+    fig.colorbar(counts[3], ax=ax, label="pixels per bin")
+    ax.plot([-0.3, 1], [-0.3, 1], color="white", linewidth=1, linestyle="--")
+    ax.set_xlabel("true NDVI")
+    ax.set_ylabel("reconstructed NDVI")
+    ax.set_title(f"NDVI in {label}: MAE {np.abs(y - x).mean():.3f}, bias {np.mean(y - x):+.3f} (n={x.size})")
+    return _save(fig, path)
+
+
+def plot_method_bars(summary: dict[str, dict[str, float]], path: str | os.PathLike[str]) -> str:
+    """Bar charts of PSNR (dB), SSIM and SAM (degrees) in cloudy pixels, one bar per method."""
+    plt = _pyplot()
+    methods = list(summary)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (metric, unit) in zip(axes, (("psnr", "dB"), ("ssim", "unitless"), ("sam", "degrees")), strict=True):
+        values = [summary[m][metric] for m in methods]
+        colors = ["tab:orange" if m.startswith("cmsn") else "tab:blue" for m in methods]
+        bars = ax.bar(methods, values, color=colors)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(f"{metric.upper()} in cloudy pixels ({unit})")
+        ax.tick_params(axis="x", rotation=30)
+        if metric == "psnr":
+            ax.set_ylim(min(values) - 3, max(values) + 1.5)
+        if metric == "ssim":
+            ax.set_ylim(min(values) - 0.02, 1.0)
+    return _save(fig, path)
