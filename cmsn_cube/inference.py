@@ -527,7 +527,7 @@ def _same_reconstruction(path: str, result: xr.Dataset) -> bool:
 
 def _compute_with_progress(tasks: list[Any], *, progress: bool, description: str) -> None:
     """Compute tasks on the active Dask client (a tqdm bar over finished tasks) or the local scheduler."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if not tasks:
         return

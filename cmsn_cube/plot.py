@@ -184,8 +184,7 @@ def plot_ndvi_maps(
     """NDVI observed (NaN under clouds, grey) beside NDVI reconstructed; diverging colours fixed to [-1, 1]."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("0.6")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.6")  # clouds (NaN) in grey
     for ax, data, name in zip(
         axes, (observed, reconstructed), ("observed (clouds masked)", "reconstructed"), strict=True
     ):

@@ -1,0 +1,103 @@
+"""The end-to-end demo, its figures, the CLI's foundation commands and the analysis notebook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from matplotlib.image import imread
+
+from cmsn_cube.cli import main
+from cmsn_cube.model import CMSN, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return str(save_checkpoint(path, CMSN(width=8, depth=1, skip_width=4)))
+
+
+def assert_real_png(path: str | Path) -> None:
+    image = imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) >= 200, f"{path} is too small: {image.shape}"
+    assert float(image[..., :3].std()) > 0.02, f"{path} is (nearly) uniform"
+
+
+def test_synth_and_info(tmp_path):
+    runner = CliRunner()
+    store = tmp_path / "s.zarr"
+    result = runner.invoke(main, ["synth", str(store), "--height", "64", "--width", "80", "--cloud", "0.3,0.1,0.2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["info", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "EPSG:32650" in result.output and "64 x 80 px" in result.output
+    percents = [float(line.split()[-1]) for line in result.output.splitlines() if "LANDSAT_8" in line]
+    assert np.allclose(percents, [30, 10, 20], atol=2)
+
+
+def test_cli_reports_bad_store_without_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "missing.zarr")])
+    assert result.exit_code == 1
+    assert "error: no store" in result.output and "Traceback" not in result.output
+
+
+def test_demo_writes_report_tables_and_figures(tmp_path, tiny_checkpoint):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(
+        main,
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--store",
+            str(tmp_path / "demo.zarr"),
+            "--size",
+            "256",
+            "--model",
+            tiny_checkpoint,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["cloudy_summary"]) == {"cmsn", "nearest", "linear", "median", "regression"}
+    for method, row in summary["cloudy_summary"].items():
+        assert 15 < row["psnr"] < 80, (method, row)
+    report = (out / "report.md").read_text()
+    for figure in summary["figures"]:
+        assert_real_png(figure)
+        assert f"({Path(figure).name})" in report, f"report does not link {figure}"
+    assert {Path(f).name for f in summary["figures"]} >= {
+        "panel_T1.png",
+        "ndvi_T1.png",
+        "ndvi_scatter.png",
+        "methods_cloudy.png",
+    }
+    assert (out / "evaluation.csv").stat().st_size > 0
+    assert (out / "reconstruction.zarr").exists()
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("CMSN_NOTEBOOK_STORE", str(tmp_path / "nb.zarr"))
+    monkeypatch.setenv("CMSN_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
+    notebook = nbformat.read(REPO / "notebooks" / "cloud_removal_analysis.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
+        "commit notebooks without outputs"
+    )
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
+    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    for name in ("clouds_per_date.png", "before_after.png", "ndvi_T1.png", "methods_psnr.png"):
+        assert_real_png(tmp_path / "figures" / name)
