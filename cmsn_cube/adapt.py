@@ -43,7 +43,7 @@ __all__ = ["FitResult", "fit", "fitted_path", "holdout_split", "PATCH_SIZES"]
 
 #: Window sides tried, largest first, when ``patch_size`` is None: 64 px keeps a CPU step well under a second
 #: for the packaged model while giving the 1/4-resolution branch a 16 x 16 context.
-PATCH_SIZES: tuple[int, ...] = (64, 48, 32, 24, 16)
+PATCH_SIZES: tuple[int, ...] = (64, 48, 40, 32, 24, 20, 16)
 #: Validation windows evaluated per round at most (evenly spread over the block): bounds validation cost on
 #: large scenes.
 MAX_VALIDATION_WINDOWS = 48
@@ -197,12 +197,16 @@ class _Rounds:
     """Cycle a DataLoader in rounds of ``batches`` batches: :func:`cmsn_cube.train.train` validates after each.
 
     Every pass over the windows draws new pasted clouds (``set_epoch``), so a small scene does not teach the
-    same clouds over and over. Rounds decouple the validation cadence from the scene size.
+    same clouds over and over; with ``augment`` each batch is also turned/flipped (one of the 8 symmetries of
+    the square, the same for every tensor and date). Rounds decouple the validation cadence from the scene size.
     """
 
-    def __init__(self, loader: Any, *, batches: int) -> None:
-        self.loader, self.batches, self.passes = loader, batches, 0
+    def __init__(self, loader: Any, *, batches: int, augment: bool, seed: int) -> None:
+        import torch
+
+        self.loader, self.batches, self.passes, self.augment = loader, batches, 0, augment
         self._iterator: Iterator[Any] | None = None
+        self._generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return self.batches
@@ -219,8 +223,20 @@ class _Rounds:
                 self._iterator = None
 
     def __iter__(self) -> Iterator[Any]:
+        import torch
+
         for _ in range(self.batches):
-            yield self._next()
+            batch = self._next()
+            if self.augment:
+                symmetry = int(torch.randint(8, (1,), generator=self._generator))
+                batch = {key: _symmetry(value, symmetry) for key, value in batch.items()}
+            yield batch
+
+
+def _symmetry(tensor: Any, symmetry: int) -> Any:
+    """Symmetry ``0-7`` of the square on the last two axes: ``symmetry % 4`` quarter turns, then a flip if >= 4."""
+    turned = tensor.rot90(symmetry % 4, dims=(-2, -1))
+    return (turned.flip(-1) if symmetry >= 4 else turned).contiguous()
 
 
 def _loaders(
@@ -232,6 +248,7 @@ def _loaders(
     seed: int,
     sources: Sequence[MaskSource],
     validate_every: int,
+    augment: bool,
 ) -> tuple[_Rounds, Any, dict[str, Any]]:
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -265,7 +282,7 @@ def _loaders(
         "train_windows": len(train_set),
         "validation_windows": len(kept),
     }
-    return _Rounds(train_loader, batches=validate_every), val_loader, split
+    return _Rounds(train_loader, batches=validate_every, augment=augment, seed=seed), val_loader, split
 
 
 def _source(model: str | os.PathLike[str] | CMSN | None) -> tuple[CMSN, dict[str, Any]]:
@@ -320,16 +337,17 @@ def fit(
     cube_or_store: xr.Dataset | str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | CMSN | None = None,
-    steps: int = 400,
+    steps: int = 1000,
     time_budget: float | None = 240.0,
     lr: float = 5e-4,
     seed: int = 0,
     patch_size: int | None = None,
     batch_size: int = 4,
     validation_fraction: float = 0.2,
-    patience: int | None = 4,
-    validate_every: int = 25,
+    patience: int | None = 5,
+    validate_every: int = 50,
     sources: Sequence[MaskSource] = ("store",),
+    augment: bool = True,
     out: str | os.PathLike[str] | None = None,
     device: str | None = None,
     progress: bool = True,
@@ -365,6 +383,8 @@ def fit(
     sources : sequence of {"store", "reference"}
         Where pasted cloud shapes come from: ``store`` = the cube's own cloud masks (of other dates/windows of the
         training block), ``reference`` = the shared UKIS Landsat masks; fractal shapes fill in when none fits.
+    augment : bool
+        Random quarter turns and flips of the training batches.
     out : str or path-like, optional
         Checkpoint path (``.pt``; the card goes next to it as ``.json``). Default: a new temporary folder, so a
         fit never writes next to a (possibly remote or read-only) store unless asked; see :func:`fitted_path`
@@ -422,6 +442,7 @@ def fit(
         seed=seed,
         sources=sources,
         validate_every=min(validate_every, steps),
+        augment=augment,
     )
     device = default_device(device)
     source_model, source = _source(model)
@@ -468,6 +489,7 @@ def fit(
             "patience": patience,
             "validate_every": validate_every,
             "sources": list(sources),
+            "augment": augment,
         },
         "steps": result.steps,
         "stop_reason": result.stop_reason,

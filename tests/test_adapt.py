@@ -136,3 +136,19 @@ def test_cli_fit(scene_store, tiny_checkpoint, tmp_path):
 def test_fitted_path():
     assert adapt.fitted_path("stores/a.zarr").as_posix() == "stores/a-fitted.pt"
     assert adapt.fitted_path("s3://bucket/scenes/b.zarr/").as_posix() == "b-fitted.pt"
+
+
+def test_augmentation_keeps_inputs_and_truth_aligned(small_scene):
+    from torch.utils.data import DataLoader
+
+    dataset = TripletWindowDataset(small_scene.drop_vars("truth"), size=32, overlap=8, truth="observed")
+    batch = next(iter(DataLoader(dataset, batch_size=2)))
+    for symmetry in range(8):
+        turned = {key: adapt._symmetry(value, symmetry) for key, value in batch.items()}
+        shown = (turned["inputs"][:, :, 4] == 0) & turned["truth_valid"]  # clear inputs are their own truth
+        assert shown.any()
+        np.testing.assert_array_equal(
+            turned["inputs"][:, :, :4].permute(0, 1, 3, 4, 2)[shown], turned["truth"].permute(0, 1, 3, 4, 2)[shown]
+        )
+        assert not (turned["sim_mask"] & ~turned["truth_valid"]).any()
+    assert not torch.equal(adapt._symmetry(batch["inputs"], 1), batch["inputs"])
