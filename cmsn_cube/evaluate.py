@@ -64,6 +64,40 @@ def _name(method: Method) -> str:
     return method if isinstance(method, str) else getattr(method, "__name__", type(method).__name__)
 
 
+#: Method name of the network in :func:`evaluate` (its checkpoint comes from ``model=``).
+CMSN_METHOD = "cmsn"
+
+
+def cmsn_method(
+    model: object = None, *, tile: int = 256, overlap: int = 32, batch_size: int = 4, device: str | None = None
+) -> Callable[[xr.Dataset], xr.DataArray]:
+    """The CMSN as an evaluation method: ``cube -> reconstructed`` via :func:`cmsn_cube.inference.reconstruct`.
+
+    Torch is imported only when the method runs, so this module stays light.
+
+    Parameters
+    ----------
+    model : None, str, path or CMSN
+        Packaged name or checkpoint path (default: the packaged model), or a loaded model.
+    tile, overlap, batch_size, device
+        As :func:`cmsn_cube.inference.reconstruct`.
+
+    Returns
+    -------
+    callable
+        Named ``cmsn``; returns the computed ``reconstructed(time, band, y, x)``.
+    """
+
+    def cmsn(cube: xr.Dataset) -> xr.DataArray:
+        from cmsn_cube.inference import reconstruct
+
+        result = reconstruct(cube, model=model, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
+        return result["reconstructed"].load()
+
+    cmsn.__name__ = CMSN_METHOD
+    return cmsn
+
+
 def evaluate(
     cube: xr.Dataset,
     *,
@@ -72,6 +106,7 @@ def evaluate(
     truth: TruthChoice | None = None,
     out: str | os.PathLike[str] | None = None,
     echo: Callable[[str], object] | None = print,
+    model: object = None,
 ) -> pd.DataFrame:
     """Run gap-filling methods on a cube with known truth and score them.
 
@@ -90,6 +125,8 @@ def evaluate(
         Folder to write ``evaluation.csv`` and ``evaluation.json`` to.
     echo : callable, optional
         Where the summary table is printed (None: silent).
+    model : None, str, path or CMSN
+        Checkpoint of the ``"cmsn"`` method (see :func:`cmsn_method`); default the packaged model.
 
     Returns
     -------
@@ -103,9 +140,11 @@ def evaluate(
     NoDataError
         No pixel to score.
     """
+    methods = [cmsn_method(model) if m == CMSN_METHOD else m for m in methods]
     unknown = [m for m in methods if isinstance(m, str) and m not in BASELINES]
     if unknown:
-        raise CubeValidationError(f"unknown method(s) {unknown}; choose from {sorted(BASELINES)} or pass a callable")
+        choices = sorted([*BASELINES, CMSN_METHOD])
+        raise CubeValidationError(f"unknown method(s) {unknown}; choose from {choices} or pass a callable")
     observed, reference, scored = scoring_setup(cube, truth=truth, seed=seed)
     if not bool(scored.any()):
         raise NoDataError("no pixel to score: the cube has no cloudy pixel with truth (try truth='pasted')")

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,16 @@ from cmsn_cube.model.checkpoint import _atomic_write_bytes, build_model, load_ch
 from cmsn_cube.model.cmsn import ARCHITECTURE, CMSN
 from cmsn_cube.model.losses import DEFAULT_LOSS_WEIGHTS, CMSNLoss
 
-__all__ = ["TrainResult", "evaluate_batches", "plot_history", "train", "Schedule", "Monitor", "StopReason"]
+__all__ = [
+    "TrainResult",
+    "evaluate_batches",
+    "plot_history",
+    "train",
+    "train_on_stores",
+    "Schedule",
+    "Monitor",
+    "StopReason",
+]
 
 Schedule = Literal["cosine", "onecycle", "constant"]
 Monitor = Literal["psnr_cloudy", "ssim_cloudy", "loss"]
@@ -344,6 +353,8 @@ def train(
         Continue from ``checkpoint_dir/last.pt`` (weights, optimizer, step, history, RNG state) if present.
     time_budget : float, optional
         Seconds of wall clock for this call; training stops cleanly (validating and saving) when exceeded.
+        The schedule then advances with whichever is further along, steps or time, so a run cut by the
+        budget still ends at a low learning rate.
     patience : int, optional
         Early stopping: stop after this many validations without improvement of ``monitor``.
     min_delta : float
@@ -511,8 +522,14 @@ def train(
             if time_budget is not None and time.monotonic() - started > time_budget:
                 stop_reason = "time_budget"
                 break
+            # With a time budget the schedule follows whichever runs out first, steps or time, so the
+            # learning rate has decayed when the budget stops training.
+            schedule_step = step
+            if time_budget is not None:
+                spent = (time.monotonic() - started) / time_budget
+                schedule_step = max(step, min(total_steps, int(spent * total_steps)))
             current_lr = _learning_rate(
-                step, total_steps=total_steps, peak=lr, schedule=schedule, warmup_steps=warmup_steps
+                schedule_step, total_steps=total_steps, peak=lr, schedule=schedule, warmup_steps=warmup_steps
             )
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
@@ -608,4 +625,218 @@ def train(
         best_checkpoint=best_path,
         last_checkpoint=last_path,
         extra={"run": run_facts},
+    )
+
+
+# ------------------------------------------------------------------------------------ training from stores
+
+
+class _EpochLoader:
+    """A DataLoader wrapper that draws fresh clouds every epoch and augments batches with flips/quarter turns.
+
+    The datasets seed their clouds by ``(seed, epoch, index)``; :func:`train` re-iterates its loader once per
+    epoch, so calling ``set_epoch`` here gives every epoch new cloud shapes over the same windows. The same
+    flip/rotation is applied to all dates and all tensors of a batch (geometry must stay aligned).
+    """
+
+    def __init__(self, loader: Any, datasets: Iterable[Any], *, augment: bool, seed: int) -> None:
+        self.loader, self.datasets, self.augment = loader, list(datasets), augment
+        self.epoch = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for dataset in self.datasets:
+            dataset.set_epoch(self.epoch)
+        self.epoch += 1
+        for batch in self.loader:
+            yield self._augment(batch) if self.augment else batch
+
+    def _augment(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        turns, flip = (int(v) for v in torch.randint(0, 4, (2,), generator=self.generator))
+        out = {}
+        for key, value in batch.items():
+            value = torch.rot90(value, turns, dims=(-2, -1)) if turns else value
+            out[key] = torch.flip(value, dims=(-1,)) if flip % 2 else value
+        return {key: value.contiguous() for key, value in out.items()}
+
+
+def _describe_store(store: Any) -> str:
+    return (
+        os.fspath(store) if isinstance(store, (str, os.PathLike)) else str(store.attrs.get("title", "in-memory cube"))
+    )
+
+
+def train_on_stores(
+    stores: Any,
+    *,
+    out: str | os.PathLike[str],
+    init: str | os.PathLike[str] | None = None,
+    width: int | None = None,
+    depth: int | None = None,
+    fusion_depth: int | None = None,
+    skip_width: int | None = None,
+    patch_size: int = 128,
+    overlap: int = 32,
+    batch_size: int = 8,
+    val_fraction: float = 0.2,
+    truth: Literal["auto", "cube", "observed"] = "auto",
+    levels: Sequence[float] | None = None,
+    reference_masks: str | os.PathLike[str] | None = "auto",
+    augment: bool = True,
+    in_memory: bool = True,
+    num_workers: int = 0,
+    seed: int = 0,
+    training_data: Mapping[str, Any] | None = None,
+    **train_options: Any,
+) -> TrainResult:
+    """Train (or fine-tune) a CMSN on windows of one or more cube stores, writing checkpoints to ``out``.
+
+    Builds a training and a validation loader per store with :func:`cmsn_cube.samples.make_dataloaders`
+    (validation on the last rows of each store, spatially held out), pools them, and calls :func:`train`.
+    Each epoch draws new simulated clouds and (with ``augment``) random flips and quarter turns.
+
+    Parameters
+    ----------
+    stores : str, path-like, xarray.Dataset or a sequence of them
+        Zarr stores written by :func:`cmsn_cube.cube.write_cube` (or cubes), each with at least three dates.
+    out : str or path-like
+        Checkpoint folder: ``best.pt``, ``last.pt``, their cards, ``history.json`` and ``loss.png``.
+    init : str or path-like, optional
+        Checkpoint path or packaged model name to fine-tune; default a new CMSN.
+    width, depth, fusion_depth, skip_width : int, optional
+        Architecture of a new CMSN (defaults of :class:`cmsn_cube.model.CMSN`); not allowed with ``init``.
+    patch_size, overlap : int
+        Window side and overlap in pixels.
+    batch_size : int
+        Windows per optimizer step.
+    val_fraction : float
+        Share of each store's rows held out for validation.
+    truth : {"auto", "cube", "observed"}
+        Training truth: the store's ``truth`` variable (``cube``; the embedded scene has one), the clear
+        observations (``observed``), or ``auto``: ``cube`` for stores that have one, else ``observed``.
+    levels : sequence of float, optional
+        Masked fraction (real + pasted clouds) for T1, T2, T3; default :data:`cmsn_cube.qa.DEFAULT_CLOUD_LEVELS`.
+    reference_masks : path, "auto" or None
+        UKIS reference cloud masks used as pasted shapes ("auto": the shared folder when present).
+    augment : bool
+        Random flips and quarter turns of the training batches.
+    in_memory : bool
+        Load each store into memory first (fast window reads; the embedded scene is a few tens of MB).
+    num_workers : int
+        DataLoader worker processes.
+    seed : int
+        Seeds the clouds, the shuffle, the augmentation and :func:`train`.
+    training_data : mapping, optional
+        Extra facts about the data for the checkpoint card (merged into the generated description).
+    **train_options
+        Passed to :func:`train`: ``epochs``, ``steps``, ``lr``, ``schedule``, ``loss_weights``, ``time_budget``,
+        ``patience``, ``device``, ``resume``, ``progress``...
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    CubeValidationError
+        If a store is not a valid cube or architecture options are combined with ``init``.
+    NoDataError
+        If a store has no usable window.
+    """
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from cmsn_cube.cube import open_cube
+    from cmsn_cube.exceptions import CubeValidationError
+    from cmsn_cube.qa import DEFAULT_CLOUD_LEVELS
+    from cmsn_cube.samples import make_dataloaders
+
+    if isinstance(stores, (str, os.PathLike)) or not isinstance(stores, Sequence):
+        stores = [stores]
+    if not stores:
+        raise CubeValidationError("give at least one store to train on")
+    architecture = {
+        key: value
+        for key, value in {
+            "width": width,
+            "depth": depth,
+            "fusion_depth": fusion_depth,
+            "skip_width": skip_width,
+        }.items()
+        if value is not None
+    }
+    if init is not None and architecture:
+        raise CubeValidationError(
+            f"architecture options {sorted(architecture)} cannot change a checkpoint given with init={init!r}"
+        )
+    levels = tuple(levels) if levels is not None else tuple(DEFAULT_CLOUD_LEVELS)
+    train_sets, val_sets, described = [], [], []
+    for index, store in enumerate(stores):
+        cube = store if not isinstance(store, (str, os.PathLike)) else open_cube(store)
+        source = "cube" if truth == "cube" or (truth == "auto" and "truth" in cube.data_vars) else "observed"
+        data = cube.load() if in_memory else (store if isinstance(store, (str, os.PathLike)) else cube)
+        store_train, store_val = make_dataloaders(
+            data,
+            size=patch_size,
+            overlap=overlap,
+            val_fraction=val_fraction,
+            batch_size=batch_size,
+            seed=seed + 1000 * index,  # different clouds per store
+            truth=source,
+            levels=levels,
+            reference_masks=reference_masks,
+        )
+        train_sets.append(store_train.dataset)
+        val_sets.append(store_val.dataset)
+        described.append(
+            {
+                "store": _describe_store(store),
+                "truth": source,
+                "size": [int(cube.sizes["y"]), int(cube.sizes["x"])],
+                "dates": int(cube.sizes["time"]),
+                "train_windows": len(store_train.dataset),  # type: ignore[arg-type]
+                "val_windows": len(store_val.dataset),  # type: ignore[arg-type]
+                **{key: cube.attrs[key] for key in ("seed", "sensor", "scale_m") if key in cube.attrs},
+            }
+        )
+    generator = torch.Generator().manual_seed(seed)
+    pooled: ConcatDataset[Any] = ConcatDataset(train_sets)
+    train_loader = _EpochLoader(
+        DataLoader(
+            pooled,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            generator=generator,
+            drop_last=len(pooled) > batch_size,  # no tiny last batch, unless that is all there is
+        ),
+        train_sets,
+        augment=augment,
+        seed=seed,
+    )
+    val_loader: DataLoader[Any] = DataLoader(
+        ConcatDataset(val_sets), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    description = {
+        "stores": described,
+        "patch_size": patch_size,
+        "overlap": overlap,
+        "batch_size": batch_size,
+        "val_fraction": val_fraction,
+        "levels": list(levels),
+        "reference_masks": None if reference_masks is None else os.fspath(reference_masks),
+        "augment": augment,
+        **dict(training_data or {}),
+    }
+    model: Any = init if init is not None else (architecture or None)
+    return train(
+        model,
+        train_loader,
+        val_loader,
+        seed=seed,
+        checkpoint_dir=out,
+        training_data=description,
+        **train_options,
     )
