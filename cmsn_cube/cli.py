@@ -201,13 +201,16 @@ def pull(
     default=None,
     help="Truth source; default: the store's truth variable if any, else pasted clouds.",
 )
-def evaluate_command(store: Path, methods: str, out: Path | None, seed: int, truth: str | None) -> None:
-    """Score gap-filling METHODS on a cube STORE whose truth is known; print the table (method x metric)."""
+@click.option("--model", default=None, help="Checkpoint of the cmsn method: packaged name or path.")
+def evaluate_command(
+    store: Path, methods: str, out: Path | None, seed: int, truth: str | None, model: str | None
+) -> None:
+    """Score gap-filling METHODS (baselines, cmsn) on a cube STORE whose truth is known; print the table."""
     from cmsn_cube.cube import open_cube
     from cmsn_cube.evaluate import evaluate
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    evaluate(open_cube(store), methods=names, seed=seed, truth=truth, out=out, echo=click.echo)  # type: ignore[arg-type]
+    evaluate(open_cube(store), methods=names, seed=seed, truth=truth, out=out, echo=click.echo, model=model)  # type: ignore[arg-type]
     if out is not None:
         click.echo(f"wrote {out / 'evaluation.csv'} and {out / 'evaluation.json'}")
 
