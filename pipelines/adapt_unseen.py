@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="embedded scene side in pixels")
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds per fit (issue: <= 300)")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--quick", action="store_true", help="tiny model, 128-px scene, 6 steps (smoke test)")
