@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="source checkpoint (default: the packaged cmsn-small)")
     parser.add_argument("--scenes", default="embedded,cbers")
     parser.add_argument("--size", type=int, default=512, help="embedded scene side in pixels")
-    parser.add_argument("--time-budget", type=float, default=240.0, help="seconds per fit (issue: <= 300)")
+    parser.add_argument("--time-budget", type=float, default=280.0, help="seconds per fit (issue: <= 300)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
