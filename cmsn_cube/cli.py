@@ -286,6 +286,7 @@ def reconstruct(
 @click.option("--seed", default=0, help="Seed of clouds, shuffling, augmentation and initialisation.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when present).")
 @click.option("--num-workers", default=0, help="DataLoader worker processes.")
+@click.option("--threads", type=int, default=None, help="Torch CPU threads (default: torch's choice).")
 @click.option("--no-augment", is_flag=True, help="No random flips and quarter turns.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 def train_command(

@@ -688,6 +688,7 @@ def train_on_stores(
     augment: bool = True,
     in_memory: bool = True,
     num_workers: int = 0,
+    threads: int | None = None,
     seed: int = 0,
     training_data: Mapping[str, Any] | None = None,
     **train_options: Any,
@@ -727,6 +728,9 @@ def train_on_stores(
         Load each store into memory first (fast window reads; the embedded scene is a few tens of MB).
     num_workers : int
         DataLoader worker processes.
+    threads : int, optional
+        Torch intra-op threads (``torch.set_num_threads``). On a CPU shared with other jobs, 1 thread plus
+        one DataLoader worker is often faster than 2 threads, which stall waiting for each other.
     seed : int
         Seeds the clouds, the shuffle, the augmentation and :func:`train`.
     training_data : mapping, optional
@@ -771,6 +775,8 @@ def train_on_stores(
         raise CubeValidationError(
             f"architecture options {sorted(architecture)} cannot change a checkpoint given with init={init!r}"
         )
+    if threads is not None:
+        torch.set_num_threads(threads)
     levels = tuple(levels) if levels is not None else tuple(DEFAULT_CLOUD_LEVELS)
     train_sets, val_sets, described = [], [], []
     for index, store in enumerate(stores):
@@ -828,6 +834,7 @@ def train_on_stores(
         "levels": list(levels),
         "reference_masks": None if reference_masks is None else os.fspath(reference_masks),
         "augment": augment,
+        "torch_threads": torch.get_num_threads(),
         **dict(training_data or {}),
     }
     model: Any = init if init is not None else (architecture or None)
