@@ -91,12 +91,16 @@ def main() -> None:
         rates = {}
         for workers in (0, 2):
             value = rates[workers] = loader_rate(dataset, workers=workers, batch=args.batch, n_batches=args.batches)
-            print(f"TripletWindowDataset, DataLoader, {workers} workers : {value:8.1f} samples/s  "
-                  f"({value / reference:.2f}x the numpy reference)")
+            print(
+                f"TripletWindowDataset, DataLoader, {workers} workers : {value:8.1f} samples/s  "
+                f"({value / reference:.2f}x the numpy reference)"
+            )
         train = training_rate(dataset, batch=args.batch)
         if train is not None:
-            print(f"CMSN CPU training step (2 threads)             : {train:8.2f} samples/s consumed; "
-                  f"sampler / training = {rates[0] / train:.1f}x (0 workers), {rates[2] / train:.1f}x (2 workers)")
+            print(
+                f"CMSN CPU training step (2 threads)             : {train:8.2f} samples/s consumed; "
+                f"sampler / training = {rates[0] / train:.1f}x (0 workers), {rates[2] / train:.1f}x (2 workers)"
+            )
 
 
 if __name__ == "__main__":

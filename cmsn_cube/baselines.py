@@ -87,7 +87,9 @@ def fill_linear(values: np.ndarray, gap: np.ndarray, days: np.ndarray) -> np.nda
         with np.errstate(invalid="ignore", divide="ignore"):
             weight = (days[t] - day_before) / (day_after - day_before)
         both = np.isfinite(weight)
-        filled = np.where(both[None], before + weight[None] * (after - before), np.where(np.isnan(day_before)[None], after, before))
+        filled = np.where(
+            both[None], before + weight[None] * (after - before), np.where(np.isnan(day_before)[None], after, before)
+        )
         out[t] = filled.astype(values.dtype)
     return out
 
@@ -194,7 +196,9 @@ def median(cube: xr.Dataset) -> xr.DataArray:
     return _reconstruct(cube, "median")
 
 
-def regression(cube: xr.Dataset, *, window: int = REGRESSION_WINDOW, min_pixels: int = REGRESSION_MIN_PIXELS) -> xr.DataArray:
+def regression(
+    cube: xr.Dataset, *, window: int = REGRESSION_WINDOW, min_pixels: int = REGRESSION_MIN_PIXELS
+) -> xr.DataArray:
     """Gaps filled by local per-band regression on the nearest clear helper date (``window`` px windows).
 
     Examples

@@ -106,7 +106,11 @@ def ssim(
         if not use.any():
             continue
         _, full = structural_similarity(
-            np.where(finite, image, 0), np.where(finite, reference, 0), data_range=data_range, win_size=win_size, full=True
+            np.where(finite, image, 0),
+            np.where(finite, reference, 0),
+            data_range=data_range,
+            win_size=win_size,
+            full=True,
         )
         total += float(full[use].sum())
         count += int(use.sum())
@@ -235,18 +239,32 @@ def evaluate_reconstruction(
             band_ssim = ssim(p, t, mask=pixels, data_range=data_range)
             ssims.append(band_ssim)
             rows.append(
-                {"region": region, "band": band, "psnr": psnr(p, t, mask=pixels, data_range=data_range),
-                 "ssim": band_ssim, "mae": mae(p, t, mask=pixels), "rmse": rmse(p, t, mask=pixels),
-                 "sam": np.nan, "ndvi_mae": np.nan, "coverage": coverage, "n_pixels": n_pixels}
+                {
+                    "region": region,
+                    "band": band,
+                    "psnr": psnr(p, t, mask=pixels, data_range=data_range),
+                    "ssim": band_ssim,
+                    "mae": mae(p, t, mask=pixels),
+                    "rmse": rmse(p, t, mask=pixels),
+                    "sam": np.nan,
+                    "ndvi_mae": np.nan,
+                    "coverage": coverage,
+                    "n_pixels": n_pixels,
+                }
             )
         pooled = pixels[:, None]
         rows.append(
-            {"region": region, "band": "mean",
-             "psnr": psnr(prediction, reference, mask=pooled, data_range=data_range),
-             "ssim": float(np.nanmean(ssims)) if np.isfinite(ssims).any() else np.nan,
-             "mae": mae(prediction, reference, mask=pooled), "rmse": rmse(prediction, reference, mask=pooled),
-             "sam": sam(prediction, reference, mask=pixels, axis=1),
-             "ndvi_mae": ndvi_error(prediction, reference, mask=pixels, axis=1),
-             "coverage": coverage, "n_pixels": n_pixels}
+            {
+                "region": region,
+                "band": "mean",
+                "psnr": psnr(prediction, reference, mask=pooled, data_range=data_range),
+                "ssim": float(np.nanmean(ssims)) if np.isfinite(ssims).any() else np.nan,
+                "mae": mae(prediction, reference, mask=pooled),
+                "rmse": rmse(prediction, reference, mask=pooled),
+                "sam": sam(prediction, reference, mask=pixels, axis=1),
+                "ndvi_mae": ndvi_error(prediction, reference, mask=pixels, axis=1),
+                "coverage": coverage,
+                "n_pixels": n_pixels,
+            }
         )
     return pd.DataFrame(rows).set_index(["region", "band"])[list(METRICS)]

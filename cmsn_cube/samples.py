@@ -368,11 +368,15 @@ def make_scoring_cube(
     for k, t in enumerate(chosen):
         rng = np.random.default_rng([seed, t])
         library = [
-            s for s in range(n_dates) if s != t and _LIBRARY_CLOUD_RANGE[0] <= cloud[s].mean() <= _LIBRARY_CLOUD_RANGE[1]
+            s
+            for s in range(n_dates)
+            if s != t and _LIBRARY_CLOUD_RANGE[0] <= cloud[s].mean() <= _LIBRARY_CLOUD_RANGE[1]
         ]
         providers: dict[str, MaskProvider] = {}
         if library:
-            providers["store"] = lambda r, sh, lib=library: _reshape_mask(cloud[lib[int(r.integers(len(lib)))]], sh, r, crop=False)
+            providers["store"] = lambda r, sh, lib=library: _reshape_mask(
+                cloud[lib[int(r.integers(len(lib)))]], sh, r, crop=False
+            )
         if reference is not None and _reference_masks(reference):
             providers["reference"] = _reference_provider(reference)
         pasted[t], _ = simulate_clouds(
@@ -485,7 +489,9 @@ class TripletWindowDataset(Dataset):
         if truth not in ("observed", "cube"):
             raise CubeValidationError(f"truth must be 'observed' or 'cube', got {truth!r}")
         if truth == "cube" and "truth" not in cube.data_vars:
-            raise CubeValidationError("truth='cube' needs a 'truth' variable (the embedded scene has one); use 'observed'")
+            raise CubeValidationError(
+                "truth='cube' needs a 'truth' variable (the embedded scene has one); use 'observed'"
+            )
         if len(levels) != 3 or any(not 0 <= v < 1 for v in levels):
             raise CubeValidationError(f"levels must be three fractions in [0, 1) for T1, T2, T3, got {list(levels)}")
         self.size, self.overlap, self.rows = int(size), int(overlap), rows
@@ -520,7 +526,9 @@ class TripletWindowDataset(Dataset):
         """Draw different clouds for another epoch (the same ones again for the same epoch)."""
         self.epoch = int(epoch)
 
-    def _index(self, cube: xr.Dataset, height: int, width: int) -> tuple[list[Window], dict[str, int], list[tuple[int, int, int]]]:
+    def _index(
+        self, cube: xr.Dataset, height: int, width: int
+    ) -> tuple[list[Window], dict[str, int], list[tuple[int, int, int]]]:
         """Usable windows per triplet, skip counts, and the windows whose real cloud masks can be pasted."""
         size = self.size
         region = np.array(window_origins(height, width, size=size, overlap=self.overlap, rows=self.rows))
@@ -570,7 +578,8 @@ class TripletWindowDataset(Dataset):
         size = self.size
         # not the masks of these dates over this window: they are the real clouds already in the sample
         candidates = [
-            (d, wy, wx) for d, wy, wx in self._library
+            (d, wy, wx)
+            for d, wy, wx in self._library
             if not (d in triplet and abs(wy - y0) < size and abs(wx - x0) < size)
         ]
         if not candidates:

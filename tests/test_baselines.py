@@ -14,8 +14,13 @@ def _cube(values: np.ndarray, cloud: np.ndarray, days=(0, 16, 48)):
     times = np.datetime64("2020-01-01") + np.array(days).astype("timedelta64[D]")
     n, _, h, w = values.shape
     return make_cube(
-        values.astype(np.float32), time=times, y=np.arange(h) * -30.0, x=np.arange(w) * 30.0,
-        crs="EPSG:32650", sensor="LANDSAT_8", cloud_mask=cloud,
+        values.astype(np.float32),
+        time=times,
+        y=np.arange(h) * -30.0,
+        x=np.arange(w) * 30.0,
+        crs="EPSG:32650",
+        sensor="LANDSAT_8",
+        cloud_mask=cloud,
     )
 
 

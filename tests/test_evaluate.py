@@ -50,7 +50,9 @@ def test_a_callable_method_is_scored_and_never_sees_the_truth(scene):
 
 def test_cli_evaluate_on_a_store(scene, tmp_path):
     store = tiny_store(tmp_path / "scene.zarr", scene)
-    result = CliRunner().invoke(main, ["evaluate", store, "--methods", "nearest,median", "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["evaluate", store, "--methods", "nearest,median", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     assert "nearest" in result.output and "median" in result.output and "regression" not in result.output
     assert (tmp_path / "out" / "evaluation.json").exists()
@@ -58,7 +60,9 @@ def test_cli_evaluate_on_a_store(scene, tmp_path):
     assert bad.exit_code == 1 and "no store" in bad.output
 
 
-@pytest.mark.skipif(shared_data_path("cbers_timeseries") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent")
+@pytest.mark.skipif(
+    shared_data_path("cbers_timeseries") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent"
+)
 def test_evaluate_real_cbers_with_pasted_clouds():
     from cmsn_cube.sources.cbers import open_cbers_series
 

@@ -26,7 +26,9 @@ TOLERANCE = 0.03
 @pytest.fixture(scope="module")
 def light_store(tmp_path_factory) -> str:
     """128 x 128 scene with few real clouds, so every date needs pasted clouds to reach its level."""
-    return tiny_store(tmp_path_factory.mktemp("samples") / "light.zarr", size=128, seed=5, cloud_fractions=(0.06, 0.03, 0.0))
+    return tiny_store(
+        tmp_path_factory.mktemp("samples") / "light.zarr", size=128, seed=5, cloud_fractions=(0.06, 0.03, 0.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,9 @@ def test_truth_is_cloud_free_and_inputs_hide_every_masked_pixel(dataset):
         observed = _window_of(dataset, index, "reflectance")
         valid = item["truth_valid"]
         assert not (valid & cloud).any(), "truth_valid includes a real cloud pixel"
-        np.testing.assert_array_equal(item["truth"].transpose(1, 0, 2, 3)[:, valid], np.clip(observed, 0, 1).transpose(1, 0, 2, 3)[:, valid])
+        np.testing.assert_array_equal(
+            item["truth"].transpose(1, 0, 2, 3)[:, valid], np.clip(observed, 0, 1).transpose(1, 0, 2, 3)[:, valid]
+        )
         assert (item["truth"].transpose(1, 0, 2, 3)[:, ~valid] == 0).all()
         mask = item["inputs"][:, 4].astype(bool)
         assert (mask == (cloud | item["sim_mask"])).all()
@@ -141,7 +145,9 @@ def test_nan_window_is_skipped_not_zero_filled(tmp_path):
 
 
 def test_dataloader_with_two_workers_matches_the_items(light_store, dataset):
-    train, _ = make_dataloaders(light_store, size=64, overlap=16, val_fraction=0.5, gap=0, batch_size=2, num_workers=2, seed=1)
+    train, _ = make_dataloaders(
+        light_store, size=64, overlap=16, val_fraction=0.5, gap=0, batch_size=2, num_workers=2, seed=1
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
     batch = next(iter(loader))
     expected = [dataset[0], dataset[1]]
@@ -171,12 +177,19 @@ def test_simulate_clouds_prefers_a_fitting_real_mask():
     assert source == "fractal"
 
 
-@pytest.mark.skipif(shared_data_path("cloud_masks_ukis") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent")
+@pytest.mark.skipif(
+    shared_data_path("cloud_masks_ukis") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent"
+)
 def test_reference_masks_are_used():
     from cmsn_cube.samples import _reference_provider
 
     provider = _reference_provider(str(shared_data_path("cloud_masks_ukis")))
-    sources = {simulate_clouds(np.ones((64, 64), bool), 0, 0.25, np.random.default_rng(i), providers={"reference": provider})[1] for i in range(6)}
+    sources = {
+        simulate_clouds(np.ones((64, 64), bool), 0, 0.25, np.random.default_rng(i), providers={"reference": provider})[
+            1
+        ]
+        for i in range(6)
+    }
     assert "reference" in sources
 
 
@@ -188,7 +201,8 @@ def test_scoring_cube_pastes_on_clear_pixels_only():
     assert (pasted_cube["cloud_mask"].values == (cloud | scored.values)).all()
     assert (pasted_cube["reflectance"].values.transpose(1, 0, 2, 3)[:, scored.values] == 0).all()
     np.testing.assert_array_equal(
-        truth.values.transpose(1, 0, 2, 3)[:, scored.values], cube["reflectance"].values.transpose(1, 0, 2, 3)[:, scored.values]
+        truth.values.transpose(1, 0, 2, 3)[:, scored.values],
+        cube["reflectance"].values.transpose(1, 0, 2, 3)[:, scored.values],
     )
     assert "truth" not in pasted_cube
     fractions = pasted_cube["cloud_mask"].mean(("y", "x")).values
@@ -197,7 +211,9 @@ def test_scoring_cube_pastes_on_clear_pixels_only():
     assert (again.values == scored.values).all()
 
 
-@pytest.mark.skipif(shared_data_path("cbers_timeseries") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent")
+@pytest.mark.skipif(
+    shared_data_path("cbers_timeseries") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent"
+)
 def test_samples_from_the_real_cbers_series(tmp_path):
     from cmsn_cube.sources.cbers import open_cbers_series
 
