@@ -9,7 +9,7 @@ Layout (``T`` dates share every weight; ``C`` = ``width``)::
                  │                                 │                          ResFFTConv × fusion_depth
                  │                                 └── MFAM (1/2) ── concat ◄─ upsample
                  └──────── concat with all dates' bands (own date first) ◄── upsample
-                             └─ coarse head: temporal-fill prior + residual ─► coarse (B, T, 4, H, W)
+                             └─ coarse head: prior (local regression on the other dates) + residual ─► coarse
                                  refinement stage (coarse + all dates' bands + features) ─► refined
     output = input bands where clear (bit-identical), refined where cloudy
 
@@ -21,13 +21,14 @@ from a clear date and correct its radiometry.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cmsn_cube.model.mfam import MFAM
+from cmsn_cube.model.prior import local_regression_fill, temporal_mean_fill
 from cmsn_cube.model.resfft import ResFFTConv
 
 __all__ = ["CMSN", "CMSNOutput", "ARCHITECTURE", "DEFAULT_BAND_MEAN", "DEFAULT_BAND_STD"]
@@ -41,6 +42,10 @@ DEFAULT_BAND_MEAN: tuple[float, ...] = (0.10, 0.10, 0.10, 0.25)
 DEFAULT_BAND_STD: tuple[float, ...] = (0.05, 0.06, 0.08, 0.10)
 
 _DOWNSAMPLING = 4  # two stride-2 stages
+
+PriorName = Literal["mean", "regression"]
+#: First guess the coarse decoder corrects: the mean of the other clear dates, or a local radiometric regression.
+PRIORS = {"mean": temporal_mean_fill, "regression": local_regression_fill}
 
 
 class CMSNOutput(NamedTuple):
@@ -116,6 +121,7 @@ class CMSN(nn.Module):
         bands: Sequence[str] = ("blue", "green", "red", "nir"),
         band_mean: Sequence[float] = DEFAULT_BAND_MEAN,
         band_std: Sequence[float] = DEFAULT_BAND_STD,
+        prior: PriorName = "regression",
     ) -> None:
         super().__init__()
         n_bands = len(bands)
@@ -142,7 +148,11 @@ class CMSN(nn.Module):
             "bands": [str(band) for band in bands],
             "band_mean": [float(value) for value in band_mean],
             "band_std": [float(value) for value in band_std],
+            "prior": prior,
         }
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {sorted(PRIORS)}, got {prior!r}")
+        self.prior_name = prior
         self.n_dates = n_dates
         self.n_bands = n_bands
         half_width = max(width // 2, 1)
@@ -180,7 +190,7 @@ class CMSN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         # Heads start small (not zero: every parameter must receive a gradient) so the initial coarse
-        # estimate is the temporal-fill prior.
+        # estimate is the prior (a classical fill).
         for head in (self.coarse_head, self.refine[-1]):
             assert isinstance(head, nn.Conv2d)  # internal invariant, not user input
             with torch.no_grad():
@@ -225,7 +235,7 @@ class CMSN(nn.Module):
         mask = inputs[:, :, self.n_bands :].clamp(0, 1)
         clear = 1 - mask
         normalised = (bands - self.band_mean) / self.band_std * clear  # cloudy pixels sit at the band mean
-        prior = self._temporal_fill(normalised, clear)
+        prior = PRIORS[self.prior_name](normalised, clear)
         net_inputs = torch.cat([normalised, mask], dim=2)
 
         pad_bottom = (-height) % _DOWNSAMPLING
@@ -260,14 +270,6 @@ class CMSN(nn.Module):
         # torch.where copies input values bit for bit where the mask is clear.
         output = torch.where(mask > 0.5, refined, bands.to(refined.dtype))
         return CMSNOutput(coarse=coarse, refined=refined, output=output)
-
-    @staticmethod
-    def _temporal_fill(normalised: torch.Tensor, clear: torch.Tensor) -> torch.Tensor:
-        """Own value where clear, else the mean of the other dates that are clear there (else the band mean)."""
-        total = (normalised * clear).sum(dim=1, keepdim=True)
-        count = clear.sum(dim=1, keepdim=True)
-        others = (total - normalised * clear) / (count - clear).clamp(min=1)
-        return normalised * clear + others * (1 - clear)
 
     @staticmethod
     def _pad(images: torch.Tensor, bottom: int, right: int) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Classical first guesses the network refines: a temporal mean fill and a local radiometric regression.
+
+The regression prior is the differentiable twin of :func:`cmsn_cube.baselines.regression`: for every cloudy pixel
+of a date, each other date predicts it through a gain and an offset fitted per band in a window around the pixel
+(on pixels clear in both dates); the predictions are averaged, weighted by how well each fit explains its window.
+Starting the coarse decoder from it lets the network spend its capacity on what a linear fit cannot do (field
+boundaries, phenology that differs field by field) instead of re-learning radiometric matching.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Half width of the regression window in pixels (31 px = 930 m at 30 m, as the classical baseline).
+DEFAULT_RADIUS = 15
+#: Ridge term pulling gains towards 1 in normalised units: windows with little contrast keep their offset only.
+_RIDGE = 0.1
+#: Residual variance floor, in normalised units, so one perfect window does not take all the weight.
+_RESIDUAL_FLOOR = 0.01
+
+
+def box_sum(images: torch.Tensor, radius: int) -> torch.Tensor:
+    """Sum over a (2r+1)² window at every pixel (zero outside), via integral images: O(1) per pixel."""
+    size = 2 * radius + 1
+    padded = F.pad(images, (radius + 1, radius, radius + 1, radius))
+    integral = padded.cumsum(-1).cumsum(-2)
+    return (
+        integral[..., size:, size:]
+        - integral[..., :-size, size:]
+        - integral[..., size:, :-size]
+        + integral[..., :-size, :-size]
+    )
+
+
+def temporal_mean_fill(normalised: torch.Tensor, clear: torch.Tensor) -> torch.Tensor:
+    """Own value where clear, else the mean of the other dates clear there (else 0 = the band mean).
+
+    ``normalised`` is ``(B, T, C, H, W)`` (0 at cloudy pixels), ``clear`` ``(B, T, 1, H, W)``.
+    """
+    total = (normalised * clear).sum(dim=1, keepdim=True)
+    count = clear.sum(dim=1, keepdim=True)
+    others = (total - normalised * clear) / (count - clear).clamp(min=1)
+    return normalised * clear + others * (1 - clear)
+
+
+def local_regression_fill(
+    normalised: torch.Tensor, clear: torch.Tensor, *, radius: int = DEFAULT_RADIUS, factor: int = 4
+) -> torch.Tensor:
+    """Own value where clear, else the weighted local-regression prediction from the other dates.
+
+    The fit runs on a grid ``factor`` times coarser (block means of the clear pixels, windows of about
+    ``2 * radius + 1`` full-resolution pixels) and the fitted gains and offsets are interpolated back and applied
+    to the full-resolution helper dates: the fit is smooth in space anyway, and this costs ~1/factor² of a
+    full-resolution fit.
+
+    Parameters
+    ----------
+    normalised : torch.Tensor
+        ``(B, T, C, H, W)`` normalised bands, 0 at cloudy pixels.
+    clear : torch.Tensor
+        ``(B, T, 1, H, W)`` 1 where the date is clear.
+    radius : int
+        Half width of the fitting window, in full-resolution pixels.
+    factor : int
+        Coarsening of the statistics grid.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, T, C, H, W)``; where no other date is clear, the temporal mean fill (the band mean).
+    """
+    batch, dates, channels, height, width = normalised.shape
+    values, masks = normalised.float(), clear.float()
+    pad = (0, (-width) % factor, 0, (-height) % factor)
+    coarse_radius = max(1, round(radius / factor))
+    # block means of the clear pixels and the clear fraction of each block: the fit runs on this coarse grid
+    clear_fraction = F.avg_pool2d(F.pad(masks.flatten(0, 1), pad), factor)
+    block_means = F.avg_pool2d(F.pad((values * masks).flatten(0, 1), pad), factor) / clear_fraction.clamp(min=1e-6)
+    clear_fraction = clear_fraction.unflatten(0, (batch, dates))
+    block_means = block_means.unflatten(0, (batch, dates))
+    pairs = [(target, helper) for target in range(dates) for helper in range(dates) if helper != target]
+    targets = torch.tensor([t for t, _ in pairs], device=values.device)
+    helpers = torch.tensor([h for _, h in pairs], device=values.device)
+    x, y = block_means[:, helpers], block_means[:, targets]  # (B, P, C, h, w)
+    both = clear_fraction[:, helpers] * clear_fraction[:, targets]  # (B, P, 1, h, w)
+    stats = torch.cat([both, both * x, both * y, both * x * x, both * x * y, both * y * y], dim=2)
+    sums = box_sum(stats.flatten(0, 1), coarse_radius).unflatten(0, (batch, len(pairs)))
+    count = sums[:, :, :1].clamp(min=1)
+    mean_x = sums[:, :, 1 : 1 + channels] / count
+    mean_y = sums[:, :, 1 + channels : 1 + 2 * channels] / count
+    var_x = (sums[:, :, 1 + 2 * channels : 1 + 3 * channels] / count - mean_x**2).clamp(min=0)
+    cov = sums[:, :, 1 + 3 * channels : 1 + 4 * channels] / count - mean_x * mean_y
+    var_y = (sums[:, :, 1 + 4 * channels :] / count - mean_y**2).clamp(min=0)
+    gain = (cov + _RIDGE) / (var_x + _RIDGE)
+    offset = mean_y - gain * mean_x
+    residual = (var_y - gain * cov).clamp(min=0).mean(dim=2, keepdim=True) + _RESIDUAL_FLOOR
+    # more clear blocks, better fit: more trust (20 px of full resolution count as much as the fit's spread)
+    confidence = sums[:, :, :1] / (sums[:, :, :1] + 20.0 / factor**2) / residual
+    fitted = torch.cat([gain, offset, confidence], dim=2).flatten(0, 1)
+    fitted = F.interpolate(fitted, scale_factor=factor, mode="bilinear", align_corners=False)
+    fitted = fitted[..., :height, :width].unflatten(0, (batch, len(pairs)))
+    gain, offset, confidence = fitted[:, :, :channels], fitted[:, :, channels : 2 * channels], fitted[:, :, -1:]
+    trust = masks[:, helpers] * confidence.clamp(min=0)  # a helper counts only where it is clear itself
+    predictions = torch.zeros_like(values).index_add_(1, targets, trust * (gain * values[:, helpers] + offset))
+    weights = torch.zeros_like(masks).index_add_(1, targets, trust)
+    regressed = torch.where(weights > 0, predictions / weights.clamp(min=1e-12), temporal_mean_fill(values, masks))
+    return (values * masks + regressed * (1 - masks)).to(normalised.dtype)

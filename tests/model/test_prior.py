@@ -1,0 +1,55 @@
+"""The classical priors the coarse decoder corrects."""
+
+from __future__ import annotations
+
+import torch
+
+from cmsn_cube.model import CMSN
+from cmsn_cube.model.prior import box_sum, local_regression_fill, temporal_mean_fill
+
+
+def test_box_sum_matches_direct_sum():
+    images = torch.rand(2, 3, 20, 17, dtype=torch.float64)
+    sums = box_sum(images, 2)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    direct = sum(padded[..., dy : dy + 20, dx : dx + 17] for dy in range(5) for dx in range(5))
+    torch.testing.assert_close(sums, direct)
+
+
+def _dates_linked_by_gain_and_offset():
+    generator = torch.Generator().manual_seed(0)
+    # normalised bands vary by about one unit within a window, as real normalised reflectance does
+    base = 4 * torch.nn.functional.interpolate(
+        torch.rand(1, 4, 12, 12, generator=generator), size=(96, 96), mode="bilinear"
+    )
+    gains, offsets = torch.tensor([1.0, 1.3, 0.7]), torch.tensor([0.0, -0.2, 0.3])
+    dates = torch.stack([base[0] * g + o for g, o in zip(gains, offsets, strict=True)])[None]  # (1, 3, 4, H, W)
+    clear = torch.ones(1, 3, 1, 96, 96)
+    clear[0, 1, :, 30:60, 20:70] = 0  # a cloud on date 2
+    return dates, clear
+
+
+def test_regression_prior_recovers_a_gain_and_offset_change():
+    dates, clear = _dates_linked_by_gain_and_offset()
+    filled = local_regression_fill(dates * clear, clear)
+    cloud = clear[0, 1, 0] == 0
+    error = (filled[0, 1][:, cloud] - dates[0, 1][:, cloud]).abs().mean()
+    naive = (temporal_mean_fill(dates * clear, clear)[0, 1][:, cloud] - dates[0, 1][:, cloud]).abs().mean()
+    assert error < naive / 8, (float(error), float(naive))  # the mean fill ignores the gain and offset
+    assert torch.equal(filled[clear.expand_as(dates) > 0], dates[clear.expand_as(dates) > 0]), "clear values are kept"
+
+
+def test_no_clear_helper_falls_back_to_band_mean():
+    dates, clear = _dates_linked_by_gain_and_offset()
+    clear[:, :, :, :10, :10] = 0  # cloudy on every date
+    filled = local_regression_fill(dates * clear, clear)
+    assert torch.isfinite(filled).all()
+    assert torch.equal(filled[0, :, :, :10, :10], torch.zeros(3, 4, 10, 10))
+
+
+def test_models_of_both_priors_run_and_record_it():
+    inputs = torch.rand(1, 3, 5, 32, 36).round()
+    for prior in ("mean", "regression"):
+        model = CMSN(width=8, depth=1, skip_width=4, prior=prior)
+        assert model.config["prior"] == prior
+        assert model(inputs).output.shape == (1, 3, 4, 32, 36)
