@@ -19,7 +19,7 @@ import xarray as xr
 from cmsn_cube.baselines import BASELINES
 from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CubeValidationError, NoDataError
-from cmsn_cube.metrics import evaluate_reconstruction
+from cmsn_cube.metrics import evaluate_reconstruction, filled_pixels
 
 Method = str | Callable[[xr.Dataset], xr.DataArray]
 TruthChoice = Literal["cube", "pasted"]
@@ -148,11 +148,19 @@ def evaluate(
     observed, reference, scored = scoring_setup(cube, truth=truth, seed=seed)
     if not bool(scored.any()):
         raise NoDataError("no pixel to score: the cube has no cloudy pixel with truth (try truth='pasted')")
-    tables = {}
+    reconstructions = {}
     for method in methods:
         function = BASELINES[method] if isinstance(method, str) else method
-        reconstructed = function(observed)
-        tables[_name(method)] = evaluate_reconstruction(reconstructed, reference, scored)
+        reconstructions[_name(method)] = function(observed)
+    # Methods that leave some gaps unfilled (no clear date there) are scored on easier pixels; "common"
+    # scores every method on the cloudy pixels all of them filled.
+    common = np.asarray(scored, dtype=bool)
+    for reconstructed in reconstructions.values():
+        common = common & filled_pixels(reconstructed)
+    tables = {
+        name: evaluate_reconstruction(reconstructed, reference, scored, common_mask=common)
+        for name, reconstructed in reconstructions.items()
+    }
     table = pd.concat(tables, names=["method"])
     if echo is not None:
         echo(format_table(table))
@@ -165,7 +173,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Method x (region, metric) for the band mean: the table people read."""
     means = table.xs("mean", level="band")[list(SUMMARY_METRICS)]
     wide = means.unstack("region")
-    order = [(region, metric) for region in ("cloudy", "all") for metric in SUMMARY_METRICS]
+    order = [(region, metric) for region in ("cloudy", "common", "all") for metric in SUMMARY_METRICS]
     return wide.swaplevel(axis=1)[[c for c in order if c in wide.swaplevel(axis=1).columns]]
 
 

@@ -17,7 +17,7 @@ from scipy import ndimage
 from cmsn_cube.cube import BANDS
 from cmsn_cube.exceptions import BandMismatchError, DimensionError
 
-Region = Literal["cloudy", "all"]
+Region = Literal["cloudy", "common", "all"]
 METRICS: tuple[str, ...] = ("psnr", "ssim", "mae", "rmse", "sam", "ndvi_mae", "coverage", "n_pixels")
 
 #: Reflectance spans [0, 1]: the peak value PSNR and SSIM are relative to.
@@ -197,8 +197,28 @@ def _as_cube_array(values: Any, name: str) -> np.ndarray:
     return array
 
 
+def filled_pixels(reconstructed: Any) -> np.ndarray:
+    """``(time, y, x)`` bool: where a ``(time, band, y, x)`` reconstruction is finite in every band."""
+    return np.isfinite(_as_cube_array(reconstructed, "reconstructed")).all(axis=1)
+
+
+def _pixel_mask(mask: Any, cube_shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A ``(time, y, x)`` bool mask matching a ``(time, band, y, x)`` array (a 2-D mask is one date)."""
+    pixels = _array(mask).astype(bool)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.shape != (cube_shape[0], *cube_shape[2:]):
+        raise DimensionError(f"{name} {pixels.shape} does not match (time, y, x) of {cube_shape}")
+    return pixels
+
+
 def evaluate_reconstruction(
-    reconstructed: Any, truth: Any, cloudy_mask: Any, *, data_range: float = DEFAULT_DATA_RANGE
+    reconstructed: Any,
+    truth: Any,
+    cloudy_mask: Any,
+    *,
+    data_range: float = DEFAULT_DATA_RANGE,
+    common_mask: Any = None,
 ) -> pd.DataFrame:
     """Score a reconstruction against the truth, over the cloudy (filled) pixels and over all pixels.
 
@@ -210,11 +230,14 @@ def evaluate_reconstruction(
         ``(time, y, x)`` bool: the pixels that were filled and can be scored.
     data_range : float
         Value range for PSNR and SSIM (1.0 for reflectance).
+    common_mask : xarray.DataArray or array-like, optional
+        ``(time, y, x)`` bool: cloudy pixels that every compared method filled. Given, a region ``common``
+        scores methods of unequal coverage on the same pixels.
 
     Returns
     -------
     pandas.DataFrame
-        Index ``(region, band)`` with region ``cloudy``/``all`` and band ``blue … nir, mean``; columns
+        Index ``(region, band)`` with region ``cloudy``/``all`` (and ``common``) and band ``blue … nir, mean``; columns
         :data:`METRICS`. Per band: PSNR, SSIM, MAE, RMSE; ``mean``: PSNR/MAE/RMSE pooled over bands, SSIM
         averaged over bands, SAM and NDVI MAE. ``coverage`` = share of the region's pixels the method filled
         (finite in every band); ``n_pixels`` = pixels in the region (truth finite).
@@ -222,15 +245,14 @@ def evaluate_reconstruction(
     prediction, reference = _as_cube_array(reconstructed, "reconstructed"), _as_cube_array(truth, "truth")
     if prediction.shape != reference.shape:
         raise DimensionError(f"reconstructed {prediction.shape} and truth {reference.shape} differ in shape")
-    cloudy = _array(cloudy_mask).astype(bool)
-    if cloudy.ndim == 2:
-        cloudy = cloudy[None]
-    if cloudy.shape != (prediction.shape[0], *prediction.shape[2:]):
-        raise DimensionError(f"cloudy_mask {cloudy.shape} does not match (time, y, x) of {prediction.shape}")
+    cloudy = _pixel_mask(cloudy_mask, prediction.shape, "cloudy_mask")
     known = np.isfinite(reference).all(axis=1)
-    filled = np.isfinite(prediction).all(axis=1)
+    filled = filled_pixels(prediction)
+    regions = [("cloudy", cloudy & known), ("all", known)]
+    if common_mask is not None:
+        regions.insert(1, ("common", _pixel_mask(common_mask, prediction.shape, "common_mask") & known))
     rows = []
-    for region, pixels in (("cloudy", cloudy & known), ("all", known)):
+    for region, pixels in regions:
         n_pixels = int(pixels.sum())
         coverage = float((pixels & filled).sum() / n_pixels) if n_pixels else np.nan
         ssims = []

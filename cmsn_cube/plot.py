@@ -216,7 +216,9 @@ def plot_ndvi_scatter(
     return _save(fig, path)
 
 
-def plot_method_bars(summary: dict[str, dict[str, float]], path: str | os.PathLike[str]) -> str:
+def plot_method_bars(
+    summary: dict[str, dict[str, float]], path: str | os.PathLike[str], *, label: str = "cloudy pixels"
+) -> str:
     """Bar charts of PSNR (dB), SSIM and SAM (degrees) in cloudy pixels, one bar per method."""
     plt = _pyplot()
     methods = list(summary)
@@ -226,10 +228,11 @@ def plot_method_bars(summary: dict[str, dict[str, float]], path: str | os.PathLi
         colors = ["tab:orange" if m.startswith("cmsn") else "tab:blue" for m in methods]
         bars = ax.bar(methods, values, color=colors)
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_title(f"{metric.upper()} in cloudy pixels ({unit})")
+        ax.set_title(f"{metric.upper()} ({unit})")
         ax.tick_params(axis="x", rotation=30)
         if metric == "psnr":
             ax.set_ylim(min(values) - 3, max(values) + 1.5)
         if metric == "ssim":
             ax.set_ylim(min(values) - 0.02, 1.0)
+    fig.suptitle(f"Methods in {label}")
     return _save(fig, path)

@@ -67,7 +67,7 @@ TRAIN_ARGS: tuple[str, ...] = (
     "--lambda-cloudy", "4",
     "--delta", "0.1",
     "--xi", "2",
-    "--time-budget", "2400",
+    "--time-budget", "3300",
     "--seed", "0",
     "--device", "cpu",
     "--threads", "1",

@@ -30,7 +30,24 @@ def test_evaluate_prints_a_table_and_writes_files(scene, tmp_path, capsys):
     assert cloudy["n_pixels"].iloc[0] == int(scene["cloud_mask"].sum())
     assert (tmp_path / "evaluation.csv").read_text().startswith("method,region,band,psnr")
     records = json.loads((tmp_path / "evaluation.json").read_text())
-    assert len(records) == 4 * 2 * 5
+    assert len(records) == 4 * 3 * 5  # methods x regions (cloudy, common, all) x (4 bands + mean)
+
+
+def test_methods_of_unequal_coverage_are_also_scored_on_common_pixels(scene):
+    def half_filler(cube):
+        # fills only the left half of every gap: the common region must shrink to what both methods filled
+        filled = cube["reflectance"].where(~cube["cloud_mask"], scene["truth"])  # methods never see truth
+        return filled.where(~cube["cloud_mask"] | (cube["x"] < cube["x"][cube.sizes["x"] // 2]))
+
+    table = evaluate(scene, methods=["nearest", half_filler], echo=None)
+    cloudy = table.xs(("cloudy", "mean"), level=("region", "band"))
+    common = table.xs(("common", "mean"), level=("region", "band"))
+    assert cloudy.loc["half_filler", "coverage"] < 0.75
+    assert common["coverage"].eq(1.0).all()
+    gaps = scene["cloud_mask"].values
+    left = scene["x"].values < scene["x"].values[scene.sizes["x"] // 2]
+    assert common["n_pixels"].iloc[0] < int((gaps & left[None, None, :]).sum()) + 1
+    assert common.loc["half_filler", "psnr"] == np.inf  # it pasted the truth where it filled
 
 
 def test_a_callable_method_is_scored_and_never_sees_the_truth(scene):

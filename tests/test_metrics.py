@@ -75,4 +75,6 @@ def test_evaluate_reconstruction_table():
     assert table.loc[("all", "mean"), "mae"] == pytest.approx(0.01 * 64 / 256)
     assert table.loc[("cloudy", "mean"), "n_pixels"] == 128 and table.loc[("all", "mean"), "coverage"] == 1
     reconstructed[0, :, 5, 5] = np.nan
-    assert evaluate_reconstruction(reconstructed, truth, cloudy).loc[("cloudy", "mean"), "coverage"] == pytest.approx(127 / 128)
+    assert evaluate_reconstruction(reconstructed, truth, cloudy).loc[("cloudy", "mean"), "coverage"] == pytest.approx(
+        127 / 128
+    )
