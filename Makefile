@@ -35,6 +35,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check cmsn_cube tests benchmarks pipelines
 	$(VENV)/bin/ruff format --check cmsn_cube tests benchmarks pipelines
+	$(VENV)/bin/mypy cmsn_cube
 
 bench: install
 	$(PY) benchmarks/bench_samples.py

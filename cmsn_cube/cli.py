@@ -170,7 +170,7 @@ def pull(
         plan = plan_region(region, config=config, use_dates=seed_dates)
     elif bbox and start and end:
         plan = plan_pull(
-            sensor=sensor,
+            sensor=sensor,  # type: ignore[arg-type]  # click.Choice guarantees the Literal
             start=start,
             end=end,
             bbox=bbox,

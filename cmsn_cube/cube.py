@@ -194,7 +194,9 @@ def validate_cube(
     for name in require:
         if name not in ds.data_vars:
             hint = " (decode it with cmsn_cube.qa.add_cloud_mask(ds))" if name == "cloud_mask" else ""
-            raise CubeValidationError(f"cube has no variable {name!r}{hint}; it has {sorted(ds.data_vars)}")
+            raise CubeValidationError(
+                f"cube has no variable {name!r}{hint}; it has {sorted(str(v) for v in ds.data_vars)}"
+            )
     for name, dims in _DIMS.items():
         if name in ds.data_vars and ds[name].dims != dims:
             found = ds[name].dims
@@ -448,7 +450,9 @@ def open_store(
         raise StoreError(f"no store at {path}; write one with `cmsn-cube synth {path}` or cmsn_cube.write_cube")
     try:
         # decode_coords="all" keeps spatial_ref as a coordinate, so the CRS survives the round trip
-        ds = xr.open_zarr(path, chunks=chunks if chunks is not None else {}, decode_coords="all")
+        ds = xr.open_zarr(
+            path, chunks=dict(chunks) if isinstance(chunks, Mapping) else chunks or {}, decode_coords="all"
+        )
     except Exception as error:  # zarr/xarray raise many types for a damaged store
         raise StoreError(f"cannot read the Zarr store at {path}: {type(error).__name__}: {error}") from error
     if ds.attrs.get(_COMPLETE_ATTR) is not True:

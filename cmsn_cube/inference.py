@@ -433,7 +433,7 @@ def _write_region(arrays: dict[str, np.ndarray], *, path: str, index: dict[str, 
 
     group = zarr.open_group(path, mode="r+")
     for name, values in arrays.items():
-        group[name][index[name]] = values
+        group[name][index[name]] = values  # type: ignore[index]  # an Array here, never a Group
     with fsspec.open(_region_marker(path, key), "w", auto_mkdir=True) as marker:
         marker.write("done")
     return key
@@ -477,7 +477,7 @@ def write_reconstruction(
         template = result.copy()
         for variable in template.data_vars.values():
             variable.encoding = {
-                "chunks": tuple(1 if d == "time" else chunks_yx.get(d, result.sizes[d]) for d in variable.dims)
+                "chunks": tuple(1 if d == "time" else chunks_yx.get(str(d), result.sizes[d]) for d in variable.dims)
             }
         if "zarr.json" in mapper or ".zgroup" in mapper:
             mapper.fs.rm(mapper.root, recursive=True)

@@ -163,7 +163,7 @@ def plot_panel(
     axes[1, 1].imshow(to_rgb(refined, low, high))
     _outline(axes[1, 1], masks[date])
     axes[1, 1].set_title(f"T{date + 1} refined (clear pixels kept)")
-    if reference is not None:
+    if reference is not None and truth is not None:
         axes[1, 2].imshow(to_rgb(reference, low, high))
         axes[1, 2].set_title(f"T{date + 1} truth (cloud-free)")
         error = np.abs(stages["output"].isel(time=date).values - truth.isel(time=date).values).mean(axis=0)

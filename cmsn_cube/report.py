@@ -28,7 +28,7 @@ def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:
         f"  CRS        {crs_of(cube)}",
         f"  grid       {ny} x {nx} px at {dy:g} m x {dx:g} m ({ny * dy / 1000:.1f} km x {nx * dx / 1000:.1f} km)",
         f"  bands      {', '.join(str(b) for b in cube.band.values)}",
-        f"  variables  {', '.join(sorted(cube.data_vars))}",
+        f"  variables  {', '.join(sorted(str(v) for v in cube.data_vars))}",
         f"  size       {size_mb:.1f} MB uncompressed",
         f"  dates      {cube.sizes['time']}",
         "    date         sensor      cloud %",

@@ -358,7 +358,7 @@ def make_scoring_cube(
     chosen = list(range(n_dates)) if dates is None else [int(d) for d in dates]
     if any(not 0 <= d < n_dates for d in chosen):
         raise DimensionError(f"dates {list(dates or [])} out of range for a cube of {n_dates} dates")
-    level_list = [float(levels)] if np.isscalar(levels) else [float(v) for v in levels]  # type: ignore[arg-type]
+    level_list = [float(levels)] if np.isscalar(levels) else [float(v) for v in levels]  # type: ignore[arg-type,union-attr]
     reflectance = np.asarray(cube["reflectance"].values, dtype=np.float32)
     cloud = np.asarray(cube["cloud_mask"].values, dtype=bool)
     masked = cloud | ~np.isfinite(reflectance).all(axis=1)
@@ -374,7 +374,7 @@ def make_scoring_cube(
         ]
         providers: dict[str, MaskProvider] = {}
         if library:
-            providers["store"] = lambda r, sh, lib=library: _reshape_mask(
+            providers["store"] = lambda r, sh, lib=library: _reshape_mask(  # type: ignore[misc]
                 cloud[lib[int(r.integers(len(lib)))]], sh, r, crop=False
             )
         if reference is not None and _reference_masks(reference):
@@ -480,6 +480,7 @@ class TripletWindowDataset(Dataset):
         max_nodata: float = 0.5,
         seed: int = 0,
     ) -> None:
+        self._cube: xr.Dataset | None
         if isinstance(store, xr.Dataset):
             self._path, self._cube = None, store
         else:

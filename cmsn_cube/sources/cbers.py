@@ -34,7 +34,10 @@ _NAME = re.compile(r"CBERS-4_AWFI_(?P<band>B1[3-6]|CMASK)_(?P<date>\d{4}-\d{2}-\
 def _read(path: Path) -> xr.DataArray:
     import rioxarray
 
-    return rioxarray.open_rasterio(path, masked=False).squeeze("band", drop=True)
+    raster = rioxarray.open_rasterio(path, masked=False)
+    if not isinstance(raster, xr.DataArray):
+        raise BandMismatchError(f"{path} holds several subdatasets; expected one single-band CBERS GeoTIFF")
+    return raster.squeeze("band", drop=True)
 
 
 def open_cbers_series(folder: str | os.PathLike[str]) -> xr.Dataset:
@@ -92,7 +95,7 @@ def open_cbers_series(folder: str | os.PathLike[str]) -> xr.Dataset:
             reflectance[t, b] = np.where(values == CBERS_NODATA, np.nan, values * CBERS_SCALE)
         cloud[t] = _read(found[date]["CMASK"]).values == CBERS_CLOUD_CLASS
     # a pixel missing in any band is no data in all of them (the schema's NaN rule), never cloud
-    nodata = np.isnan(reflectance).any(axis=1)
+    nodata = np.asarray(np.isnan(reflectance).any(axis=1))
     reflectance[np.broadcast_to(nodata[:, None], reflectance.shape)] = np.nan
     cloud &= ~nodata
     return make_cube(

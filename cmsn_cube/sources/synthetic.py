@@ -275,7 +275,7 @@ def synthetic_scene(
         raise CubeValidationError(f"cloud_fractions must lie in [0, 1), got {levels}")
     shape = (height, width)
     landscape_rng = np.random.default_rng([seed, 0])
-    times = np.datetime64(start, "D") + np.arange(n_dates) * np.timedelta64(revisit_days, "D")
+    times = np.datetime64(str(start), "D") + np.arange(n_dates) * np.timedelta64(revisit_days, "D")
     days = (times - times.astype("datetime64[Y]")).astype(int) + 1
     cls, parcels = _land_cover(shape, landscape_rng, land_cover or DEFAULT_LAND_COVER)
     ground = _ground_reflectance(cls, parcels, days, landscape_rng)
