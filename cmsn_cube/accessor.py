@@ -6,6 +6,7 @@ task) and validates when a method is called, not in ``__init__`` (xarray turns e
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import xarray as xr
@@ -71,6 +72,16 @@ class CMSNAccessor:
         if "cloud_mask" in self._obj or "qa_pixel" in self._obj:
             reflectance = reflectance.where(~self.cloud_mask())
         return ndvi(reflectance).rename("ndvi")
+
+    def plot(self, path: str | os.PathLike[str], *, date: int = 0, model: Any = None, device: str | None = None) -> str:
+        """The cloudy dates, coarse and refined reconstruction, truth and error as a PNG panel.
+
+        The cube must have three dates; select a window first for a readable picture. See
+        :func:`cmsn_cube.plot.plot_reconstruction`.
+        """
+        from cmsn_cube.plot import plot_reconstruction
+
+        return plot_reconstruction(self._obj, path, date=date, model=model, device=device)
 
     def cloud_fraction(self) -> xr.DataArray:
         """See :func:`cmsn_cube.qa.cloud_fraction`."""

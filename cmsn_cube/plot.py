@@ -178,6 +178,44 @@ def plot_panel(
     return _save(fig, path)
 
 
+def plot_reconstruction(
+    cube: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    date: int = 0,
+    model: object = None,
+    device: str | None = None,
+) -> str:
+    """Run the network on a three-date window and draw :func:`plot_panel` (with ``truth`` when the cube has it).
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+        Exactly three dates; a window small enough to look at (e.g. ``cube.isel(y=slice(0, 256), ...)``).
+    path : path-like
+        PNG to write.
+    date : int
+        Which date's reconstruction is shown (0, 1 or 2).
+    model : None, str, path or CMSN
+        Checkpoint (default: the packaged model).
+    device : str, optional
+        Torch device (default: CUDA when present).
+
+    Returns
+    -------
+    str
+        The PNG's path.
+    """
+    from cmsn_cube.inference import predict_window
+
+    if date not in (0, 1, 2):
+        raise ValueError(f"date must be 0, 1 or 2 (one of the window's three dates), got {date!r}")
+    window = cube.load()
+    stages = predict_window(window.drop_vars("truth", errors="ignore"), model=model, device=device)
+    truth = window["truth"] if "truth" in window else None
+    return plot_panel(window, stages, path, date=date, truth=truth)
+
+
 def plot_ndvi_maps(
     observed: xr.DataArray, reconstructed: xr.DataArray, path: str | os.PathLike[str], *, title: str = ""
 ) -> str:

@@ -101,3 +101,13 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert not errors
     for name in ("clouds_per_date.png", "before_after.png", "ndvi_T1.png", "methods_psnr.png"):
         assert_real_png(tmp_path / "figures" / name)
+
+
+def test_accessor_plot_draws_the_panel_with_truth(tmp_path, tiny_checkpoint):
+    from cmsn_cube.testing import tiny_scene
+
+    scene = tiny_scene(size=96, seed=3)
+    path = scene.cmsn.plot(tmp_path / "panel.png", date=1, model=tiny_checkpoint)
+    assert_real_png(path)
+    with pytest.raises(ValueError, match="date must be 0, 1 or 2"):
+        scene.cmsn.plot(tmp_path / "other.png", date=3, model=tiny_checkpoint)
