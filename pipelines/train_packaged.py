@@ -196,7 +196,6 @@ def _pooled_cbers(tables: list[Any]) -> str:
 
 def package() -> Path:
     """Score ``RUN_DIR/best.pt``, then write the packaged checkpoint, its JSON card and the Markdown card."""
-    import torch
 
     from cmsn_cube.model.checkpoint import WEIGHTS_DIR, file_sha256, load_checkpoint, load_model, save_checkpoint
 
@@ -220,7 +219,10 @@ def package() -> Path:
                 {"seed": seed, "size": size, "land_cover": cover, "cloud_fractions": list(clouds)}
                 for seed, size, cover, clouds in TRAIN_SCENES
             ],
-            "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores)",
+            "hardware": (
+                f"{platform.machine()} CPU ({os.cpu_count()} cores): {TRAIN_ARGS[TRAIN_ARGS.index('--threads') + 1]} "
+                f"torch thread + {TRAIN_ARGS[TRAIN_ARGS.index('--num-workers') + 1]} loader worker"
+            ),
         },
         evaluation={
             "embedded_unseen": {"scene": f"synthetic_scene(512, 512, seed={EVAL_SEED})", **_records(embedded)},
