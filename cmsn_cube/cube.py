@@ -326,7 +326,9 @@ def _plain_string_coords(ds: xr.Dataset) -> xr.Dataset:
     fixed-width unicode makes zarr v3 warn."""
     for name in ("band", "sensor"):
         if name in ds.coords:
-            ds.coords[name] = (ds[name].dims, np.asarray(ds[name].values, dtype=object))
+            # a few strings: read here, not by whatever Dask cluster happens to be active
+            values = ds[name].compute(scheduler="sync").values
+            ds.coords[name] = (ds[name].dims, np.asarray(values, dtype=object))
     return ds
 
 
@@ -379,17 +381,18 @@ def write_cube(
     target_exists = Path(path).exists() if _is_local(path) else _remote_exists(path)
     if target_exists and not overwrite:
         raise StoreError(f"store {path} exists; pass overwrite=True to replace it or append_cube() to add dates")
+    in_memory = all(variable.chunks is None for variable in ds.variables.values())
     encodable = _encodable(ds, chunks or DEFAULT_CHUNKS)
     encodable.attrs[_COMPLETE_ATTR] = False
     if not _is_local(path):
-        _to_zarr(encodable, path, mode="w", progress=progress)
+        _to_zarr(encodable, path, mode="w", progress=progress, in_memory=in_memory)
         mark_store_complete(path)
         return path
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.writing-{uuid.uuid4().hex[:8]}")
     try:
-        _to_zarr(encodable, str(staging), mode="w-", progress=progress)
+        _to_zarr(encodable, str(staging), mode="w-", progress=progress, in_memory=in_memory)
         mark_store_complete(str(staging))
         if final.exists():
             trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
@@ -404,17 +407,20 @@ def write_cube(
     return str(final)
 
 
-def _to_zarr(ds: xr.Dataset, path: str, *, progress: bool, **kwargs: Any) -> None:
+def _to_zarr(ds: xr.Dataset, path: str, *, progress: bool, in_memory: bool = False, **kwargs: Any) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
         delayed = ds.to_zarr(path, compute=False, consolidated=True, **kwargs)
+    # A cube held in memory is written by this process: shipping it to a distributed cluster that may be
+    # active would put all of it into the task graph.
+    scheduler = "threads" if in_memory else None
     if progress:
         from tqdm.dask import TqdmCallback
 
         with TqdmCallback(desc=f"writing {Path(path).name}", unit="task"):
-            delayed.compute()
+            delayed.compute(scheduler=scheduler)
     else:
-        delayed.compute()
+        delayed.compute(scheduler=scheduler)
 
 
 def _remote_exists(path: str) -> bool:
@@ -514,10 +520,11 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
             f"appended dates must come after the store's last date {np.datetime_as_string(last, unit='D')}; "
             "write a new store for earlier dates"
         )
+    in_memory = all(variable.chunks is None for variable in ds.variables.values())
     encodable = _encodable(ds, {**DEFAULT_CHUNKS, **_disk_chunks(existing)})
     encodable = encodable.drop_vars([v for v in encodable.variables if "time" not in encodable[v].dims])
     mark_store_complete(path, complete=False)
-    _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress)
+    _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress, in_memory=in_memory)
     mark_store_complete(path, complete=True)
     return path
 

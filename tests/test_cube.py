@@ -208,3 +208,16 @@ def test_corrupt_and_missing_store(tmp_path):
     (path / "zarr.json").write_text("{ not json")
     with pytest.raises(StoreError, match="cannot read"):
         open_cube(path)
+
+
+def test_in_memory_cube_is_written_without_the_active_cluster(tmp_path):
+    from distributed import Client, LocalCluster
+
+    scene = synthetic_scene(height=64, width=64, seed=5)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            write_cube(scene, tmp_path / "s.zarr")
+            # nothing was submitted to the cluster: the in-memory data stayed in this process
+            assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter) == 0
+    reopened = open_cube(tmp_path / "s.zarr").load()
+    xr.testing.assert_equal(reopened["reflectance"], scene["reflectance"])
