@@ -147,6 +147,24 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
     assert reopened.attrs["model_sha256"] == expected.attrs["model_sha256"]
 
 
+def test_region_writes_run_every_tile_once(tiny_model, scene, tmp_path, monkeypatch):
+    import cmsn_cube.inference as inference
+
+    windows_run = []
+    run_model = inference._run_model
+
+    def counting(model, windows, device):  # the real model call, counted
+        windows_run.append(windows.shape[0])
+        return run_model(model, windows, device)
+
+    monkeypatch.setattr(inference, "_run_model", counting)
+    tilings = [AxisTiling.plan(n, tile=96, overlap=16, chunk=128) for n in (scene.sizes["y"], scene.sizes["x"])]
+    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    write_reconstruction(result, str(tmp_path / "out.zarr"), progress=False)
+    # one triplet for three dates: each global tile once, although neighbouring regions share tiles
+    assert sum(windows_run) == tilings[0].n_tiles * tilings[1].n_tiles
+
+
 @pytest.mark.slow
 def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
     from cmsn_cube.cluster import get_client
