@@ -339,7 +339,7 @@ def fit(
     model: str | os.PathLike[str] | CMSN | None = None,
     steps: int = 1000,
     time_budget: float | None = 240.0,
-    lr: float = 2e-3,
+    lr: float = 5e-4,
     seed: int = 0,
     patch_size: int | None = None,
     batch_size: int = 4,
@@ -367,8 +367,10 @@ def fit(
     time_budget : float or None
         Wall-clock seconds for the whole fit; training stops cleanly (validating once more) when it is spent.
     lr : float
-        Peak AdamW learning rate (cosine schedule with a short warm-up). Keeping the best hold-out state makes
-        a large rate safe: on the CBERS series 2e-3 gained twice what 5e-4 did in the same 60 s.
+        Peak AdamW learning rate (cosine schedule with a short warm-up). Measured with the packaged checkpoint
+        (``pipelines/adapt_unseen.py``): on the CBERS series 5e-4 gained +1.63 dB in cloudy pixels, 2e-3
+        +1.23 dB; on an unseen embedded scene 2e-3 lost 1.49 dB on the real clouds while its pasted-cloud
+        hold-out still improved, and 5e-4 kept the source (no hold-out gain).
     seed : int
         Seeds the pasted clouds, the shuffle and torch.
     patch_size : int, optional

@@ -329,7 +329,7 @@ def train_command(
 @click.option("--model", default=None, help="Checkpoint path or packaged model name to adapt (default: packaged).")
 @click.option("--steps", default=1000, help="Optimizer steps at most.")
 @click.option("--time-budget", type=float, default=240.0, help="Seconds of wall clock for the whole fit.")
-@click.option("--lr", default=2e-3, help="Peak AdamW learning rate.")
+@click.option("--lr", default=5e-4, help="Peak AdamW learning rate.")
 @click.option("--seed", default=0, help="Seed of the pasted clouds, shuffling and torch.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Checkpoint [default: STORE-fitted.pt].")
 def fit_command(
