@@ -234,6 +234,13 @@ def package() -> Path:
             },
         },
     )
+    # the loss history travels in the card, so `cmsn-cube demo` can draw the packaged model's loss curves
+    history = json.loads((RUN_DIR / "history.json").read_text())
+    metadata["history"] = {
+        part: [{key: round(value, 6) if isinstance(value, float) else value for key, value in record.items()}
+               for record in records]
+        for part, records in history.items()
+    }  # fmt: skip
     model = load_model(best)
     target = WEIGHTS_DIR / f"{NAME}.pt"
     save_checkpoint(target, model, metadata=metadata)
