@@ -210,15 +210,17 @@ def _block_contributions(
         data_start.append(begin)  # the block carries one tile of halo after its core, none before
         extent.append(chunks[index] + tilings[axis].tile)
     n_dates = block.shape[0]
-    summed = np.zeros((n_dates, len(BANDS) + 1, *extent), dtype=np.float64)
+    # float32 sums: at most four tiles overlap a pixel, far inside float32's precision, at half the memory traffic
+    summed = np.zeros((n_dates, len(BANDS) + 1, *extent), dtype=np.float32)
     weights = [t.weights(overlap) for t in tilings]
     starts = [t.starts[(t.starts >= c[0]) & (t.starts < c[1])] for t, c in zip(tilings, core, strict=True)]
     tiles = [(y0, x0) for y0 in starts[0] for x0 in starts[1]]
     if not tiles:
-        return summed.astype(np.float32)
+        return summed
     model = _model_on_worker(spec, device)
     unique_triplets = sorted(set(triplets))
     ty, tx = tilings[0].tile, tilings[1].tile
+    blend = np.outer(weights[0], weights[1]).astype(np.float32)
     for batch_start in range(0, len(tiles), batch_size):
         batch = tiles[batch_start : batch_start + batch_size]
         windows = np.stack(
@@ -229,12 +231,11 @@ def _block_contributions(
         )  # (tiles, dates, 5, ty, tx)
         outputs = {t: _run_model(model, np.ascontiguousarray(windows[:, list(t)]), device) for t in unique_triplets}
         for k, (y0, x0) in enumerate(batch):
-            w = np.outer(weights[0], weights[1])
             ys, xs = y0 - core[0][0], x0 - core[1][0]
             for date, triplet in enumerate(triplets):
-                summed[date, :-1, ys : ys + ty, xs : xs + tx] += outputs[triplet][k, triplet.index(date)] * w
-            summed[:, -1, ys : ys + ty, xs : xs + tx] += w
-    return summed.astype(np.float32)
+                summed[date, :-1, ys : ys + ty, xs : xs + tx] += outputs[triplet][k, triplet.index(date)] * blend
+            summed[:, -1, ys : ys + ty, xs : xs + tx] += blend
+    return summed
 
 
 def _overlap_add(contributions: da.Array, axis: int, core_chunks: tuple[int, ...], tail: int) -> da.Array:
@@ -386,7 +387,7 @@ def reconstruct(
     ]
     blended = blended.rechunk({2: tilings[0].output_chunks, 3: tilings[1].output_chunks})
     network = xr.DataArray(blended, dims=("time", "band", "y", "x"), coords=cube["reflectance"].coords)
-    # blending averages identical clear values in float64: re-impose them so they stay bit-identical
+    # blending averages identical clear values in floating point: re-impose them so they stay bit-identical
     reconstructed = cube["reflectance"].where(~to_fill, network).rename("reconstructed")
     result = _assemble(cube, reconstructed, to_fill, spec)
     # one chunking for every variable: all dates, the output blocks in y/x (what region writes follow)
