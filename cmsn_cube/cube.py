@@ -381,7 +381,7 @@ def write_cube(
     target_exists = Path(path).exists() if _is_local(path) else _remote_exists(path)
     if target_exists and not overwrite:
         raise StoreError(f"store {path} exists; pass overwrite=True to replace it or append_cube() to add dates")
-    in_memory = all(variable.chunks is None for variable in ds.variables.values())
+    in_memory = not any(_is_lazy(variable) for variable in ds.data_vars.values())
     encodable = _encodable(ds, chunks or DEFAULT_CHUNKS)
     encodable.attrs[_COMPLETE_ATTR] = False
     if not _is_local(path):
@@ -520,7 +520,7 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
             f"appended dates must come after the store's last date {np.datetime_as_string(last, unit='D')}; "
             "write a new store for earlier dates"
         )
-    in_memory = all(variable.chunks is None for variable in ds.variables.values())
+    in_memory = not any(_is_lazy(variable) for variable in ds.data_vars.values())
     encodable = _encodable(ds, {**DEFAULT_CHUNKS, **_disk_chunks(existing)})
     encodable = encodable.drop_vars([v for v in encodable.variables if "time" not in encodable[v].dims])
     mark_store_complete(path, complete=False)

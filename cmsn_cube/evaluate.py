@@ -19,7 +19,7 @@ import xarray as xr
 from cmsn_cube.baselines import BASELINES
 from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CubeValidationError, NoDataError
-from cmsn_cube.metrics import evaluate_reconstruction, filled_pixels
+from cmsn_cube.metrics import common_pixels, evaluate_reconstruction
 
 Method = str | Callable[[xr.Dataset], xr.DataArray]
 TruthChoice = Literal["cube", "pasted"]
@@ -154,9 +154,7 @@ def evaluate(
         reconstructions[_name(method)] = function(observed)
     # Methods that leave some gaps unfilled (no clear date there) are scored on easier pixels; "common"
     # scores every method on the cloudy pixels all of them filled.
-    common = np.asarray(scored, dtype=bool)
-    for reconstructed in reconstructions.values():
-        common = common & filled_pixels(reconstructed)
+    common = common_pixels(scored, reconstructions.values())
     tables = {
         name: evaluate_reconstruction(reconstructed, reference, scored, common_mask=common)
         for name, reconstructed in reconstructions.items()

@@ -202,6 +202,18 @@ def filled_pixels(reconstructed: Any) -> np.ndarray:
     return np.isfinite(_as_cube_array(reconstructed, "reconstructed")).all(axis=1)
 
 
+def common_pixels(scored: Any, reconstructions: Any) -> np.ndarray:
+    """``(time, y, x)`` bool: the ``scored`` pixels that every reconstruction in ``reconstructions`` filled.
+
+    Methods of unequal coverage (the classical fillers leave pixels cloudy on every date empty) are compared
+    fairly only on these.
+    """
+    common = np.asarray(scored, dtype=bool)
+    for reconstructed in reconstructions:
+        common = common & filled_pixels(reconstructed)
+    return common
+
+
 def _pixel_mask(mask: Any, cube_shape: tuple[int, ...], name: str) -> np.ndarray:
     """A ``(time, y, x)`` bool mask matching a ``(time, band, y, x)`` array (a 2-D mask is one date)."""
     pixels = _array(mask).astype(bool)

@@ -71,14 +71,12 @@ def score(cube: xr.Dataset, methods: dict[str, Any], rows: tuple[int, int]) -> d
     """
     from cmsn_cube.baselines import BASELINES as FUNCTIONS
     from cmsn_cube.evaluate import scoring_setup
-    from cmsn_cube.metrics import evaluate_reconstruction, filled_pixels
+    from cmsn_cube.metrics import common_pixels, evaluate_reconstruction
 
     observed, truth, scored = scoring_setup(cube, truth="cube")
     functions = {**{b: FUNCTIONS[b] for b in BASELINES}, **methods}
     reconstructions = {name: method(observed) for name, method in functions.items()}
-    common = np.asarray(scored, dtype=bool)
-    for reconstructed in reconstructions.values():
-        common = common & filled_pixels(reconstructed)
+    common = common_pixels(scored, reconstructions.values())
     block = np.zeros_like(common)
     block[:, rows[0] : rows[1]] = common[:, rows[0] : rows[1]]
     results = {}

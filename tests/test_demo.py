@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 
 from cmsn_cube.cli import main
+from cmsn_cube.exceptions import CMSNCubeError
 from cmsn_cube.model import CMSN, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +112,6 @@ def test_accessor_plot_draws_the_panel_with_truth(tmp_path, tiny_checkpoint):
     assert_real_png(path)
     with pytest.raises(ValueError, match="date must be 0, 1 or 2"):
         scene.cmsn.plot(tmp_path / "other.png", date=3, model=tiny_checkpoint)
+    with pytest.raises(CMSNCubeError, match="at least 3"):
+        scene.isel(time=[0, 1]).cmsn.plot(tmp_path / "two.png", model=tiny_checkpoint)
+    assert not (tmp_path / "other.png").exists() and not (tmp_path / "two.png").exists()
