@@ -22,7 +22,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shutil
 import tempfile
@@ -37,43 +36,69 @@ from distributed import wait
 
 from cmsn_cube.cluster import get_client
 from cmsn_cube.cube import open_cube, write_cube
-from cmsn_cube.inference import AxisTiling, model_inputs, reconstruct, write_reconstruction
+from cmsn_cube.inference import (
+    AxisTiling,
+    ModelSpec,
+    _model_on_worker,
+    model_channels,
+    model_spec,
+    reconstruct,
+    tiles_to_run,
+    write_reconstruction,
+)
 from cmsn_cube.model import CMSN, list_models, load_model
 from cmsn_cube.sources.synthetic import synthetic_scene
 
 
-def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, batch_size: int) -> float:
-    """Seconds for one process to run the model over every global tile of the scene (no Dask, no blending)."""
+def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, batch_size: int) -> tuple[float, int]:
+    """Seconds for one process to run the model over the scene's tiles, and how many tiles it ran.
+
+    The same global tiles as the Dask path, skipping the same tiles with nothing to fill; the whole mirrored
+    scene in memory; only the forward passes are timed (no reading, masking, blending or writing).
+    """
     cube = open_cube(store).load()
-    channels, _ = model_inputs(cube)
-    data = channels.values
-    tilings = [AxisTiling.plan(n, tile=tile, overlap=overlap, chunk=10**9) for n in data.shape[2:]]
-    padded = np.pad(data, ((0, 0), (0, 0), *((t.pad_before, t.pad_after) for t in tilings)), mode="reflect")
-    tiles = [(y0, x0) for y0 in tilings[0].starts for x0 in tilings[1].starts]
-    start = time.perf_counter()
+    tilings = [AxisTiling.plan(cube.sizes[d], tile=tile, overlap=overlap, chunk=10**9) for d in ("y", "x")]
+    rows, cols = (t.block_source(0) for t in tilings)
+    reflectance = cube.reflectance.transpose("time", "band", "y", "x").values[:, :, rows][..., cols]
+    channels, to_fill = model_channels(reflectance, cube.cloud_mask.transpose("time", "y", "x").values[:, rows][..., cols])
+    corners = [
+        (int(y - tilings[0].starts[0]), int(x - tilings[1].starts[0])) for y in tilings[0].starts for x in tilings[1].starts
+    ]
+    corners = tiles_to_run(to_fill, corners, (tilings[0].tile, tilings[1].tile))
+    batches = [
+        np.stack([channels[:, :, y : y + tile, x : x + tile] for y, x in corners[i : i + batch_size]])
+        for i in range(0, len(corners), batch_size)
+    ]
     with torch.inference_mode():
-        for i in range(0, len(tiles), batch_size):
-            batch = np.stack([padded[:, :, y : y + tile, x : x + tile] for y, x in tiles[i : i + batch_size]])
+        model(torch.from_numpy(batches[0]))  # warm-up, as the workers are warmed up
+        start = time.perf_counter()
+        for batch in batches:
             model(torch.from_numpy(batch))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, len(corners)
 
 
-def _warm_up() -> None:
-    import cmsn_cube.inference  # noqa: F401  (imports torch)
+def _warm_up(spec: ModelSpec, tile: int, batch_size: int) -> None:
+    """Load the model in this worker and run a first forward pass (what the loop's warm-up batch does)."""
+    model = _model_on_worker(spec, "cpu")
+    with torch.inference_mode():
+        model(torch.zeros(batch_size, 3, 5, tile, tile))
+
+
+def worker_rss(processes: list[psutil.Process]) -> int:
+    return sum(p.memory_info().rss for p in processes)
 
 
 class PeakMemory:
-    """Samples the summed resident memory of the worker processes every 0.2 s (the client only builds graphs)."""
+    """Samples the summed resident memory of the worker processes every 0.1 s (the client only builds graphs)."""
 
     def __init__(self, client) -> None:  # type: ignore[no-untyped-def]
-        self.client, self.peak, self._stop = client, 0, threading.Event()
-        pids = client.run(os.getpid)
-        self.processes = [psutil.Process(pid) for pid in pids.values()]
+        self.peak, self._stop = 0, threading.Event()
+        self.processes = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(p.memory_info().rss for p in self.processes))
-            time.sleep(0.2)
+            self.peak = max(self.peak, worker_rss(self.processes))
+            time.sleep(0.1)
 
     def __enter__(self) -> PeakMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -95,60 +120,65 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads-per-worker", type=int, default=1)
     parser.add_argument("--workdir", default=None, help="where the scene stores go (default: a temp dir)")
     args = parser.parse_args()
     sizes = args.sizes + ([7700] if args.full else [])
     name = args.model or ("cmsn-small" if "cmsn-small" in list_models() else None)
     model = load_model(name) if name else CMSN().eval()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cmsn-bench-"))
+    block = AxisTiling.plan(10**6, tile=args.tile, overlap=args.overlap, chunk=args.chunk).block
     print(
-        f"model {name or 'untrained default CMSN'}; tile {args.tile} px, overlap {args.overlap} px, chunk {args.chunk} px"
+        f"model {name or 'untrained default CMSN'}; tile {args.tile} px, overlap {args.overlap} px, chunk "
+        f"{args.chunk} px (blocks of {block} px); {args.workers} workers x {args.threads_per_worker} thread(s)"
     )
     print(
-        f"{'scene':>11} {'loop s':>8} {'compute s':>9} {'write s':>8} {'loop Mpx/s':>11} {'cmp Mpx/s':>11} "
-        f"{'write Mpx/s':>11} {'ratio cmp':>8} {'ratio':>6} {'write peak MiB':>14}"
+        f"{'scene':>11} {'tiles':>6} {'loop s':>7} {'compute s':>9} {'write s':>8} {'loop Mpx/s':>10} "
+        f"{'cmp Mpx/s':>9} {'wr Mpx/s':>8} {'ratio cmp':>9} {'ratio wr':>8} {'idle MiB':>8} {'peak MiB':>8}"
     )
     rows = []
-    with get_client(workers=args.workers) as client:
-        client.run(_warm_up)  # imports in the workers, as the loop's process has them already
-        for size in sizes:
-            store = str(workdir / f"scene{size}.zarr")
-            if not Path(store).exists():
-                write_cube(synthetic_scene(height=size, width=size, seed=size), store)
-            megapixels = 3 * size * size / 1e6
-            torch.set_num_threads(os.cpu_count() or 1)
-            loop_s = plain_loop(store, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size)
-            out = str(workdir / f"out{size}.zarr")
-            shutil.rmtree(out, ignore_errors=True)
-            result = reconstruct(
-                open_cube(store),
-                model=model,
-                tile=args.tile,
-                overlap=args.overlap,
-                chunk=args.chunk,
-                batch_size=args.batch_size,
-            )
+    for size in sizes:
+        store = str(workdir / f"scene{size}.zarr")
+        if not Path(store).exists():
+            write_cube(synthetic_scene(height=size, width=size, seed=size), store)
+        megapixels = 3 * size * size / 1e6
+        torch.set_num_threads(os.cpu_count() or 1)
+        loop_s, tiles = plain_loop(store, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size)
+        out = str(workdir / f"out{size}.zarr")
+        shutil.rmtree(out, ignore_errors=True)
+        # a fresh cluster per size: with the tuned allocator a worker's RSS is its high-water mark
+        with get_client(workers=args.workers, threads_per_worker=args.threads_per_worker) as client:
+            client.run(_warm_up, model_spec(model), args.tile, args.batch_size)
             with PeakMemory(client) as memory:
+                idle = worker_rss(memory.processes)
+                result = reconstruct(
+                    open_cube(store),
+                    model=model,
+                    tile=args.tile,
+                    overlap=args.overlap,
+                    chunk=args.chunk,
+                    batch_size=args.batch_size,
+                )
                 start = time.perf_counter()
                 write_reconstruction(result, out, progress=False)
-                dask_s = time.perf_counter() - start
-            # after the write: with the tuned allocator, memory a worker freed still counts in its RSS
+                write_s = time.perf_counter() - start
             start = time.perf_counter()
             wait(client.persist([result[name].data for name in result.data_vars]))  # compute, keep on workers
             compute_s = time.perf_counter() - start
-            client.run(gc.collect)
-            rows.append((size, loop_s, dask_s, memory.peak))
-            print(
-                f"{size:>5}x{size:<5} {loop_s:8.1f} {compute_s:9.1f} {dask_s:8.1f} {megapixels / loop_s:11.2f} "
-                f"{megapixels / compute_s:11.2f} {megapixels / dask_s:11.2f} {loop_s / compute_s:8.2f} "
-                f"{loop_s / dask_s:6.2f} {memory.peak / 2**20:14.0f}"
-            )
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(out + ".regions", ignore_errors=True)
-    if len(rows) > 1:
-        growth = rows[-1][3] / rows[0][3]
+        rows.append((size, memory.peak))
         print(
-            f"peak memory grows {growth:.2f}x from {rows[0][0]}² to {rows[-1][0]}² ({(rows[-1][0] / rows[0][0]) ** 2:.0f}x the pixels)"
+            f"{size:>5}x{size:<5} {tiles:>6} {loop_s:7.1f} {compute_s:9.1f} {write_s:8.1f} {megapixels / loop_s:10.2f} "
+            f"{megapixels / compute_s:9.2f} {megapixels / write_s:8.2f} {loop_s / compute_s:9.2f} "
+            f"{loop_s / write_s:8.2f} {idle / 2**20:8.0f} {memory.peak / 2**20:8.0f}",
+            flush=True,
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out + ".regions", ignore_errors=True)
+    if len(rows) > 1:
+        growth = rows[-1][1] / rows[0][1]
+        print(
+            f"peak worker memory grows {growth:.2f}x from {rows[0][0]}² to {rows[-1][0]}² "
+            f"({(rows[-1][0] / rows[0][0]) ** 2:.0f}x the pixels)"
         )
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

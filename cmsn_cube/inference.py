@@ -2,14 +2,13 @@
 
 How a scene is cut
 ------------------
-Tiles of ``tile`` pixels start every ``stride = tile - overlap`` pixels on one grid that covers the whole
-(reflection-padded) scene. A Dask block computes exactly the global tiles that touch its core and blends them
-with the same weights a single pass over the scene would use, so the result does not depend on the chunking:
-no seam at block borders, identical numbers on one thread, many threads or a cluster. Blocks are aligned to the
-stride and carry a halo of one stride, which holds every tile that touches the core.
-
-A scene no larger than a tile along an axis is one window along that axis (no padding), so a small cube gives
-exactly what the model gives on the whole cube at once.
+Tiles of ``tile`` pixels start every ``stride = tile - overlap`` pixels on one grid that covers the whole scene
+(mirrored at its edges), and neighbouring tiles are blended over their ``overlap`` with weights that add up to
+one. Dask blocks are whole strides, so each tile belongs to exactly one block: a block reads its pixels plus
+``overlap`` before them, runs its tiles once (skipping those with nothing to fill), and is finished with the
+``overlap``-wide strips that the next blocks' tiles lay over its end. The result does not depend on the
+chunking: no seam at block borders, identical numbers on one thread, many threads or a cluster; the only data
+that moves between blocks is those strips.
 
 The model reaches workers as one graph key holding its weights (a few MB), loaded once per worker process and
 cached there (``_model_on_worker``), not once per chunk.
@@ -113,62 +112,95 @@ def default_device(device: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class AxisTiling:
-    """The global tile grid along one axis of ``size`` pixels, in padded coordinates, and its Dask chunks.
+    """The global tile grid along one axis of ``size`` pixels, and the blocks that share it out.
 
-    ``chunks`` are the padded axis's chunks: the first carries the leading pad, so that once the pad is trimmed
-    every output chunk is ``chunk`` pixels (the last one shorter), as a Zarr store wants.
+    Positions are scene pixels. Tile ``k`` covers ``[k * stride - overlap, (k + 1) * stride)``: its first
+    ``overlap`` pixels are shared with tile ``k - 1`` and blended; pixels outside the scene are the scene
+    reflected at its edge. Blocks are ``block`` pixels, a multiple of the stride, so every tile belongs to the
+    block holding its body ``[k * stride, (k + 1) * stride)`` and only the first ``overlap`` pixels of a
+    block's first tiles reach back into the block before it.
+
+    An axis no longer than a tile is one window (no padding, no overlap): a small cube gives exactly what the
+    model gives on the whole cube at once.
     """
 
     size: int
     tile: int
-    stride: int
+    overlap: int
     n_tiles: int
-    pad_before: int
-    pad_after: int
-    chunks: tuple[int, ...]
+    block: int
 
     @classmethod
     def plan(cls, size: int, *, tile: int, overlap: int, chunk: int) -> AxisTiling:
-        if size <= tile:  # one window, no padding: identical to the model on the whole axis
-            return cls(size=size, tile=size, stride=size, n_tiles=1, pad_before=0, pad_after=0, chunks=(size,))
+        """The grid of ``tile``/``overlap``, with blocks of ``chunk`` pixels rounded down to whole strides."""
+        if size <= tile:
+            return cls(size=size, tile=size, overlap=0, n_tiles=1, block=size)
         stride = tile - overlap
-        pad_before = overlap  # the first real pixel is not on a tile edge
-        n_tiles = int(np.ceil((pad_before + size - tile) / stride)) + 1
-        needed = (n_tiles - 1) * stride + tile
-        n_chunks = int(np.ceil(size / chunk))
-        if n_chunks == 1:
-            chunks = [needed]
-        else:
-            chunks = [pad_before + chunk] + [chunk] * (n_chunks - 2) + [size - (n_chunks - 1) * chunk]
-            # the trailing pad rides on the last chunk, which must hold a tile-wide halo for Dask's overlap
-            chunks[-1] = max(chunks[-1] + needed - pad_before - size, tile)
-        return cls(size, tile, stride, n_tiles, pad_before, sum(chunks) - pad_before - size, tuple(chunks))
+        return cls(size, tile, overlap, n_tiles=-(-size // stride), block=max(stride, chunk // stride * stride))
 
     @property
-    def single_window(self) -> bool:
-        return self.n_tiles == 1 and self.pad_before == 0
+    def stride(self) -> int:
+        return self.tile - self.overlap
 
     @property
     def starts(self) -> np.ndarray:
-        return np.arange(self.n_tiles) * self.stride
+        """First pixel of every tile (negative for the first one, which starts in the reflected edge)."""
+        return np.arange(self.n_tiles) * self.stride - self.overlap
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.size // self.block)
 
     @property
     def output_chunks(self) -> tuple[int, ...]:
-        """Chunks of the scene once the padding is trimmed."""
-        chunks = list(self.chunks)
-        chunks[0] -= self.pad_before
-        chunks[-1] -= self.pad_after
-        return tuple(chunks)
+        """Chunks of the reconstructed scene: one per block, the last one shorter."""
+        return tuple(min(self.block, self.size - b * self.block) for b in range(self.n_blocks))
 
-    def weights(self, overlap: int) -> np.ndarray:
-        """Blending weight across one tile: a cosine ramp over the overlap at each end, 1 inside, never 0."""
-        weight = np.ones(self.tile, dtype=np.float64)
-        if self.single_window or overlap == 0:
-            return weight
-        ramp = np.sin(np.linspace(0, np.pi / 2, overlap + 2)[1:-1]) ** 2
-        weight[:overlap] = ramp
-        weight[-overlap:] = ramp[::-1]
+    def block_tiles(self, b: int) -> range:
+        """The tiles whose body lies in block ``b``."""
+        per_block = self.block // self.stride
+        return range(b * per_block, min((b + 1) * per_block, self.n_tiles))
+
+    def block_extent(self, b: int) -> tuple[int, int]:
+        """The pixels that block ``b``'s tiles cover: ``overlap`` before the block, to the end of its last tile."""
+        tiles = self.block_tiles(b)
+        return int(self.starts[tiles[0]]), int(self.starts[tiles[-1]]) + self.tile
+
+    def block_source(self, b: int) -> np.ndarray:
+        """The scene pixel that each pixel of :meth:`block_extent` reads (mirrored at the scene's edges)."""
+        index = np.abs(np.arange(*self.block_extent(b)))
+        return np.where(index >= self.size, 2 * (self.size - 1) - index, index)
+
+    def block_core(self, b: int) -> slice:
+        """Block ``b``'s own pixels within its extent."""
+        start = b * self.block - self.block_extent(b)[0]
+        return slice(start, start + self.output_chunks[b])
+
+    def weights(self) -> np.ndarray:
+        """Blending weight across a tile: a cosine ramp over the overlap at each end, 1 inside, never 0.
+
+        The ramps of two neighbouring tiles add up to 1 (sin² + cos²).
+        """
+        weight = np.ones(self.tile, dtype=np.float32)
+        if self.overlap:
+            ramp = np.sin(np.linspace(0, np.pi / 2, self.overlap + 2)[1:-1]) ** 2
+            weight[: self.overlap] = ramp
+            weight[-self.overlap :] = ramp[::-1]
         return weight
+
+
+def model_channels(reflectance: np.ndarray, cloud_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The network's input from ``reflectance(time, band, y, x)`` and ``cloud_mask(time, y, x)`` arrays.
+
+    Returns ``channels(time, 5, y, x)`` float32 (the bands, zero where filled, then the mask) and
+    ``to_fill(time, y, x)``: the cloud mask or no data (NaN in any band), both filled by the network.
+    """
+    to_fill = np.asarray(cloud_mask, dtype=bool) | np.isnan(reflectance).any(axis=1)
+    channels = np.empty((reflectance.shape[0], len(BANDS) + 1, *reflectance.shape[2:]), dtype=np.float32)
+    np.copyto(channels[:, :-1], reflectance)
+    np.copyto(channels[:, :-1], 0.0, where=to_fill[:, None])
+    channels[:, -1] = to_fill
+    return channels, to_fill
 
 
 def _run_model(model: torch.nn.Module, windows: np.ndarray, device: str) -> np.ndarray:
@@ -184,108 +216,187 @@ def _run_model(model: torch.nn.Module, windows: np.ndarray, device: str) -> np.n
         return result.cpu().numpy()
 
 
-def _block_contributions(
-    block: np.ndarray,
+def _take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """``np.take`` that returns a view when ``index`` is a contiguous range (any block inside the scene)."""
+    start = int(index[0])
+    if np.array_equal(index, np.arange(start, start + index.size)):
+        return array[(slice(None),) * (axis % array.ndim) + (slice(start, start + index.size),)]
+    return np.take(array, index, axis=axis)
+
+
+def tiles_to_run(
+    to_fill: np.ndarray, corners: list[tuple[int, int]], tile: tuple[int, int]
+) -> list[tuple[int, int]]:
+    """The tiles (top-left ``corners`` in ``to_fill(time, y, x)``) with a pixel to fill on some date.
+
+    A tile with nothing to fill blends only into clear pixels, which keep their observed value: running it
+    would change nothing.
+    """
+    return [(y, x) for y, x in corners if to_fill[:, y : y + tile[0], x : x + tile[1]].any()]
+
+
+class _Chunks:
+    """An array (numpy or Dask) cut into the regions that tasks receive.
+
+    A Dask array is handed over as whole chunks (``to_delayed``) that the task joins: slicing it instead lets
+    Dask fuse the store read into every slice, so a compressed chunk shared by two blocks is read and
+    decompressed twice (2.3 times the reading of a 4096² scene, with 512 px chunks on disk and 896 px blocks).
+    """
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        if isinstance(array, da.Array):
+            self.parts = array.to_delayed()
+            self.bounds = [np.cumsum((0, *chunks)) for chunks in array.chunks[-2:]]
+
+    def region(self, rows: slice, cols: slice) -> tuple[Any, tuple[int, int]]:
+        """``array[..., rows, cols]``, or the chunks that cover it (nested lists), and where it starts in them."""
+        if not isinstance(self.array, da.Array):
+            return self.array[..., rows, cols], (0, 0)
+        first = [int(np.searchsorted(b, w.start, side="right")) - 1 for b, w in zip(self.bounds, (rows, cols))]
+        last = [int(np.searchsorted(b, w.stop, side="left")) for b, w in zip(self.bounds, (rows, cols))]
+        parts = self.parts[..., first[0] : last[0], first[1] : last[1]].tolist()
+        return parts, (rows.start - int(self.bounds[0][first[0]]), cols.start - int(self.bounds[1][first[1]]))
+
+
+def _read_block(
+    reflectance: Any,
+    reflectance_sources: tuple[np.ndarray, np.ndarray],
+    cloud_mask: Any,
+    mask_sources: tuple[np.ndarray, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The observed bands, the network's channels and the fill mask over one block's extent.
+
+    ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (arrays, or chunks to join from
+    :meth:`_Chunks.region`); the ``sources`` index them per axis (:meth:`AxisTiling.block_source`, shifted to
+    the region), which mirrors them at the scene's edges.
+    """
+
+    def pick(parts: Any, sources: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        array = np.block(parts) if isinstance(parts, list) else parts
+        return _take(_take(array, sources[0], -2), sources[1], -1)
+
+    observed = pick(reflectance, reflectance_sources)
+    channels, to_fill = model_channels(observed, pick(cloud_mask, mask_sources))
+    return {"observed": observed, "channels": channels, "to_fill": to_fill}
+
+
+def _rows(block: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+    """Some rows of :func:`_read_block`'s output: one task's input, small enough to move to any worker."""
+    return {name: values[..., rows, :] for name, values in block.items()}
+
+
+def _block_sums(
+    block: dict[str, np.ndarray],
     *,
     spec: ModelSpec,
     tilings: tuple[AxisTiling, AxisTiling],
-    overlap: int,
+    index: tuple[int, int],
     triplets: tuple[tuple[int, int, int], ...],
     batch_size: int,
     device: str,
-    block_info: dict | None = None,
-) -> np.ndarray:
-    """Weighted sums of the tiles that *start* in this block's core, plus their weight (last channel).
+) -> dict[str, np.ndarray]:
+    """Run the tiles of task ``index`` and sum their blended outputs over the task's extent.
 
-    Covers the core and a tail of one tile beyond it (where those tiles reach), so each tile is run exactly once
-    in the whole scene; :func:`_overlap_add` then adds the tails onto the next blocks.
+    ``block`` is :func:`_read_block` over the task's extent. Returns the weighted sums and weights over the
+    extent, and the observed bands and fill mask of the task's core (what :func:`_finish_block` needs).
     """
-    assert block_info is not None  # supplied by dask.array.map_blocks
-    location = block_info[0]["chunk-location"][2:]
-    core, data_start, extent = [], [], []
-    for axis, index in enumerate(location):
-        chunks = tilings[axis].chunks
-        begin = int(sum(chunks[:index]))
-        core.append((begin, begin + chunks[index]))
-        data_start.append(begin)  # the block carries one tile of halo after its core, none before
-        extent.append(chunks[index] + tilings[axis].tile)
-    n_dates = block.shape[0]
-    # float32 sums: at most four tiles overlap a pixel, far inside float32's precision, at half the memory traffic
-    summed = np.zeros((n_dates, len(BANDS) + 1, *extent), dtype=np.float32)
-    weights = [t.weights(overlap) for t in tilings]
-    starts = [t.starts[(t.starts >= c[0]) & (t.starts < c[1])] for t, c in zip(tilings, core, strict=True)]
-    tiles = [(y0, x0) for y0 in starts[0] for x0 in starts[1]]
-    if not tiles:
-        return summed
-    model = _model_on_worker(spec, device)
-    unique_triplets = sorted(set(triplets))
+    channels, to_fill = block["channels"], block["to_fill"]
+    n_dates, height, width = to_fill.shape
+    sums = np.zeros((n_dates, len(BANDS), height, width), dtype=np.float32)
+    weight = np.zeros((height, width), dtype=np.float32)
+    origins = [t.block_extent(b)[0] for t, b in zip(tilings, index, strict=True)]
     ty, tx = tilings[0].tile, tilings[1].tile
-    blend = np.outer(weights[0], weights[1]).astype(np.float32)
-    for batch_start in range(0, len(tiles), batch_size):
-        batch = tiles[batch_start : batch_start + batch_size]
-        windows = np.stack(
-            [
-                block[:, :, y0 - data_start[0] : y0 - data_start[0] + ty, x0 - data_start[1] : x0 - data_start[1] + tx]
-                for y0, x0 in batch
-            ]
-        )  # (tiles, dates, 5, ty, tx)
-        outputs = {t: _run_model(model, np.ascontiguousarray(windows[:, list(t)]), device) for t in unique_triplets}
-        for k, (y0, x0) in enumerate(batch):
-            ys, xs = y0 - core[0][0], x0 - core[1][0]
-            for date, triplet in enumerate(triplets):
-                summed[date, :-1, ys : ys + ty, xs : xs + tx] += outputs[triplet][k, triplet.index(date)] * blend
-            summed[:, -1, ys : ys + ty, xs : xs + tx] += blend
-    return summed
+    corners = tiles_to_run(
+        to_fill,
+        [
+            (int(tilings[0].starts[ky]) - origins[0], int(tilings[1].starts[kx]) - origins[1])
+            for ky in tilings[0].block_tiles(index[0])
+            for kx in tilings[1].block_tiles(index[1])
+        ],
+        (ty, tx),
+    )
+    if corners:
+        model = _model_on_worker(spec, device)
+        blend = np.outer(tilings[0].weights(), tilings[1].weights())
+        every_date = tuple(range(n_dates))
+        for first in range(0, len(corners), batch_size):
+            batch = corners[first : first + batch_size]
+            windows = np.stack([channels[:, :, y : y + ty, x : x + tx] for y, x in batch])
+            outputs = {
+                t: _run_model(model, windows if t == every_date else np.ascontiguousarray(windows[:, list(t)]), device)
+                for t in sorted(set(triplets))
+            }
+            for k, (y, x) in enumerate(batch):
+                for date, triplet in enumerate(triplets):
+                    sums[date, :, y : y + ty, x : x + tx] += outputs[triplet][k, triplet.index(date)] * blend
+                weight[y : y + ty, x : x + tx] += blend
+    core_rows, core_cols = (t.block_core(b) for t, b in zip(tilings, index, strict=True))
+    return {
+        "sums": sums,
+        "weight": weight,
+        "observed": block["observed"][..., core_rows, core_cols],
+        "to_fill": block["to_fill"][:, core_rows, core_cols],
+    }
 
 
-def _overlap_add(contributions: da.Array, axis: int, core_chunks: tuple[int, ...], tail: int) -> da.Array:
-    """Fold each block's tail (``tail`` pixels past its core along ``axis``) onto the start of the next block."""
-    n_blocks = len(core_chunks)
-
-    def take(block: np.ndarray, start: int | None, stop: int | None) -> np.ndarray:
-        index = [slice(None)] * block.ndim
-        index[axis] = slice(start, stop)
-        return block[tuple(index)]
-
-    cores = [take_block for take_block in (contributions.blocks[(slice(None),) * axis + (i,)] for i in range(n_blocks))]
-    pieces = []
-    for i, block in enumerate(cores):
-        core = block.map_blocks(
-            take, 0, core_chunks[i], chunks=_replace(block.chunks, axis, core_chunks[i]), dtype=block.dtype
-        )
-        if i > 0:
-            previous = cores[i - 1]
-            reach = min(tail, core_chunks[i])
-            spill = previous.map_blocks(
-                take,
-                core_chunks[i - 1],
-                core_chunks[i - 1] + reach,
-                chunks=_replace(previous.chunks, axis, reach),
-                dtype=block.dtype,
-            )
-            spill = da.pad(spill, [(0, 0)] * axis + [(0, core_chunks[i] - reach)] + [(0, 0)] * (block.ndim - axis - 1))
-            core = core + spill.rechunk(core.chunks)  # one block per core, or blocks multiply
-        pieces.append(core)
-    return da.concatenate(pieces, axis=axis)
+def _leading_strip(block: dict[str, np.ndarray], rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+    """The part of a block's sums that belongs to the block before it (copied: the block itself is large)."""
+    return block["sums"][..., rows, cols].copy(), block["weight"][rows, cols].copy()
 
 
-def _replace(chunks: tuple[tuple[int, ...], ...], axis: int, size: int) -> tuple[tuple[int, ...], ...]:
-    return tuple((size,) if a == axis else c for a, c in enumerate(chunks))
+def _finish_block(
+    block: dict[str, np.ndarray],
+    *strips: tuple[np.ndarray, np.ndarray] | None,
+    core: tuple[slice, slice],
+    overlap: tuple[int, int],
+) -> dict[str, np.ndarray]:
+    """A block's outputs: its sums plus the strips the next blocks' tiles add (below, right, diagonal), blended."""
+    reconstructed = block["sums"][..., core[0], core[1]].copy()
+    weight = block["weight"][core].copy()
+    tails = (
+        (slice(-overlap[0], None), slice(None)),
+        (slice(None), slice(-overlap[1], None)),
+        (slice(-overlap[0], None), slice(-overlap[1], None)),
+    )
+    for strip, (rows, cols) in zip(strips, tails, strict=True):
+        if strip is not None:
+            reconstructed[..., rows, cols] += strip[0]
+            weight[rows, cols] += strip[1]
+    np.divide(reconstructed, weight, out=reconstructed, where=weight > 0)
+    to_fill, observed = block["to_fill"], block["observed"]
+    # blending averages identical values in floating point: clear pixels take the observation, bit-identical
+    np.copyto(reconstructed, observed, where=~to_fill[:, None])
+    from cmsn_cube.metrics import ndvi
+
+    ndvi_observed = ndvi(observed, axis=1)
+    ndvi_observed[to_fill] = np.nan
+    return {"reconstructed": reconstructed, "filled": to_fill, "ndvi": ndvi(reconstructed, axis=1), "ndvi_observed": ndvi_observed}
 
 
 # ------------------------------------------------------------------------------------------ public API
 
 
 def model_inputs(cube: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
-    """The network's view of a cube: ``(time, 5, y, x)`` bands with gaps zeroed + mask channel, and the mask.
+    """:func:`model_channels` of a cube (computes): ``(time, band, y, x)`` with band ``mask`` last, and ``filled``."""
+    reflectance = cube["reflectance"].transpose("time", "band", "y", "x")
+    channels, to_fill = model_channels(
+        np.asarray(reflectance.values), np.asarray(cube["cloud_mask"].transpose("time", "y", "x").values)
+    )
+    coords = {name: coord for name, coord in reflectance.coords.items() if "band" not in coord.dims}
+    return (
+        xr.DataArray(channels, dims=reflectance.dims, coords={**coords, "band": [*BANDS, "mask"]}),
+        xr.DataArray(to_fill, dims=("time", "y", "x"), coords=coords, name="filled"),
+    )
 
-    The mask is the cloud mask or no data (NaN in any band): both are filled by the network.
-    """
-    reflectance = cube["reflectance"]
-    to_fill = cube["cloud_mask"] | reflectance.isnull().any("band")
-    bands = reflectance.where(~to_fill, 0.0).fillna(0.0)
-    channels = xr.concat([bands, to_fill.astype("float32").expand_dims(band=["mask"])], dim="band")
-    return channels.astype("float32").transpose("time", "band", "y", "x"), to_fill.rename("filled")
+
+#: The variables of a reconstruction, with their dims.
+OUTPUT_DIMS = {
+    "reconstructed": ("time", "band", "y", "x"),
+    "filled": ("time", "y", "x"),
+    "ndvi": ("time", "y", "x"),
+    "ndvi_observed": ("time", "y", "x"),
+}
 
 
 def reconstruct(
@@ -315,14 +426,16 @@ def reconstruct(
     device : str, optional
         ``"cpu"``, ``"cuda"``…; default CUDA when present.
     chunk : int
-        Dask chunk size of the output along y/x, in pixels (at least ``tile``); each tile runs exactly once.
+        Dask chunk size of the output along y/x in pixels, at least ``tile``; rounded down to a multiple of the
+        stride ``tile - overlap`` (1024 -> 896 with the defaults), so that each block runs its own tiles.
 
     Returns
     -------
     xarray.Dataset
         ``reconstructed(time, band, y, x)`` (clear pixels bit-identical to the input), ``filled(time, y, x)``,
         ``ndvi(time, y, x)`` from the reconstruction, ``ndvi_observed(time, y, x)`` (NaN under clouds), with the
-        input's coordinates and CRS, and attrs naming the checkpoint and its sha256.
+        input's coordinates and CRS, and attrs naming the checkpoint and its sha256. Each tile runs once, and
+        tiles with no pixel to fill are not run at all.
 
     Raises
     ------
@@ -344,79 +457,133 @@ def reconstruct(
         raise CubeValidationError(f"chunk ({chunk} px) must be at least one tile ({tile} px)")
     spec = model_spec(model)
     device = default_device(device)
-    channels, to_fill = model_inputs(cube)
+    blocks = AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=chunk)
+    # A task runs one row of a block's tiles (about a second on a CPU core): small tasks keep every worker
+    # busy to the end; the rows are joined into ``chunk``-sized output blocks afterwards.
     tilings = (
-        AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=chunk),
+        AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=tile - overlap),
         AxisTiling.plan(cube.sizes["x"], tile=tile, overlap=overlap, chunk=chunk),
     )
-    data = channels.data if isinstance(channels.data, da.Array) else da.from_array(channels.values)
-    padding = ((0, 0), (0, 0)) + tuple((t.pad_before, t.pad_after) for t in tilings)
-    padded = da.pad(data.rechunk({0: -1, 1: -1}), padding, mode="reflect")
-    padded = padded.rechunk({2: tilings[0].chunks, 3: tilings[1].chunks})
-    # each block sees one tile past the end of its core (the data of the tiles that start in it); nothing
-    # before it, which halves the data moved between workers compared with a symmetric halo
-    halo = {
-        0: 0,
-        1: 0,
-        2: (0, tilings[0].tile) if len(tilings[0].chunks) > 1 else 0,
-        3: (0, tilings[1].tile) if len(tilings[1].chunks) > 1 else 0,
+    finished = _block_graph(
+        cube, spec, blocks, tilings, tuple(date_triplets(cube)), batch_size=batch_size, device=device
+    )
+    n_dates = cube.sizes["time"]
+    variables = {}
+    for name, dims in OUTPUT_DIMS.items():
+        dtype = np.dtype(bool) if name == "filled" else np.dtype(np.float32)
+        grid = [
+            [
+                da.from_delayed(
+                    finished[i, j][name],
+                    shape=(n_dates, *((len(BANDS),) if "band" in dims else ()), *chunk_y_x),
+                    dtype=dtype,
+                    meta=np.empty((0,) * len(dims), dtype=dtype),
+                )
+                for j, chunk_y_x in enumerate((cy, cx) for cx in tilings[1].output_chunks)
+            ]
+            for i, cy in enumerate(tilings[0].output_chunks)
+        ]
+        nested: Any = grid
+        for _ in range(len(dims) - 2):
+            nested = [nested]
+        variables[name] = (dims, da.block(nested).rechunk({dims.index("y"): blocks.output_chunks}))
+    return _assemble(cube, variables, spec)
+
+
+def _block_graph(
+    cube: xr.Dataset,
+    spec: ModelSpec,
+    blocks: AxisTiling,
+    tilings: tuple[AxisTiling, AxisTiling],
+    triplets: tuple[tuple[int, int, int], ...],
+    *,
+    batch_size: int,
+    device: str,
+) -> dict[tuple[int, int], Any]:
+    """One Delayed dict of outputs per task ``(i, j)``: tile row ``i`` (``tilings[0]``) of x block ``j``.
+
+    The input is read once per ``blocks`` x ``tilings[1]`` block (plus ``overlap`` before it: only what its
+    tiles need). Task ``(i, j)`` is finished with the leading strips of tasks ``(i+1, j)``, ``(i, j+1)`` and
+    ``(i+1, j+1)``, ``overlap`` pixels wide: the only data that moves between blocks.
+    """
+    reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
+    cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
+    model = dask.delayed(spec, pure=True, traverse=False)  # one graph key: shipped once to each worker
+    token = dask.base.tokenize(reflectance, cloud_mask, spec.sha256, blocks, tilings, triplets, batch_size, device)
+    inputs = {}
+    arrays = (_Chunks(reflectance), _Chunks(cloud_mask))
+    for b in range(blocks.n_blocks):
+        for j in range(tilings[1].n_blocks):
+            sources = (blocks.block_source(b), tilings[1].block_source(j))
+            rows, cols = (slice(int(s.min()), int(s.max()) + 1) for s in sources)
+            arguments = []
+            for array in arrays:
+                parts, (top, left) = array.region(rows, cols)
+                arguments += [parts, (sources[0] - rows.start + top, sources[1] - cols.start + left)]
+            inputs[b, j] = dask.delayed(_read_block, pure=True)(
+                *arguments, dask_key_name=f"cmsn-read-{token}-{b}-{j}"
+            )
+    ny, nx = (t.n_blocks for t in tilings)
+    sums = {}
+    for i in range(ny):
+        top = tilings[0].block_extent(i)[0]
+        b = max(top + tilings[0].overlap, 0) // blocks.block  # the block holding this row's own pixels
+        first_row = top - blocks.block_extent(b)[0]
+        rows = slice(first_row, first_row + tilings[0].block_extent(i)[1] - top)
+        for j in range(nx):
+            sums[i, j] = dask.delayed(_block_sums, pure=True)(
+                dask.delayed(_rows, pure=True)(inputs[b, j], rows),
+                spec=model,
+                tilings=tilings,
+                index=(i, j),
+                triplets=triplets,
+                batch_size=batch_size,
+                device=device,
+                dask_key_name=f"cmsn-tiles-{token}-{i}-{j}",
+            )
+    overlap = (tilings[0].overlap, tilings[1].overlap)
+    finished = {}
+    for i in range(ny):
+        for j in range(nx):
+            core = (tilings[0].block_core(i), tilings[1].block_core(j))
+            below = i + 1 < ny and overlap[0] > 0
+            right = j + 1 < nx and overlap[1] > 0
+            lead_y, lead_x = slice(0, overlap[0]), slice(0, overlap[1])
+            strips = (
+                dask.delayed(_leading_strip, pure=True)(sums[i + 1, j], lead_y, core[1]) if below else None,
+                dask.delayed(_leading_strip, pure=True)(sums[i, j + 1], core[0], lead_x) if right else None,
+                dask.delayed(_leading_strip, pure=True)(sums[i + 1, j + 1], lead_y, lead_x)
+                if below and right
+                else None,
+            )
+            finished[i, j] = dask.delayed(_finish_block, pure=True, nout=None)(
+                sums[i, j], *strips, core=core, overlap=overlap, dask_key_name=f"cmsn-block-{token}-{i}-{j}"
+            )
+    return finished
+
+
+def _assemble(cube: xr.Dataset, variables: dict[str, tuple[tuple[str, ...], da.Array]], spec: ModelSpec) -> xr.Dataset:
+    from cmsn_cube.cube import crs_of, set_crs
+
+    coords = cube["reflectance"].coords
+    attributes = {
+        "reconstructed": {"long_name": "reconstructed TOA reflectance", "units": "1"},
+        "filled": {"long_name": "pixels filled by the network"},
+        "ndvi": {"long_name": "NDVI of the reconstruction", "units": "1"},
+        "ndvi_observed": {"long_name": "NDVI of the observation (NaN under clouds)", "units": "1"},
     }
-    with_halo = da.overlap.overlap(padded, depth=halo, boundary="none")
-    contributions = da.map_blocks(
-        _block_contributions,
-        with_halo,
-        spec=dask.delayed(spec, pure=True, traverse=False),
-        tilings=tilings,
-        overlap=overlap,
-        triplets=tuple(date_triplets(cube)),
-        batch_size=batch_size,
-        device=device,
-        chunks=(padded.chunks[0], (len(BANDS) + 1,), *(tuple(c + t.tile for c in t.chunks) for t in tilings)),
-        dtype=np.float32,
-        meta=np.array((), dtype=np.float32),
-        name="cmsn-tiles",
-    )
-    for axis, tiling in ((2, tilings[0]), (3, tilings[1])):
-        contributions = _overlap_add(contributions, axis, tiling.chunks, tiling.tile)
-    blended = da.map_blocks(
-        _normalise, contributions, chunks=(padded.chunks[0], (len(BANDS),), *padded.chunks[2:]), dtype=np.float32
-    )
-    ny, nx = cube.sizes["y"], cube.sizes["x"]
-    blended = blended[
-        :, :, tilings[0].pad_before : tilings[0].pad_before + ny, tilings[1].pad_before : tilings[1].pad_before + nx
-    ]
-    blended = blended.rechunk({2: tilings[0].output_chunks, 3: tilings[1].output_chunks})
-    network = xr.DataArray(blended, dims=("time", "band", "y", "x"), coords=cube["reflectance"].coords)
-    # blending averages identical clear values in floating point: re-impose them so they stay bit-identical
-    reconstructed = cube["reflectance"].where(~to_fill, network).rename("reconstructed")
-    result = _assemble(cube, reconstructed, to_fill, spec)
-    # one chunking for every variable: all dates, the output blocks in y/x (what region writes follow)
-    return result.chunk({"time": -1, "y": tilings[0].output_chunks, "x": tilings[1].output_chunks})
-
-
-def _normalise(summed: np.ndarray) -> np.ndarray:
-    weight = summed[:, -1:]
-    # padding past the last tile gets no tile (weight 0); it is trimmed away afterwards
-    return np.divide(summed[:, :-1], weight, out=np.zeros_like(summed[:, :-1]), where=weight > 0)
-
-
-def _assemble(cube: xr.Dataset, reconstructed: xr.DataArray, filled: xr.DataArray, spec: ModelSpec) -> xr.Dataset:
-    from cmsn_cube.cube import set_crs
-    from cmsn_cube.metrics import ndvi
-
     out = xr.Dataset(
         {
-            "reconstructed": reconstructed.assign_attrs(long_name="reconstructed TOA reflectance", units="1"),
-            "filled": filled.assign_attrs(long_name="pixels filled by the network"),
-            "ndvi": ndvi(reconstructed).assign_attrs(long_name="NDVI of the reconstruction", units="1"),
-            "ndvi_observed": ndvi(cube["reflectance"].where(~filled)).assign_attrs(
-                long_name="NDVI of the observation (NaN under clouds)", units="1"
-            ),
+            name: xr.DataArray(
+                data,
+                dims=dims,
+                coords={k: v for k, v in coords.items() if set(v.dims) <= set(dims)},
+                attrs=attributes[name],
+            )
+            for name, (dims, data) in variables.items()
         },
         attrs={**cube.attrs, "model": spec.name, "model_sha256": spec.sha256},
     )
-    from cmsn_cube.cube import crs_of
-
     return set_crs(out, crs_of(cube))
 
 

@@ -117,8 +117,8 @@ def ssim(
     return total / count if count else np.nan
 
 
-def _band_axis(values: Any, axis: int) -> tuple[np.ndarray, int]:
-    array = _array(values)
+def _band_axis(values: Any, axis: int, *, as_float64: bool = True) -> tuple[np.ndarray, int]:
+    array = _array(values) if as_float64 else np.asarray(values)
     if array.shape[axis] != len(BANDS):
         raise BandMismatchError(f"expected {len(BANDS)} bands ({', '.join(BANDS)}) on axis {axis}, got {array.shape}")
     return array, axis % array.ndim
@@ -150,11 +150,14 @@ def ndvi(reflectance: Any, *, axis: int = -3) -> Any:
         red, nir = reflectance.sel(band="red", drop=True), reflectance.sel(band="nir", drop=True)
         total = nir + red
         return ((nir - red) / total.where(total != 0)).clip(-1, 1).rename("ndvi")
-    array, axis = _band_axis(reflectance, axis)
-    red, nir = np.take(array, _RED, axis=axis), np.take(array, _NIR, axis=axis)
+    array, axis = _band_axis(reflectance, axis, as_float64=False)
+    red, nir = (array[(slice(None),) * axis + (band,)] for band in (_RED, _NIR))  # views, no copies
     total = nir + red
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.clip(np.where(total != 0, (nir - red) / np.where(total != 0, total, 1), np.nan), -1, 1)
+    # float inputs keep their precision (float32 stays float32); the scene-wide path calls this per block
+    index = np.full_like(total, np.nan, dtype=np.result_type(total.dtype, np.float32))
+    with np.errstate(invalid="ignore"):
+        np.divide(nir - red, total, out=index, where=total != 0)
+    return np.clip(index, -1, 1, out=index)
 
 
 def ndvi_error(prediction: Any, truth: Any, *, mask: Any | None = None, axis: int = -3) -> float:
