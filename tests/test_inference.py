@@ -9,7 +9,7 @@ import pytest
 import torch
 import xarray as xr
 
-from cmsn_cube.cube import make_cube, open_store, write_cube
+from cmsn_cube.cube import make_cube, open_cube, open_store, write_cube
 from cmsn_cube.exceptions import BandMismatchError, DimensionError, StoreError
 from cmsn_cube.inference import (
     AxisTiling,
@@ -41,7 +41,6 @@ def direct(model: CMSN, cube: xr.Dataset) -> np.ndarray:
 
 
 def test_reconstruct_is_lazy(tiny_model, scene_store, no_compute):
-    from cmsn_cube.cube import open_cube
 
     _load_spec.cache_clear()
     result = reconstruct(open_cube(scene_store), model=tiny_model, tile=64, overlap=8, chunk=64)
@@ -60,6 +59,53 @@ def test_result_does_not_depend_on_chunking(tiny_model, scene):
     large = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=1024).compute()
     assert small.reconstructed.shape == scene.reflectance.shape
     np.testing.assert_allclose(small.reconstructed.values, large.reconstructed.values, rtol=0, atol=1e-5)
+
+
+def test_store_chunks_of_any_size_give_the_in_memory_result(tiny_model, scene, tmp_path):
+    # 64 px chunks on disk, 80 px strides: blocks start mid-chunk and read their overlap from the chunk before
+    store = write_cube(scene, tmp_path / "small-chunks.zarr", chunks={"time": 1, "y": 64, "x": 64})
+    lazy = reconstruct(open_cube(store), model=tiny_model, tile=96, overlap=16, chunk=160)
+    in_memory = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=160).compute()
+    xr.testing.assert_allclose(lazy.compute(), in_memory, rtol=0, atol=1e-6)
+
+
+def test_chunk_is_rounded_down_to_whole_strides_and_dtypes_hold(tiny_model, scene):
+    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=200)  # stride 80: blocks of 160
+    assert result.chunks["y"] == (160, 140) and result.chunks["x"] == (160, 110)
+    computed = result.compute()
+    for name in result.data_vars:
+        assert computed[name].dtype == result[name].dtype, name
+    assert computed.filled.dtype == bool and computed.reconstructed.dtype == np.float32
+
+
+def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, monkeypatch):
+    import cmsn_cube.inference as inference
+
+    windows_run = []
+    run_model = inference._run_model
+
+    def counting(model, windows, device):  # the real model call, counted
+        windows_run.append(windows.shape[0])
+        return run_model(model, windows, device)
+
+    monkeypatch.setattr(inference, "_run_model", counting)
+    mask = np.zeros(scene.cloud_mask.shape, dtype=bool)
+    mask[1, 100:121, 100:131] = True  # one cloud, inside tile 1 along both axes (tile k: [80k - 16, 80k + 80))
+    cube = scene.assign(cloud_mask=(scene.cloud_mask.dims, mask))
+    result = reconstruct(cube, model=tiny_model, tile=96, overlap=16, chunk=160).compute()
+    assert sum(windows_run) == 1
+    # the cloud gets the same values when far-away tiles run too
+    mask[0, 280:, 250:] = True
+    windows_run.clear()
+    busier = reconstruct(
+        cube.assign(cloud_mask=(scene.cloud_mask.dims, mask)), model=tiny_model, tile=96, overlap=16, chunk=160
+    ).compute()
+    assert sum(windows_run) > 1
+    cloud = (1, slice(None), slice(100, 121), slice(100, 131))
+    np.testing.assert_array_equal(result.reconstructed.values[cloud], busier.reconstructed.values[cloud])
+    observed = scene.reflectance.values
+    assert not np.array_equal(result.reconstructed.values[cloud], observed[cloud]), "the cloud must be filled"
+    np.testing.assert_array_equal(result.reconstructed.values[0], observed[0])
 
 
 def test_clear_pixels_untouched_and_every_gap_filled(tiny_model, scene):
@@ -177,5 +223,7 @@ def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
         assert len(client.scheduler_info()["workers"]) == 2
         env = client.run(lambda: os.environ.get("GLIBC_TUNABLES", ""))
         assert all("mmap_max=0" in value for value in env.values()), "workers need the allocator settings"
+        profiling = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+        assert not any(profiling.values()), "the workers' profiler takes the GIL from the model every 10 ms"
         distributed = reconstruct(open_cube(store), model=tiny_model, tile=96, overlap=16, chunk=128).compute()
     np.testing.assert_allclose(distributed.reconstructed.values, threaded.reconstructed.values, rtol=0, atol=1e-6)
