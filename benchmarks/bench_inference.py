@@ -10,8 +10,8 @@ For each scene size (default 2048² and 4096² pixels × 3 dates, written to a Z
 
 Each path runs ``--repeat`` times and its fastest run is reported (the machine's noise only ever slows a
 run). Prints wall times, throughput in megapixels of output per second (dates × H × W), the ratio of throughputs
-(target ≥ 0.95) and the peak resident memory of the Dask path (all workers), which must not grow with
-the scene at a fixed chunk size. ``--full`` adds a Landsat-size 7,700² scene.
+(target ≥ 0.95), and the Dask path's memory during the write (all workers): idle RSS after warm-up, peak RSS,
+and peak bytes of task results held (the target: no growth with the scene at a fixed chunk size). ``--full`` adds a Landsat-size 7,700² scene.
 
 Run::
 
@@ -85,21 +85,34 @@ def _warm_up(spec: ModelSpec, tile: int, batch_size: int) -> None:
         model(torch.zeros(batch_size, 3, 5, tile, tile))
 
 
+def _tasks_held(dask_scheduler) -> int:  # type: ignore[no-untyped-def]
+    return len(dask_scheduler.tasks)
+
+
 def worker_rss(processes: list[psutil.Process]) -> int:
     return sum(p.memory_info().rss for p in processes)
 
 
+def _managed_bytes(dask_worker) -> int:  # type: ignore[no-untyped-def]
+    return int(dask_worker.state.nbytes)
+
+
 class PeakMemory:
-    """Samples the summed resident memory of the worker processes every 0.1 s (the client only builds graphs)."""
+    """Samples the workers every 0.2 s: summed resident memory (RSS), and the bytes of task results they hold.
+
+    With the tuned allocator (memory is never returned to the system) RSS is a high-water mark that also counts
+    the allocator's fragmentation; the held results (Dask's "managed" memory) are what the graph keeps alive.
+    """
 
     def __init__(self, client) -> None:  # type: ignore[no-untyped-def]
-        self.peak = 0
+        self.client, self.peak, self.peak_managed = client, 0, 0
         self.processes = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, worker_rss(self.processes))
-            time.sleep(0.1)
+            self.peak_managed = max(self.peak_managed, sum(self.client.run(_managed_bytes).values()))
+            time.sleep(0.2)
 
     def __enter__(self) -> PeakMemory:
         self._stop = threading.Event()
@@ -137,7 +150,8 @@ def main() -> None:
     )
     print(
         f"{'scene':>11} {'tiles':>6} {'loop s':>7} {'compute s':>9} {'write s':>8} {'loop Mpx/s':>10} "
-        f"{'cmp Mpx/s':>9} {'wr Mpx/s':>8} {'ratio cmp':>9} {'ratio wr':>8} {'idle MiB':>8} {'peak MiB':>8}"
+        f"{'cmp Mpx/s':>9} {'wr Mpx/s':>8} {'ratio cmp':>9} {'ratio wr':>8} {'idle MiB':>8} {'peak MiB':>8} "
+        f"{'held MiB':>8}"
     )
     rows = []
     for size in sizes:
@@ -153,12 +167,6 @@ def main() -> None:
             client.run(_warm_up, model_spec(model), args.tile, args.batch_size)
             memory = PeakMemory(client)
             idle = worker_rss(memory.processes)
-            # the best of each path: this shared machine's noise only ever slows a run
-            for _ in range(args.repeat):
-                seconds, tiles = plain_loop(
-                    store, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size
-                )
-                loop_s = min(loop_s, seconds)
             result = reconstruct(
                 open_cube(store),
                 model=model,
@@ -167,33 +175,41 @@ def main() -> None:
                 chunk=args.chunk,
                 batch_size=args.batch_size,
             )
-            for _ in range(args.repeat):  # the writes first: a persisted scene would raise the RSS high-water mark
+            # the best run of each path (this shared machine's noise only ever slows a run); the writes first,
+            # since a persisted scene would raise the workers' RSS high-water mark
+            for _ in range(args.repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(out + ".regions", ignore_errors=True)
                 with memory:
                     start = time.perf_counter()
                     write_reconstruction(result, out, progress=False)
                     write_s = min(write_s, time.perf_counter() - start)
-            for _ in range(args.repeat):
+            for _ in range(args.repeat):  # loop and Dask compute in turns, so that both meet the same machine
+                seconds, tiles = plain_loop(
+                    store, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size
+                )
+                loop_s = min(loop_s, seconds)
                 start = time.perf_counter()
                 persisted = client.persist([result[name].data for name in result.data_vars])
                 wait(persisted)  # computed and kept on the workers
                 compute_s = min(compute_s, time.perf_counter() - start)
-                del persisted
-        rows.append((size, memory.peak))
+                client.cancel(persisted)
+                while client.run_on_scheduler(_tasks_held):  # else the next run finds the results in memory
+                    time.sleep(0.1)
+        rows.append((size, memory.peak, memory.peak_managed))
         print(
             f"{size:>5}x{size:<5} {tiles:>6} {loop_s:7.1f} {compute_s:9.1f} {write_s:8.1f} {megapixels / loop_s:10.2f} "
             f"{megapixels / compute_s:9.2f} {megapixels / write_s:8.2f} {loop_s / compute_s:9.2f} "
-            f"{loop_s / write_s:8.2f} {idle / 2**20:8.0f} {memory.peak / 2**20:8.0f}",
+            f"{loop_s / write_s:8.2f} {idle / 2**20:8.0f} {memory.peak / 2**20:8.0f} {memory.peak_managed / 2**20:8.0f}",
             flush=True,
         )
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out + ".regions", ignore_errors=True)
     if len(rows) > 1:
-        growth = rows[-1][1] / rows[0][1]
+        (first, rss_first, held_first), (last, rss_last, held_last) = rows[0], rows[-1]
         print(
-            f"peak worker memory grows {growth:.2f}x from {rows[0][0]}² to {rows[-1][0]}² "
-            f"({(rows[-1][0] / rows[0][0]) ** 2:.0f}x the pixels)"
+            f"from {first}² to {last}² ({(last / first) ** 2:.0f}x the pixels): peak worker RSS grows "
+            f"{rss_last / rss_first:.2f}x, peak held results {held_last / held_first:.2f}x"
         )
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -228,7 +228,9 @@ def evaluate_command(
 @click.option("--tile", default=256, help="Window size fed to the network, in pixels.")
 @click.option("--overlap", default=32, help="Pixels shared by neighbouring windows (blended).")
 @click.option("--batch-size", default=4, help="Windows per forward pass.")
-@click.option("--chunk", default=1024, help="Dask chunk size along y/x, in pixels.")
+@click.option(
+    "--chunk", default=1024, help="Dask chunk size along y/x in pixels, rounded down to whole strides (1024 -> 896)."
+)
 @click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when present).")
 def reconstruct(
     store: Path,

@@ -17,6 +17,7 @@ cached there (``_model_on_worker``), not once per chunk.
 from __future__ import annotations
 
 import functools
+import itertools
 import hashlib
 import io
 import os
@@ -238,57 +239,56 @@ def tiles_to_run(
 class _Chunks:
     """An array (numpy or Dask) cut into the regions that tasks receive.
 
-    A Dask array is handed over as whole chunks (``to_delayed``) that the task joins: slicing it instead lets
-    Dask fuse the store read into every slice, so a compressed chunk shared by two blocks is read and
-    decompressed twice (2.3 times the reading of a 4096² scene, with 512 px chunks on disk and 896 px blocks).
+    A Dask array is handed over as the whole chunks that cover a region (``to_delayed``), which the task joins
+    (:func:`_join`): slicing it instead lets Dask fuse the store read into every slice, so a compressed chunk
+    shared by two tasks would be read and decompressed by each (2.3 times the reading of a 4096² scene with
+    512 px chunks on disk). Each chunk is read once, and only until the tasks that share it have run.
     """
 
     def __init__(self, array: Any) -> None:
         self.array = array
         if isinstance(array, da.Array):
             self.parts = array.to_delayed()
-            self.bounds = [np.cumsum((0, *chunks)) for chunks in array.chunks[-2:]]
+            self.bounds = [np.cumsum((0, *chunks)) for chunks in array.chunks]
 
-    def region(self, rows: slice, cols: slice) -> tuple[Any, tuple[int, int]]:
-        """``array[..., rows, cols]``, or the chunks that cover it (nested lists), and where it starts in them."""
+    def region(self, rows: slice, cols: slice) -> Any:
+        """``array[..., rows, cols]``: a numpy view, or the covering chunks with their offsets for :func:`_join`."""
         if not isinstance(self.array, da.Array):
-            return self.array[..., rows, cols], (0, 0)
-        first = [int(np.searchsorted(b, w.start, side="right")) - 1 for b, w in zip(self.bounds, (rows, cols))]
-        last = [int(np.searchsorted(b, w.stop, side="left")) for b, w in zip(self.bounds, (rows, cols))]
-        parts = self.parts[..., first[0] : last[0], first[1] : last[1]].tolist()
-        return parts, (rows.start - int(self.bounds[0][first[0]]), cols.start - int(self.bounds[1][first[1]]))
+            return self.array[..., rows, cols]
+        ranges = [range(len(b) - 1) for b in self.bounds[:-2]]
+        for bounds, wanted in zip(self.bounds[-2:], (rows, cols), strict=True):
+            first = int(np.searchsorted(bounds, wanted.start, side="right")) - 1
+            ranges.append(range(first, int(np.searchsorted(bounds, wanted.stop, side="left"))))
+        pieces = [
+            (self.parts[index], tuple(int(b[i]) for b, i in zip(self.bounds, index, strict=True)))
+            for index in itertools.product(*ranges)
+        ]
+        shape = (*self.array.shape[:-2], rows.stop - rows.start, cols.stop - cols.start)
+        return {"pieces": pieces, "shape": shape, "dtype": self.array.dtype, "origin": (rows.start, cols.start)}
 
 
-def _read_block(
-    reflectance: Any,
-    reflectance_sources: tuple[np.ndarray, np.ndarray],
-    cloud_mask: Any,
-    mask_sources: tuple[np.ndarray, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """The observed bands, the network's channels and the fill mask over one block's extent.
-
-    ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (arrays, or chunks to join from
-    :meth:`_Chunks.region`); the ``sources`` index them per axis (:meth:`AxisTiling.block_source`, shifted to
-    the region), which mirrors them at the scene's edges.
-    """
-
-    def pick(parts: Any, sources: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        array = np.block(parts) if isinstance(parts, list) else parts
-        return _take(_take(array, sources[0], -2), sources[1], -1)
-
-    observed = pick(reflectance, reflectance_sources)
-    channels, to_fill = model_channels(observed, pick(cloud_mask, mask_sources))
-    return {"observed": observed, "channels": channels, "to_fill": to_fill}
-
-
-def _rows(block: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
-    """Some rows of :func:`_read_block`'s output: one task's input, small enough to move to any worker."""
-    return {name: values[..., rows, :] for name, values in block.items()}
+def _join(region: Any) -> np.ndarray:
+    """The array of a :meth:`_Chunks.region`: copies the part of each chunk that falls in the region."""
+    if not isinstance(region, dict):
+        return region
+    shape = region["shape"]
+    origin = (0,) * (len(shape) - 2) + tuple(region["origin"])
+    out = np.empty(shape, dtype=region["dtype"])
+    for chunk, start in region["pieces"]:
+        target, source = [], []
+        for begin, size, first, total in zip(start, chunk.shape, origin, shape, strict=True):
+            low, high = max(begin, first), min(begin + size, first + total)
+            target.append(slice(low - first, high - first))
+            source.append(slice(low - begin, high - begin))
+        out[tuple(target)] = chunk[tuple(source)]
+    return out
 
 
 def _block_sums(
-    block: dict[str, np.ndarray],
+    reflectance: Any,
+    cloud_mask: Any,
     *,
+    sources: tuple[np.ndarray, np.ndarray],
     spec: ModelSpec,
     tilings: tuple[AxisTiling, AxisTiling],
     index: tuple[int, int],
@@ -296,12 +296,15 @@ def _block_sums(
     batch_size: int,
     device: str,
 ) -> dict[str, np.ndarray]:
-    """Run the tiles of task ``index`` and sum their blended outputs over the task's extent.
+    """Run the tiles of block ``index`` and sum their blended outputs over the block's extent.
 
-    ``block`` is :func:`_read_block` over the task's extent. Returns the weighted sums and weights over the
-    extent, and the observed bands and fill mask of the task's core (what :func:`_finish_block` needs).
+    ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (:meth:`_Chunks.region`), and
+    ``sources`` index them per axis (:meth:`AxisTiling.block_source`, relative to the region), mirroring them
+    at the scene's edges. Returns the weighted sums and weights over the extent, and the observed bands and
+    fill mask of the block's core (what :func:`_finish_block` needs).
     """
-    channels, to_fill = block["channels"], block["to_fill"]
+    observed, cloudy = (_take(_take(_join(a), sources[0], -2), sources[1], -1) for a in (reflectance, cloud_mask))
+    channels, to_fill = model_channels(observed, cloudy)
     n_dates, height, width = to_fill.shape
     sums = np.zeros((n_dates, len(BANDS), height, width), dtype=np.float32)
     weight = np.zeros((height, width), dtype=np.float32)
@@ -335,8 +338,8 @@ def _block_sums(
     return {
         "sums": sums,
         "weight": weight,
-        "observed": block["observed"][..., core_rows, core_cols],
-        "to_fill": block["to_fill"][:, core_rows, core_cols],
+        "observed": observed[..., core_rows, core_cols],
+        "to_fill": to_fill[:, core_rows, core_cols],
     }
 
 
@@ -459,14 +462,12 @@ def reconstruct(
     device = default_device(device)
     blocks = AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=chunk)
     # A task runs one row of a block's tiles (about a second on a CPU core): small tasks keep every worker
-    # busy to the end; the rows are joined into ``chunk``-sized output blocks afterwards.
+    # busy to the end and little data waits between them; rows are joined into ``chunk``-sized output blocks.
     tilings = (
         AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=tile - overlap),
         AxisTiling.plan(cube.sizes["x"], tile=tile, overlap=overlap, chunk=chunk),
     )
-    finished = _block_graph(
-        cube, spec, blocks, tilings, tuple(date_triplets(cube)), batch_size=batch_size, device=device
-    )
+    finished = _block_graph(cube, spec, tilings, tuple(date_triplets(cube)), batch_size=batch_size, device=device)
     n_dates = cube.sizes["time"]
     variables = {}
     for name, dims in OUTPUT_DIMS.items():
@@ -493,46 +494,32 @@ def reconstruct(
 def _block_graph(
     cube: xr.Dataset,
     spec: ModelSpec,
-    blocks: AxisTiling,
     tilings: tuple[AxisTiling, AxisTiling],
     triplets: tuple[tuple[int, int, int], ...],
     *,
     batch_size: int,
     device: str,
 ) -> dict[tuple[int, int], Any]:
-    """One Delayed dict of outputs per task ``(i, j)``: tile row ``i`` (``tilings[0]``) of x block ``j``.
+    """One Delayed dict of outputs per block ``(i, j)`` of ``tilings``.
 
-    The input is read once per ``blocks`` x ``tilings[1]`` block (plus ``overlap`` before it: only what its
-    tiles need). Task ``(i, j)`` is finished with the leading strips of tasks ``(i+1, j)``, ``(i, j+1)`` and
-    ``(i+1, j+1)``, ``overlap`` pixels wide: the only data that moves between blocks.
+    Block ``(i, j)`` reads its pixels plus ``overlap`` before them from the store's chunks, runs its tiles, and
+    is finished with the leading strips of blocks ``(i+1, j)``, ``(i, j+1)`` and ``(i+1, j+1)``, ``overlap``
+    pixels wide: the only data that moves between blocks.
     """
     reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
     cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
     model = dask.delayed(spec, pure=True, traverse=False)  # one graph key: shipped once to each worker
-    token = dask.base.tokenize(reflectance, cloud_mask, spec.sha256, blocks, tilings, triplets, batch_size, device)
-    inputs = {}
+    token = dask.base.tokenize(reflectance, cloud_mask, spec.sha256, tilings, triplets, batch_size, device)
     arrays = (_Chunks(reflectance), _Chunks(cloud_mask))
-    for b in range(blocks.n_blocks):
-        for j in range(tilings[1].n_blocks):
-            sources = (blocks.block_source(b), tilings[1].block_source(j))
-            rows, cols = (slice(int(s.min()), int(s.max()) + 1) for s in sources)
-            arguments = []
-            for array in arrays:
-                parts, (top, left) = array.region(rows, cols)
-                arguments += [parts, (sources[0] - rows.start + top, sources[1] - cols.start + left)]
-            inputs[b, j] = dask.delayed(_read_block, pure=True)(
-                *arguments, dask_key_name=f"cmsn-read-{token}-{b}-{j}"
-            )
     ny, nx = (t.n_blocks for t in tilings)
     sums = {}
     for i in range(ny):
-        top = tilings[0].block_extent(i)[0]
-        b = max(top + tilings[0].overlap, 0) // blocks.block  # the block holding this row's own pixels
-        first_row = top - blocks.block_extent(b)[0]
-        rows = slice(first_row, first_row + tilings[0].block_extent(i)[1] - top)
         for j in range(nx):
+            sources = (tilings[0].block_source(i), tilings[1].block_source(j))
+            rows, cols = (slice(int(s.min()), int(s.max()) + 1) for s in sources)
             sums[i, j] = dask.delayed(_block_sums, pure=True)(
-                dask.delayed(_rows, pure=True)(inputs[b, j], rows),
+                *(array.region(rows, cols) for array in arrays),
+                sources=(sources[0] - rows.start, sources[1] - cols.start),
                 spec=model,
                 tilings=tilings,
                 index=(i, j),
