@@ -61,9 +61,13 @@ def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, b
     tilings = [AxisTiling.plan(cube.sizes[d], tile=tile, overlap=overlap, chunk=10**9) for d in ("y", "x")]
     rows, cols = (t.block_source(0) for t in tilings)
     reflectance = cube.reflectance.transpose("time", "band", "y", "x").values[:, :, rows][..., cols]
-    channels, to_fill = model_channels(reflectance, cube.cloud_mask.transpose("time", "y", "x").values[:, rows][..., cols])
+    channels, to_fill = model_channels(
+        reflectance, cube.cloud_mask.transpose("time", "y", "x").values[:, rows][..., cols]
+    )
     corners = [
-        (int(y - tilings[0].starts[0]), int(x - tilings[1].starts[0])) for y in tilings[0].starts for x in tilings[1].starts
+        (int(y - tilings[0].starts[0]), int(x - tilings[1].starts[0]))
+        for y in tilings[0].starts
+        for x in tilings[1].starts
     ]
     corners = tiles_to_run(to_fill, corners, (tilings[0].tile, tilings[1].tile))
     batches = [
@@ -93,8 +97,9 @@ def worker_rss(processes: list[psutil.Process]) -> int:
     return sum(p.memory_info().rss for p in processes)
 
 
-def _managed_bytes(dask_worker) -> int:  # type: ignore[no-untyped-def]
-    return int(dask_worker.state.nbytes)
+def _held_bytes(dask_scheduler) -> int:  # type: ignore[no-untyped-def]
+    # kept by the scheduler as results come and go: asking it leaves the workers' event loops alone
+    return int(sum(worker.nbytes for worker in dask_scheduler.workers.values()))
 
 
 class PeakMemory:
@@ -111,7 +116,7 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, worker_rss(self.processes))
-            self.peak_managed = max(self.peak_managed, sum(self.client.run(_managed_bytes).values()))
+            self.peak_managed = max(self.peak_managed, self.client.run_on_scheduler(_held_bytes))
             time.sleep(0.2)
 
     def __enter__(self) -> PeakMemory:

@@ -35,7 +35,9 @@ def worker_environment(threads_per_worker: int = 1) -> dict[str, str]:
     """Environment for worker processes: allocator tuning, as many torch/BLAS threads as Dask threads, and
     :data:`WORKER_CONFIG` as ``DASK_*`` variables (start the workers of an existing cluster with it too)."""
     threads = str(threads_per_worker)
-    config = {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in WORKER_CONFIG.items()}
+    config = {
+        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in WORKER_CONFIG.items()
+    }
     return {
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES),
         "OMP_NUM_THREADS": threads,

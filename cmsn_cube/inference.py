@@ -4,11 +4,12 @@ How a scene is cut
 ------------------
 Tiles of ``tile`` pixels start every ``stride = tile - overlap`` pixels on one grid that covers the whole scene
 (mirrored at its edges), and neighbouring tiles are blended over their ``overlap`` with weights that add up to
-one. Dask blocks are whole strides, so each tile belongs to exactly one block: a block reads its pixels plus
-``overlap`` before them, runs its tiles once (skipping those with nothing to fill), and is finished with the
-``overlap``-wide strips that the next blocks' tiles lay over its end. The result does not depend on the
-chunking: no seam at block borders, identical numbers on one thread, many threads or a cluster; the only data
-that moves between blocks is those strips.
+one. Blocks are whole strides, so each tile belongs to exactly one block (the one holding its body). A task
+is one row of a block's tiles: it reads its pixels plus ``overlap`` before them from the store's chunks (each
+chunk read once), runs the tiles that have something to fill, and is finished with the ``overlap``-wide strips
+that the next tasks' tiles lay over its end; the rows are then joined into ``chunk``-sized output blocks. The
+result does not depend on the chunking: no seam at block borders, identical numbers on one thread, many
+threads or a cluster.
 
 The model reaches workers as one graph key holding its weights (a few MB), loaded once per worker process and
 cached there (``_model_on_worker``), not once per chunk.
@@ -17,9 +18,9 @@ cached there (``_model_on_worker``), not once per chunk.
 from __future__ import annotations
 
 import functools
-import itertools
 import hashlib
 import io
+import itertools
 import os
 import threading
 from dataclasses import dataclass
@@ -225,9 +226,7 @@ def _take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
     return np.take(array, index, axis=axis)
 
 
-def tiles_to_run(
-    to_fill: np.ndarray, corners: list[tuple[int, int]], tile: tuple[int, int]
-) -> list[tuple[int, int]]:
+def tiles_to_run(to_fill: np.ndarray, corners: list[tuple[int, int]], tile: tuple[int, int]) -> list[tuple[int, int]]:
     """The tiles (top-left ``corners`` in ``to_fill(time, y, x)``) with a pixel to fill on some date.
 
     A tile with nothing to fill blends only into clear pixels, which keep their observed value: running it
@@ -374,7 +373,12 @@ def _finish_block(
 
     ndvi_observed = ndvi(observed, axis=1)
     ndvi_observed[to_fill] = np.nan
-    return {"reconstructed": reconstructed, "filled": to_fill, "ndvi": ndvi(reconstructed, axis=1), "ndvi_observed": ndvi_observed}
+    return {
+        "reconstructed": reconstructed,
+        "filled": to_fill,
+        "ndvi": ndvi(reconstructed, axis=1),
+        "ndvi_observed": ndvi_observed,
+    }
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -460,7 +464,7 @@ def reconstruct(
         raise CubeValidationError(f"chunk ({chunk} px) must be at least one tile ({tile} px)")
     spec = model_spec(model)
     device = default_device(device)
-    blocks = AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=chunk)
+    output_rows = AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=chunk)
     # A task runs one row of a block's tiles (about a second on a CPU core): small tasks keep every worker
     # busy to the end and little data waits between them; rows are joined into ``chunk``-sized output blocks.
     tilings = (
@@ -487,7 +491,7 @@ def reconstruct(
         nested: Any = grid
         for _ in range(len(dims) - 2):
             nested = [nested]
-        variables[name] = (dims, da.block(nested).rechunk({dims.index("y"): blocks.output_chunks}))
+        variables[name] = (dims, da.block(nested).rechunk({dims.index("y"): output_rows.output_chunks}))
     return _assemble(cube, variables, spec)
 
 

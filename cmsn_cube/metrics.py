@@ -151,12 +151,12 @@ def ndvi(reflectance: Any, *, axis: int = -3) -> Any:
         total = nir + red
         return ((nir - red) / total.where(total != 0)).clip(-1, 1).rename("ndvi")
     array, axis = _band_axis(reflectance, axis, as_float64=False)
-    red, nir = (array[(slice(None),) * axis + (band,)] for band in (_RED, _NIR))  # views, no copies
-    total = nir + red
+    red_band, nir_band = (array[(slice(None),) * axis + (band,)] for band in (_RED, _NIR))  # views, no copies
+    band_sum = nir_band + red_band
     # float inputs keep their precision (float32 stays float32); the scene-wide path calls this per block
-    index = np.full_like(total, np.nan, dtype=np.result_type(total.dtype, np.float32))
+    index = np.full_like(band_sum, np.nan, dtype=np.result_type(band_sum.dtype, np.float32))
     with np.errstate(invalid="ignore"):
-        np.divide(nir - red, total, out=index, where=total != 0)
+        np.divide(nir_band - red_band, band_sum, out=index, where=band_sum != 0)
     return np.clip(index, -1, 1, out=index)
 
 
