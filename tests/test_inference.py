@@ -34,6 +34,22 @@ def scene() -> xr.Dataset:
     return synthetic_scene(height=300, width=270, seed=2)
 
 
+@pytest.fixture()
+def windows_run(monkeypatch) -> list[int]:
+    """Counts the windows that go through the model (the real model call, counted)."""
+    import cmsn_cube.inference as inference
+
+    counts: list[int] = []
+    run_model = inference._run_model
+
+    def counting(model, windows, device):
+        counts.append(windows.shape[0])
+        return run_model(model, windows, device)
+
+    monkeypatch.setattr(inference, "_run_model", counting)
+    return counts
+
+
 def direct(model: CMSN, cube: xr.Dataset) -> np.ndarray:
     channels, _ = model_inputs(cube)
     with torch.no_grad():
@@ -78,17 +94,7 @@ def test_chunk_is_rounded_down_to_whole_strides_and_dtypes_hold(tiny_model, scen
     assert computed.filled.dtype == bool and computed.reconstructed.dtype == np.float32
 
 
-def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, monkeypatch):
-    import cmsn_cube.inference as inference
-
-    windows_run = []
-    run_model = inference._run_model
-
-    def counting(model, windows, device):  # the real model call, counted
-        windows_run.append(windows.shape[0])
-        return run_model(model, windows, device)
-
-    monkeypatch.setattr(inference, "_run_model", counting)
+def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, windows_run):
     mask = np.zeros(scene.cloud_mask.shape, dtype=bool)
     mask[1, 100:121, 100:131] = True  # one cloud, inside tile 1 along both axes (tile k: [80k - 16, 80k + 80))
     cube = scene.assign(cloud_mask=(scene.cloud_mask.dims, mask))
@@ -193,17 +199,7 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
     assert reopened.attrs["model_sha256"] == expected.attrs["model_sha256"]
 
 
-def test_region_writes_run_every_tile_once(tiny_model, scene, tmp_path, monkeypatch):
-    import cmsn_cube.inference as inference
-
-    windows_run = []
-    run_model = inference._run_model
-
-    def counting(model, windows, device):  # the real model call, counted
-        windows_run.append(windows.shape[0])
-        return run_model(model, windows, device)
-
-    monkeypatch.setattr(inference, "_run_model", counting)
+def test_region_writes_run_every_tile_once(tiny_model, scene, tmp_path, windows_run):
     tilings = [AxisTiling.plan(n, tile=96, overlap=16, chunk=128) for n in (scene.sizes["y"], scene.sizes["x"])]
     result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
     write_reconstruction(result, str(tmp_path / "out.zarr"), progress=False)
