@@ -32,7 +32,7 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import BANDS, validate_cube
-from cmsn_cube.exceptions import CubeValidationError
+from cmsn_cube.exceptions import BandMismatchError, CubeValidationError, DimensionError
 
 if TYPE_CHECKING:  # torch loads only when a model runs
     import torch
@@ -196,7 +196,22 @@ def model_channels(reflectance: np.ndarray, cloud_mask: np.ndarray) -> tuple[np.
 
     Returns ``channels(time, 5, y, x)`` float32 (the bands, zero where filled, then the mask) and
     ``to_fill(time, y, x)``: the cloud mask or no data (NaN in any band), both filled by the network.
+
+    Raises
+    ------
+    BandMismatchError
+        ``reflectance`` is not ``(time, 4 bands, y, x)``.
+    DimensionError
+        ``cloud_mask`` is not ``(time, y, x)`` of the same sizes.
     """
+    if reflectance.ndim != 4 or reflectance.shape[1] != len(BANDS):
+        raise BandMismatchError(
+            f"reflectance must be (time, band, y, x) with {len(BANDS)} bands ({', '.join(BANDS)}), got {reflectance.shape}"
+        )
+    if cloud_mask.shape != reflectance.shape[:1] + reflectance.shape[2:]:
+        raise DimensionError(
+            f"cloud_mask must be (time, y, x) = {reflectance.shape[:1] + reflectance.shape[2:]}, got {cloud_mask.shape}"
+        )
     to_fill = np.asarray(cloud_mask, dtype=bool) | np.isnan(reflectance).any(axis=1)
     channels = np.empty((reflectance.shape[0], len(BANDS) + 1, *reflectance.shape[2:]), dtype=np.float32)
     np.copyto(channels[:, :-1], reflectance)

@@ -14,6 +14,7 @@ from cmsn_cube.exceptions import BandMismatchError, DimensionError, StoreError
 from cmsn_cube.inference import (
     AxisTiling,
     _load_spec,
+    model_channels,
     model_inputs,
     reconstruct,
     write_reconstruction,
@@ -75,6 +76,22 @@ def test_result_does_not_depend_on_chunking(tiny_model, scene):
     large = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=1024).compute()
     assert small.reconstructed.shape == scene.reflectance.shape
     np.testing.assert_allclose(small.reconstructed.values, large.reconstructed.values, rtol=0, atol=1e-5)
+
+
+def test_model_channels_zero_gaps_and_refuse_wrong_shapes():
+    reflectance = np.full((3, 4, 5, 6), 0.2, dtype="float32")
+    reflectance[2, 1, 0, 0] = np.nan  # no data in one band: filled like a cloud
+    cloud_mask = np.zeros((3, 5, 6), dtype=bool)
+    cloud_mask[0, 4, 5] = True
+    channels, to_fill = model_channels(reflectance, cloud_mask)
+    assert channels.shape == (3, 5, 5, 6) and channels.dtype == np.float32
+    assert to_fill[0, 4, 5] and to_fill[2, 0, 0] and to_fill.sum() == 2
+    assert (channels[0, :4, 4, 5] == 0).all() and (channels[2, :4, 0, 0] == 0).all()
+    np.testing.assert_array_equal(channels[:, 4], to_fill.astype("float32"))
+    with pytest.raises(BandMismatchError, match="4 bands"):
+        model_channels(reflectance[:, :3], cloud_mask)
+    with pytest.raises(DimensionError, match="cloud_mask"):
+        model_channels(reflectance, cloud_mask[:, :4])
 
 
 def test_store_chunks_of_any_size_give_the_in_memory_result(tiny_model, scene, tmp_path):
