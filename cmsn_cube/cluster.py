@@ -13,6 +13,7 @@ the model's thread. Measured here with two 1-thread workers: 276 ms per 256 px w
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,20 +24,22 @@ GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1717986918
 
 
 #: Dask settings of the workers this module starts (the dashboard loses its profile tab and gets coarser
-#: system plots; set them back with ``dask.config.set`` around :func:`get_client` if you need those).
-WORKER_CONFIG = {
+#: system plots; pass ``worker_config={}`` to :func:`get_client` to keep Dask's defaults).
+WORKER_CONFIG: Mapping[str, object] = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "5s",
 }
 
 
-def worker_environment(threads_per_worker: int = 1) -> dict[str, str]:
+def worker_environment(
+    threads_per_worker: int = 1, *, worker_config: Mapping[str, object] = WORKER_CONFIG
+) -> dict[str, str]:
     """Environment for worker processes: allocator tuning, as many torch/BLAS threads as Dask threads, and
-    :data:`WORKER_CONFIG` as ``DASK_*`` variables (start the workers of an existing cluster with it too)."""
+    ``worker_config`` as ``DASK_*`` variables (start the workers of an existing cluster with it too)."""
     threads = str(threads_per_worker)
     config = {
-        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in WORKER_CONFIG.items()
+        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in worker_config.items()
     }
     return {
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES),
@@ -53,6 +56,7 @@ def get_client(
     workers: int | None = None,
     threads_per_worker: int = 1,
     dashboard: bool = False,
+    worker_config: Mapping[str, object] = WORKER_CONFIG,
 ) -> Client:
     """Connect to ``scheduler`` (``tcp://host:8786``) or start a LocalCluster of worker processes.
 
@@ -68,6 +72,8 @@ def get_client(
     dashboard : bool
         Serve the Dask dashboard (its link is in ``client.dashboard_link``). Either way the scheduler's HTTP
         server takes a free port, so that two clusters never clash over port 8787.
+    worker_config : mapping
+        Dask settings of the local workers; default :data:`WORKER_CONFIG`, ``{}`` for Dask's own.
     """
     import dask
     from distributed import Client, LocalCluster
@@ -75,9 +81,9 @@ def get_client(
     if scheduler:
         return Client(scheduler)
     n_workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
-    environment = worker_environment(threads_per_worker)
+    environment = worker_environment(threads_per_worker, worker_config=worker_config)
     spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environment.items()}
-    with dask.config.set({**spawn, **WORKER_CONFIG}):
+    with dask.config.set({**spawn, **worker_config}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,

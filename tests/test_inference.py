@@ -240,3 +240,13 @@ def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
         assert not any(profiling.values()), "the workers' profiler takes the GIL from the model every 10 ms"
         distributed = reconstruct(open_cube(store), model=tiny_model, tile=96, overlap=16, chunk=128).compute()
     np.testing.assert_allclose(distributed.reconstructed.values, threaded.reconstructed.values, rtol=0, atol=1e-6)
+
+
+def test_worker_environment_carries_the_worker_config():
+    from cmsn_cube.cluster import worker_environment
+
+    quiet = worker_environment(2)
+    assert quiet["OMP_NUM_THREADS"] == "2" and "mmap_max=0" in quiet["GLIBC_TUNABLES"]
+    assert quiet["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] == "False"
+    assert quiet["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"] == "1s"
+    assert not any(name.startswith("DASK_") for name in worker_environment(worker_config={}))
