@@ -642,7 +642,7 @@ def write_reconstruction(
     """
     import fsspec
 
-    from cmsn_cube.cube import mark_store_complete, write_template
+    from cmsn_cube.cube import mark_store_complete, store_compressors, write_template
 
     path = str(path)
     mapper = fsspec.get_mapper(path)
@@ -652,7 +652,8 @@ def write_reconstruction(
         template = result.copy()
         for variable in template.data_vars.values():
             variable.encoding = {
-                "chunks": tuple(1 if d == "time" else chunks_yx.get(str(d), result.sizes[d]) for d in variable.dims)
+                "chunks": tuple(1 if d == "time" else chunks_yx.get(str(d), result.sizes[d]) for d in variable.dims),
+                "compressors": store_compressors(),
             }
         if "zarr.json" in mapper or ".zgroup" in mapper:
             mapper.fs.rm(mapper.root, recursive=True)

@@ -221,3 +221,12 @@ def test_in_memory_cube_is_written_without_the_active_cluster(tmp_path):
             assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter) == 0
     reopened = open_cube(tmp_path / "s.zarr").load()
     xr.testing.assert_equal(reopened["reflectance"], scene["reflectance"])
+
+
+def test_stores_are_written_with_blosc_lz4(scene_store):
+    import zarr
+
+    group = zarr.open_group(scene_store, mode="r")
+    for name in ("reflectance", "cloud_mask", "qa_pixel"):
+        (codec,) = group[name].compressors
+        assert type(codec).__name__ == "BloscCodec" and codec.cname.value == "lz4", (name, codec)

@@ -214,6 +214,7 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
     xr.testing.assert_allclose(reopened.ndvi.load(), expected.ndvi, rtol=0, atol=0)
     assert reopened.rio.crs == scene.rio.crs
     assert reopened.attrs["model_sha256"] == expected.attrs["model_sha256"]
+    assert "lz4" in str(reopened.reconstructed.encoding["compressors"]), reopened.reconstructed.encoding
 
 
 def test_region_writes_run_every_tile_once(tiny_model, scene, tmp_path, windows_run):
