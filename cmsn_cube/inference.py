@@ -412,12 +412,20 @@ def model_inputs(cube: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
     )
 
 
-#: The variables of a reconstruction, with their dims.
-OUTPUT_DIMS = {
-    "reconstructed": ("time", "band", "y", "x"),
-    "filled": ("time", "y", "x"),
-    "ndvi": ("time", "y", "x"),
-    "ndvi_observed": ("time", "y", "x"),
+#: The variables of a reconstruction: dims, dtype and attrs.
+OUTPUT_VARIABLES: dict[str, tuple[tuple[str, ...], np.dtype, dict[str, str]]] = {
+    "reconstructed": (
+        ("time", "band", "y", "x"),
+        np.dtype(np.float32),
+        {"long_name": "reconstructed TOA reflectance", "units": "1"},
+    ),
+    "filled": (("time", "y", "x"), np.dtype(bool), {"long_name": "pixels filled by the network"}),
+    "ndvi": (("time", "y", "x"), np.dtype(np.float32), {"long_name": "NDVI of the reconstruction", "units": "1"}),
+    "ndvi_observed": (
+        ("time", "y", "x"),
+        np.dtype(np.float32),
+        {"long_name": "NDVI of the observation (NaN under clouds)", "units": "1"},
+    ),
 }
 
 
@@ -489,8 +497,7 @@ def reconstruct(
     finished = _block_graph(cube, spec, tilings, tuple(date_triplets(cube)), batch_size=batch_size, device=device)
     n_dates = cube.sizes["time"]
     variables = {}
-    for name, dims in OUTPUT_DIMS.items():
-        dtype = np.dtype(bool) if name == "filled" else np.dtype(np.float32)
+    for name, (dims, dtype, _) in OUTPUT_VARIABLES.items():
         grid = [
             [
                 da.from_delayed(
@@ -572,19 +579,13 @@ def _assemble(cube: xr.Dataset, variables: dict[str, tuple[tuple[str, ...], da.A
     from cmsn_cube.cube import crs_of, set_crs
 
     coords = cube["reflectance"].coords
-    attributes = {
-        "reconstructed": {"long_name": "reconstructed TOA reflectance", "units": "1"},
-        "filled": {"long_name": "pixels filled by the network"},
-        "ndvi": {"long_name": "NDVI of the reconstruction", "units": "1"},
-        "ndvi_observed": {"long_name": "NDVI of the observation (NaN under clouds)", "units": "1"},
-    }
     out = xr.Dataset(
         {
             name: xr.DataArray(
                 data,
                 dims=dims,
                 coords={k: v for k, v in coords.items() if set(v.dims) <= set(dims)},
-                attrs=attributes[name],
+                attrs=OUTPUT_VARIABLES[name][2],
             )
             for name, (dims, data) in variables.items()
         },
