@@ -229,7 +229,10 @@ def evaluate_command(
 @click.option("--overlap", default=32, help="Pixels shared by neighbouring windows (blended).")
 @click.option("--batch-size", default=4, help="Windows per forward pass.")
 @click.option(
-    "--chunk", default=1024, help="Dask chunk size along y/x in pixels, rounded down to whole strides (1024 -> 896)."
+    "--chunk",
+    default=1024,
+    help="Width of the output chunks in pixels, rounded down to whole strides (1024 -> 896); each chunk is one "
+    "row of tiles high (224 px with the defaults).",
 )
 @click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when present).")
 def reconstruct(

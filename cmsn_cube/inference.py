@@ -3,13 +3,14 @@
 How a scene is cut
 ------------------
 Tiles of ``tile`` pixels start every ``stride = tile - overlap`` pixels on one grid that covers the whole scene
-(mirrored at its edges), and neighbouring tiles are blended over their ``overlap`` with weights that add up to
-one. Blocks are whole strides, so each tile belongs to exactly one block (the one holding its body). A task
-is one row of a block's tiles: it reads its pixels plus ``overlap`` before them from the store's chunks (each
-chunk read once), runs the tiles that have something to fill, and is finished with the ``overlap``-wide strips
-that the next tasks' tiles lay over its end; the rows are then joined into ``chunk``-sized output blocks. The
-result does not depend on the chunking: no seam at block borders, identical numbers on one thread, many
-threads or a cluster.
+from its first pixel (mirrored past its end), and neighbouring tiles are blended over their ``overlap`` with
+weights that add up to one. Each tile belongs to the block where it starts, so overlaps only reach forward.
+A task is one row of tiles across a block ``chunk`` pixels wide: it reads its pixels plus the ``overlap`` after
+them from the store's chunks, runs the tiles that have something to fill, and is finished with the
+``overlap``-wide strips that the tasks above and to the left spilled over its start; the finished row is one
+chunk of the output. No chunk waits for a chunk after it, so :func:`write_reconstruction` streams a scene
+through a cluster in raster order, in memory that does not grow with the scene. The result does not depend on
+the chunking: no seam at block borders, identical numbers on one thread, many threads or a cluster.
 
 The model reaches workers as one graph key holding its weights (a few MB), loaded once per worker process and
 cached there (``_model_on_worker``), not once per chunk.
@@ -21,6 +22,7 @@ import functools
 import hashlib
 import io
 import itertools
+import operator
 import os
 import threading
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.highlevelgraph import HighLevelGraph
 
 from cmsn_cube.cube import BANDS, validate_cube
 from cmsn_cube.exceptions import BandMismatchError, CubeValidationError, DimensionError
@@ -116,11 +119,12 @@ def default_device(device: str | None = None) -> str:
 class AxisTiling:
     """The global tile grid along one axis of ``size`` pixels, and the blocks that share it out.
 
-    Positions are scene pixels. Tile ``k`` covers ``[k * stride - overlap, (k + 1) * stride)``: its first
-    ``overlap`` pixels are shared with tile ``k - 1`` and blended; pixels outside the scene are the scene
-    reflected at its edge. Blocks are ``block`` pixels, a multiple of the stride, so every tile belongs to the
-    block holding its body ``[k * stride, (k + 1) * stride)`` and only the first ``overlap`` pixels of a
-    block's first tiles reach back into the block before it.
+    Positions are scene pixels. Tile ``k`` covers ``[k * stride, k * stride + tile)``: its last ``overlap``
+    pixels are shared with tile ``k + 1`` and blended; pixels past the scene's end are the scene reflected at
+    its edge. Blocks are ``block`` pixels, a multiple of the stride, and each tile belongs to the block where
+    it starts. Overlaps therefore only reach forward: the last tiles of a block lay ``overlap`` pixels over
+    the start of the next block, and a block is complete as soon as its own tiles and those of the blocks
+    before it have run. Nothing waits for a block further on, so a scene streams through in bounded memory.
 
     An axis no longer than a tile is one window (no padding, no overlap): a small cube gives exactly what the
     model gives on the whole cube at once.
@@ -138,7 +142,9 @@ class AxisTiling:
         if size <= tile:
             return cls(size=size, tile=size, overlap=0, n_tiles=1, block=size)
         stride = tile - overlap
-        return cls(size, tile, overlap, n_tiles=-(-size // stride), block=max(stride, chunk // stride * stride))
+        return cls(
+            size, tile, overlap, n_tiles=-(-(size - overlap) // stride), block=max(stride, chunk // stride * stride)
+        )
 
     @property
     def stride(self) -> int:
@@ -146,8 +152,8 @@ class AxisTiling:
 
     @property
     def starts(self) -> np.ndarray:
-        """First pixel of every tile (negative for the first one, which starts in the reflected edge)."""
-        return np.arange(self.n_tiles) * self.stride - self.overlap
+        """First pixel of every tile."""
+        return np.arange(self.n_tiles) * self.stride
 
     @property
     def n_blocks(self) -> int:
@@ -159,24 +165,26 @@ class AxisTiling:
         return tuple(min(self.block, self.size - b * self.block) for b in range(self.n_blocks))
 
     def block_tiles(self, b: int) -> range:
-        """The tiles whose body lies in block ``b``."""
+        """The tiles that start in block ``b`` (none in a last block shorter than the overlap)."""
         per_block = self.block // self.stride
-        return range(b * per_block, min((b + 1) * per_block, self.n_tiles))
+        return range(min(b * per_block, self.n_tiles), min((b + 1) * per_block, self.n_tiles))
 
     def block_extent(self, b: int) -> tuple[int, int]:
-        """The pixels that block ``b``'s tiles cover: ``overlap`` before the block, to the end of its last tile."""
+        """The pixels block ``b`` reads: its own, and the ``overlap`` its last tile lays over the next block."""
+        start = b * self.block
         tiles = self.block_tiles(b)
-        return int(self.starts[tiles[0]]), int(self.starts[tiles[-1]]) + self.tile
+        return start, max(start + self.output_chunks[b], int(self.starts[tiles[-1]]) + self.tile if tiles else 0)
 
     def block_source(self, b: int) -> np.ndarray:
-        """The scene pixel that each pixel of :meth:`block_extent` reads (mirrored at the scene's edges)."""
-        index = np.abs(np.arange(*self.block_extent(b)))
+        """The scene pixel that each pixel of :meth:`block_extent` reads (mirrored past the scene's end)."""
+        index = np.arange(*self.block_extent(b))
         return np.where(index >= self.size, 2 * (self.size - 1) - index, index)
 
-    def block_core(self, b: int) -> slice:
-        """Block ``b``'s own pixels within its extent."""
-        start = b * self.block - self.block_extent(b)[0]
-        return slice(start, start + self.output_chunks[b])
+    def spill(self, b: int) -> int:
+        """How many pixels of block ``b + 1`` the tiles of block ``b`` reach (0 for the last block)."""
+        if b + 1 >= self.n_blocks:
+            return 0
+        return min(self.block_extent(b)[1] - (b + 1) * self.block, self.output_chunks[b + 1])
 
     def weights(self) -> np.ndarray:
         """Blending weight across a tile: a cosine ramp over the overlap at each end, 1 inside, never 0.
@@ -348,7 +356,7 @@ def _block_sums(
                 for date, triplet in enumerate(triplets):
                     sums[date, :, y : y + ty, x : x + tx] += outputs[triplet][k, triplet.index(date)] * blend
                 weight[y : y + ty, x : x + tx] += blend
-    core_rows, core_cols = (t.block_core(b) for t, b in zip(tilings, index, strict=True))
+    core_rows, core_cols = (slice(0, t.output_chunks[b]) for t, b in zip(tilings, index, strict=True))
     return {
         "sums": sums,
         "weight": weight,
@@ -357,29 +365,32 @@ def _block_sums(
     }
 
 
-def _leading_strip(block: dict[str, np.ndarray], rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-    """The part of a block's sums that belongs to the block before it (copied: the block itself is large)."""
+#: Key prefix of the strips that a block's tiles spill over a later block: ``{prefix}{token}-{i}-{j}-{side}``
+#: for the block ``(i, j)`` that receives it from ``above``, the ``left`` or the ``diagonal``.
+STRIP_PREFIX = "cmsn-strip-"
+_STRIP_SOURCE = {"above": (-1, 0), "left": (0, -1), "diagonal": (-1, -1)}
+
+
+def _spilled_strip(block: dict[str, np.ndarray], rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+    """The part of a block's sums that its last tiles lay over a later block (copied: the block is large)."""
     return block["sums"][..., rows, cols].copy(), block["weight"][rows, cols].copy()
 
 
 def _finish_block(
-    block: dict[str, np.ndarray],
-    *strips: tuple[np.ndarray, np.ndarray] | None,
-    core: tuple[slice, slice],
-    overlap: tuple[int, int],
+    block: dict[str, np.ndarray], *strips: tuple[np.ndarray, np.ndarray] | None, core: tuple[slice, slice]
 ) -> dict[str, np.ndarray]:
-    """A block's outputs: its sums plus the strips the next blocks' tiles add (below, right, diagonal), blended."""
+    """A block's outputs: its sums plus the strips that earlier blocks' tiles lay over its start, blended.
+
+    ``strips`` come from the block above, the block to the left and the one diagonally above-left (``None``
+    where there is none); each covers the first rows and/or columns of the block.
+    """
     reconstructed = block["sums"][..., core[0], core[1]].copy()
     weight = block["weight"][core].copy()
-    tails = (
-        (slice(-overlap[0], None), slice(None)),
-        (slice(None), slice(-overlap[1], None)),
-        (slice(-overlap[0], None), slice(-overlap[1], None)),
-    )
-    for strip, (rows, cols) in zip(strips, tails, strict=True):
+    for strip in strips:
         if strip is not None:
-            reconstructed[..., rows, cols] += strip[0]
-            weight[rows, cols] += strip[1]
+            head = (slice(0, strip[1].shape[0]), slice(0, strip[1].shape[1]))
+            reconstructed[(..., *head)] += strip[0]
+            weight[head] += strip[1]
     np.divide(reconstructed, weight, out=reconstructed, where=weight > 0)
     to_fill, observed = block["to_fill"], block["observed"]
     # blending averages identical values in floating point: clear pixels take the observation, bit-identical
@@ -456,8 +467,9 @@ def reconstruct(
     device : str, optional
         ``"cpu"``, ``"cuda"``…; default CUDA when present.
     chunk : int
-        Dask chunk size of the output along y/x in pixels, at least ``tile``; rounded down to a multiple of the
-        stride ``tile - overlap`` (1024 -> 896 with the defaults), so that each block runs its own tiles.
+        Width in pixels of the output's Dask chunks (along x), at least ``tile``; rounded down to a multiple of
+        the stride ``tile - overlap`` (1024 -> 896 with the defaults), so that each chunk runs its own tiles.
+        Along y a chunk is one row of tiles, one stride high (224 px with the defaults).
 
     Returns
     -------
@@ -487,33 +499,27 @@ def reconstruct(
         raise CubeValidationError(f"chunk ({chunk} px) must be at least one tile ({tile} px)")
     spec = model_spec(model)
     device = default_device(device)
-    output_rows = AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=chunk)
-    # A task runs one row of a block's tiles (about a second on a CPU core): small tasks keep every worker
-    # busy to the end and little data waits between them; rows are joined into ``chunk``-sized output blocks.
+    # A task runs one row of a block's tiles (about a second on a CPU core) and finishes that row's chunk of
+    # the output: small tasks keep every worker busy to the end, and a chunk is written by the task that
+    # finished it, without being gathered with others first.
     tilings = (
         AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=tile - overlap),
         AxisTiling.plan(cube.sizes["x"], tile=tile, overlap=overlap, chunk=chunk),
     )
     finished = _block_graph(cube, spec, tilings, tuple(date_triplets(cube)), batch_size=batch_size, device=device)
     n_dates = cube.sizes["time"]
+    # each chunk is one item of its block's outputs (no copy: da.from_delayed + da.block copied every chunk)
+    token = dask.base.tokenize(*(block.key for block in finished.values()))
     variables = {}
     for name, (dims, dtype, _) in OUTPUT_VARIABLES.items():
-        grid = [
-            [
-                da.from_delayed(
-                    finished[i, j][name],
-                    shape=(n_dates, *((len(BANDS),) if "band" in dims else ()), *chunk_y_x),
-                    dtype=dtype,
-                    meta=np.empty((0,) * len(dims), dtype=dtype),
-                )
-                for j, chunk_y_x in enumerate((cy, cx) for cx in tilings[1].output_chunks)
-            ]
-            for i, cy in enumerate(tilings[0].output_chunks)
-        ]
-        nested: Any = grid
-        for _ in range(len(dims) - 2):
-            nested = [nested]
-        variables[name] = (dims, da.block(nested).rechunk({dims.index("y"): output_rows.output_chunks}))
+        array_name = f"cmsn-{name}-{token}"
+        leading = (0,) * (len(dims) - 2)
+        layer: dict[Any, Any] = {
+            (array_name, *leading, i, j): (operator.getitem, block.key, name) for (i, j), block in finished.items()
+        }
+        graph = HighLevelGraph.from_collections(array_name, layer, dependencies=list(finished.values()))
+        chunks = ((n_dates,), *(((len(BANDS),),) if "band" in dims else ()), *(t.output_chunks for t in tilings))
+        variables[name] = (dims, da.Array(graph, array_name, chunks, meta=np.empty((0,) * len(dims), dtype=dtype)))
     return _assemble(cube, variables, spec)
 
 
@@ -528,9 +534,9 @@ def _block_graph(
 ) -> dict[tuple[int, int], Any]:
     """One Delayed dict of outputs per block ``(i, j)`` of ``tilings``.
 
-    Block ``(i, j)`` reads its pixels plus ``overlap`` before them from the store's chunks, runs its tiles, and
-    is finished with the leading strips of blocks ``(i+1, j)``, ``(i, j+1)`` and ``(i+1, j+1)``, ``overlap``
-    pixels wide: the only data that moves between blocks.
+    Block ``(i, j)`` reads its pixels plus the ``overlap`` after them from the store's chunks, runs its tiles,
+    and is finished with the strips that blocks ``(i-1, j)``, ``(i, j-1)`` and ``(i-1, j-1)`` spilled over its
+    start, ``overlap`` pixels wide: the only data that moves between blocks, and only forward.
     """
     reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
     cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
@@ -554,23 +560,33 @@ def _block_graph(
                 device=device,
                 dask_key_name=f"cmsn-tiles-{token}-{i}-{j}",
             )
-    overlap = (tilings[0].overlap, tilings[1].overlap)
     finished = {}
     for i in range(ny):
         for j in range(nx):
-            core = (tilings[0].block_core(i), tilings[1].block_core(j))
-            below = i + 1 < ny and overlap[0] > 0
-            right = j + 1 < nx and overlap[1] > 0
-            lead_y, lead_x = slice(0, overlap[0]), slice(0, overlap[1])
-            strips = (
-                dask.delayed(_leading_strip, pure=True)(sums[i + 1, j], lead_y, core[1]) if below else None,
-                dask.delayed(_leading_strip, pure=True)(sums[i, j + 1], core[0], lead_x) if right else None,
-                dask.delayed(_leading_strip, pure=True)(sums[i + 1, j + 1], lead_y, lead_x)
-                if below and right
-                else None,
+            core = (slice(0, tilings[0].output_chunks[i]), slice(0, tilings[1].output_chunks[j]))
+            # what the tiles of the block above / to the left lay past their own block's end
+            above = (
+                slice(tilings[0].output_chunks[i - 1], tilings[0].output_chunks[i - 1] + tilings[0].spill(i - 1))
+                if i > 0 and tilings[0].spill(i - 1)
+                else None
+            )
+            left = (
+                slice(tilings[1].output_chunks[j - 1], tilings[1].output_chunks[j - 1] + tilings[1].spill(j - 1))
+                if j > 0 and tilings[1].spill(j - 1)
+                else None
+            )
+            spilling = {"above": (i - 1, j, above, core[1]), "left": (i, j - 1, core[0], left)}
+            spilling["diagonal"] = (i - 1, j - 1, above, left)
+            strips = tuple(
+                dask.delayed(_spilled_strip, pure=True)(
+                    sums[si, sj], rows, cols, dask_key_name=f"{STRIP_PREFIX}{token}-{i}-{j}-{side}"
+                )
+                if rows is not None and cols is not None
+                else None
+                for side, (si, sj, rows, cols) in spilling.items()
             )
             finished[i, j] = dask.delayed(_finish_block, pure=True, nout=None)(
-                sums[i, j], *strips, core=core, overlap=overlap, dask_key_name=f"cmsn-block-{token}-{i}-{j}"
+                sums[i, j], *strips, core=core, dask_key_name=f"cmsn-block-{token}-{i}-{j}"
             )
     return finished
 
@@ -662,12 +678,10 @@ def write_reconstruction(
     names = list(result.data_vars)
     result = result.chunk({dim: -1 for dim in result.dims if dim not in ("y", "x")})
     y_chunks, x_chunks = result.chunks["y"], result.chunks["x"]
-    # One joint optimisation, then block-level Delayeds that share it: handing array slices to delayed()
-    # optimises each slice's graph on its own and re-runs the network for tiles that neighbouring regions
-    # share (measured: 175 tile runs instead of 100 on a 2048² scene).
-    optimized = dask.optimize(*(result[name].data for name in names))
-    blocks = {name: array.to_delayed(optimize_graph=False) for name, array in zip(names, optimized, strict=True)}
-    tasks = []
+    # The chunks as they are, unoptimised: optimising each variable's graph on its own (as dask.optimize does)
+    # fuses the block task that finishes all four variables into each of them, so it ran four times.
+    blocks = {name: result[name].data.to_delayed(optimize_graph=False) for name in names}
+    regions: dict[tuple[int, int], Any] = {}  # in raster order: every strip a region needs comes before it
     for i, _ in enumerate(y_chunks):
         for j, _ in enumerate(x_chunks):
             key = f"{i}_{j}"
@@ -680,10 +694,12 @@ def write_reconstruction(
                 dims = result[name].dims
                 arrays[name] = blocks[name][tuple(i if d == "y" else j if d == "x" else 0 for d in dims)]
                 index[name] = tuple(ys if d == "y" else xs if d == "x" else slice(None) for d in dims)
-            tasks.append(dask.delayed(_write_region)(arrays, path=path, index=index, key=key))
-    finishing = max_regions is None or len(tasks) <= max_regions
-    tasks = tasks if max_regions is None else tasks[:max_regions]
-    _compute_with_progress(tasks, progress=progress, description=f"writing {os.path.basename(path.rstrip('/'))}")
+            regions[i, j] = dask.delayed(_write_region)(
+                arrays, path=path, index=index, key=key, dask_key_name=f"cmsn-write-{key}-{dask.base.tokenize(path)}"
+            )
+    finishing = max_regions is None or len(regions) <= max_regions
+    regions = dict(itertools.islice(regions.items(), max_regions))
+    _compute_regions(regions, progress=progress, description=f"writing {os.path.basename(path.rstrip('/'))}")
     if not finishing:
         return path
     mark_store_complete(path)
@@ -707,14 +723,18 @@ def _same_reconstruction(path: str, result: xr.Dataset) -> bool:
     )
 
 
-def _compute_with_progress(tasks: list[Any], *, progress: bool, description: str) -> None:
-    """Compute tasks on the active Dask client (a tqdm bar over finished tasks) or the local scheduler."""
+def _compute_regions(regions: dict[tuple[int, int], Any], *, progress: bool, description: str) -> None:
+    """Compute the region writes (a tqdm bar over regions): streamed on the active Dask client, else at once.
+
+    On a client (:func:`_stream_regions`) memory stays bounded however large the scene; the local schedulers
+    get the whole graph at once and order it themselves.
+    """
     from tqdm import tqdm
 
-    if not tasks:
+    if not regions:
         return
     try:
-        from distributed import as_completed, get_client
+        from distributed import get_client
 
         client = get_client()
     except (ImportError, ValueError):
@@ -723,13 +743,65 @@ def _compute_with_progress(tasks: list[Any], *, progress: bool, description: str
         from tqdm.dask import TqdmCallback
 
         with TqdmCallback(desc=description, disable=not progress):
-            dask.compute(*tasks)
+            dask.compute(*regions.values())
         return
-    futures = client.compute(tasks)
-    for future in tqdm(
-        as_completed(futures), total=len(futures), desc=description, unit="region", disable=not progress
-    ):
+    with tqdm(total=len(regions), desc=description, unit="region", disable=not progress) as bar:
+        _stream_regions(client, regions, on_done=bar.update)
+
+
+#: Regions in flight per worker thread while streaming a write. Measured on a 4096² scene with two 1-thread
+#: workers: 2 left each worker idle ~3 s waiting for reads and re-read 3.4x the store; 4 cut both in half.
+_REGIONS_PER_THREAD = 4
+
+
+def _stream_regions(client: Any, regions: dict[tuple[int, int], Any], *, on_done: Any) -> None:
+    """Submit the regions in raster order, keeping :data:`_REGIONS_PER_THREAD` per worker thread in flight.
+
+    Given the whole graph at once, the scheduler's static order wanders over the scene and keeps the rows of
+    tiles it has run waiting for neighbours it reaches much later (a front across the scene, growing with it).
+    Submitted in raster order, a region only needs strips that regions submitted before it spill over its
+    start: the futures of those strips are held from the submission of the region that spills them to the
+    submission of the one that takes them, so no tile runs twice and nothing else waits.
+    """
+    from dask.core import get_dependencies
+    from distributed import wait
+
+    graph = dict(HighLevelGraph.merge(*(region.__dask_graph__() for region in regions.values())))
+    strips: dict[tuple[int, int], list[tuple[tuple[int, int], Any]]] = {}  # spilling block -> (receiver, key)
+    for key in graph:
+        if isinstance(key, str) and key.startswith(STRIP_PREFIX):
+            *_, i, j, side = key.rsplit("-", 3)
+            di, dj = _STRIP_SOURCE[side]
+            strips.setdefault((int(i) + di, int(j) + dj), []).append(((int(i), int(j)), key))
+
+    def upstream(keys: list[Any]) -> dict[Any, Any]:
+        needed, stack = {}, list(keys)
+        while stack:
+            key = stack.pop()
+            if key not in needed:
+                needed[key] = graph[key]
+                stack.extend(get_dependencies(graph, key))
+        return needed
+
+    window = _REGIONS_PER_THREAD * sum(client.nthreads().values())
+    held: dict[tuple[int, int], list[Any]] = {}  # receiving region -> futures of its strips
+    in_flight: set[Any] = set()
+    for index, region in regions.items():
+        if len(in_flight) >= window:
+            done, in_flight = wait(in_flight, return_when="FIRST_COMPLETED")
+            for future in done:
+                future.result()  # raises a failed region's error
+            on_done(len(done))
+        spilled = strips.get(index, [])
+        keys = [region.key, *(key for _, key in spilled)]
+        write, *strip_futures = client.get(upstream(keys), keys, sync=False)
+        in_flight.add(write)
+        for (receiver, _), future in zip(spilled, strip_futures, strict=True):
+            held.setdefault(receiver, []).append(future)
+        held.pop(index, None)  # now kept by this region's tasks
+    for future in wait(in_flight).done:
         future.result()
+    on_done(len(in_flight))
 
 
 def predict_window(cube: xr.Dataset, *, model: ModelLike = None, device: str | None = None) -> xr.Dataset:

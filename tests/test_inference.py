@@ -78,6 +78,56 @@ def test_result_does_not_depend_on_chunking(tiny_model, scene):
     np.testing.assert_allclose(small.reconstructed.values, large.reconstructed.values, rtol=0, atol=1e-5)
 
 
+def blended_in_one_pass(model: CMSN, cube: xr.Dataset, *, tile: int, overlap: int) -> np.ndarray:
+    """The reference: every tile of the global grid run on the whole mirrored scene at once, blended, divided."""
+    tilings = [AxisTiling.plan(cube.sizes[d], tile=tile, overlap=overlap, chunk=10**9) for d in ("y", "x")]
+    rows, cols = (t.block_source(0) for t in tilings)
+    channels, to_fill = model_inputs(cube)
+    channels = channels.values[:, :, rows][..., cols]
+    sums = np.zeros((channels.shape[0], 4, rows.size, cols.size))
+    weights = np.zeros((rows.size, cols.size))
+    blend = np.outer(tilings[0].weights(), tilings[1].weights())
+    for y in tilings[0].starts:
+        for x in tilings[1].starts:
+            with torch.no_grad():
+                window = torch.from_numpy(channels[None, :, :, y : y + tile, x : x + tile])
+                sums[..., y : y + tile, x : x + tile] += model(window).output[0].numpy() * blend
+            weights[y : y + tile, x : x + tile] += blend
+    blended = (sums / weights)[..., : cube.sizes["y"], : cube.sizes["x"]]
+    return np.where(to_fill.values[:, None], blended, cube.reflectance.values)
+
+
+@pytest.mark.parametrize("chunk", [96, 160])
+def test_blocks_give_the_one_pass_blend(tiny_model, chunk):
+    # 245 = 3 * 80 + 5 rows and 250 = 3 * 80 + 10 columns: the last blocks are shorter than the overlap and
+    # hold no tile of their own, only what the tiles before them spill over
+    cube = synthetic_scene(height=245, width=250, seed=9)
+    result = reconstruct(cube, model=tiny_model, tile=96, overlap=16, chunk=chunk).compute()
+    expected = blended_in_one_pass(tiny_model, cube, tile=96, overlap=16)
+    np.testing.assert_allclose(result.reconstructed.values, expected, rtol=0, atol=1e-5)
+
+
+def test_blocks_wait_only_for_blocks_before_them(tiny_model, scene):
+    # what lets a written scene stream through bounded memory: no block depends on a later block's tiles
+    from dask.core import get_dependencies
+
+    graph = dict(reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=160).reconstructed.data.dask)
+
+    def tiles_behind(key, seen):
+        for dependency in get_dependencies(graph, key):
+            if dependency not in seen:
+                seen.add(dependency)
+                tiles_behind(dependency, seen)
+        return {tuple(int(n) for n in k.rsplit("-", 2)[1:]) for k in seen if str(k).startswith("cmsn-tiles-")}
+
+    blocks = [key for key in graph if str(key).startswith("cmsn-block-")]
+    assert len(blocks) == 4 * 2  # rows of tiles (80 px) x blocks of 160 px
+    for key in blocks:
+        i, j = (int(n) for n in key.rsplit("-", 2)[1:])
+        needed = tiles_behind(key, set())
+        assert (i, j) in needed and all(a <= i and b <= j for a, b in needed), (key, needed)
+
+
 def test_model_channels_zero_gaps_and_refuse_wrong_shapes():
     reflectance = np.full((3, 4, 5, 6), 0.2, dtype="float32")
     reflectance[2, 1, 0, 0] = np.nan  # no data in one band: filled like a cloud
@@ -104,7 +154,8 @@ def test_store_chunks_of_any_size_give_the_in_memory_result(tiny_model, scene, t
 
 def test_chunk_is_rounded_down_to_whole_strides_and_dtypes_hold(tiny_model, scene):
     result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=200)  # stride 80: blocks of 160
-    assert result.chunks["y"] == (160, 140) and result.chunks["x"] == (160, 110)
+    # along y a chunk is one row of tiles, along x a block
+    assert result.chunks["y"] == (80, 80, 80, 60) and result.chunks["x"] == (160, 110)
     computed = result.compute()
     for name in result.data_vars:
         assert computed[name].dtype == result[name].dtype, name
@@ -113,7 +164,7 @@ def test_chunk_is_rounded_down_to_whole_strides_and_dtypes_hold(tiny_model, scen
 
 def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, windows_run):
     mask = np.zeros(scene.cloud_mask.shape, dtype=bool)
-    mask[1, 100:121, 100:131] = True  # one cloud, inside tile 1 along both axes (tile k: [80k - 16, 80k + 80))
+    mask[1, 100:121, 100:131] = True  # one cloud, inside tile 1 along both axes (tile k: [80k, 80k + 96))
     cube = scene.assign(cloud_mask=(scene.cloud_mask.dims, mask))
     result = reconstruct(cube, model=tiny_model, tile=96, overlap=16, chunk=160).compute()
     assert sum(windows_run) == 1
@@ -217,12 +268,35 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
     assert "lz4" in str(reopened.reconstructed.encoding["compressors"]), reopened.reconstructed.encoding
 
 
-def test_region_writes_run_every_tile_once(tiny_model, scene, tmp_path, windows_run):
+def test_region_writes_run_every_tile_and_block_once(tiny_model, scene, tmp_path, windows_run, monkeypatch):
+    import cmsn_cube.inference as inference
+
+    finished: list[int] = []
+    finish_block = inference._finish_block
+    monkeypatch.setattr(inference, "_finish_block", lambda *a, **k: finished.append(1) or finish_block(*a, **k))
     tilings = [AxisTiling.plan(n, tile=96, overlap=16, chunk=128) for n in (scene.sizes["y"], scene.sizes["x"])]
     result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
     write_reconstruction(result, str(tmp_path / "out.zarr"), progress=False)
     # one triplet for three dates: each global tile once, although neighbouring regions share tiles
     assert sum(windows_run) == tilings[0].n_tiles * tilings[1].n_tiles
+    # and each block finished once for its four variables
+    assert len(finished) == tilings[0].n_blocks * tilings[1].n_blocks
+
+
+def test_writes_stream_through_a_client_running_every_tile_once(tiny_model, scene, tmp_path, windows_run):
+    # in-process workers, so that the model calls are counted; 16 regions go through a window of 4 in flight,
+    # so most strips cross from one submission to a later one
+    from distributed import Client, LocalCluster
+
+    tilings = [AxisTiling.plan(n, tile=96, overlap=16, chunk=128) for n in (scene.sizes["y"], scene.sizes["x"])]
+    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    path = str(tmp_path / "streamed.zarr")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster):
+            write_reconstruction(result, path, progress=False)
+    assert sum(windows_run) == tilings[0].n_tiles * tilings[1].n_tiles
+    expected = result.compute(scheduler="threads")
+    xr.testing.assert_allclose(open_store(path).reconstructed.load(), expected.reconstructed, rtol=0, atol=0)
 
 
 @pytest.mark.slow
