@@ -76,7 +76,7 @@ def get_client(
         Dask settings of the local workers; default :data:`WORKER_CONFIG`, ``{}`` for Dask's own.
     """
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler:
         return Client(scheduler)
@@ -84,11 +84,12 @@ def get_client(
     environment = worker_environment(threads_per_worker, worker_config=worker_config)
     spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environment.items()}
     with dask.config.set({**spawn, **worker_config}):
-        cluster = LocalCluster(
+        # the client starts the LocalCluster itself, so that closing the client closes the cluster:
+        # Client(LocalCluster(...)) left the worker processes running after ``with get_client():``
+        return Client(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
             processes=True,
             dashboard_address=":0",
             scheduler_kwargs={"dashboard": dashboard},
         )
-    return Client(cluster)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import xarray as xr
@@ -314,7 +315,11 @@ def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
         profiling = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
         assert not any(profiling.values()), "the workers' profiler takes the GIL from the model every 10 ms"
         distributed = reconstruct(open_cube(store), model=tiny_model, tile=96, overlap=16, chunk=128).compute()
+        workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
     np.testing.assert_allclose(distributed.reconstructed.values, threaded.reconstructed.values, rtol=0, atol=1e-6)
+    # closing the client closes its LocalCluster: no worker process outlives the ``with`` block
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"worker processes still running: {alive}"
 
 
 def test_worker_environment_carries_the_worker_config():
