@@ -211,10 +211,15 @@ def main() -> None:
                 while client.run_on_scheduler(_tasks_held):  # else the next run finds the results in memory
                     time.sleep(0.1)
         rows.append((size, memory.peak, memory.peak_managed))
+
+        def figure(value: float, width: int, digits: int) -> str:  # "-" for a path that did not run
+            return f"{value:{width}.{digits}f}" if np.isfinite(value) and value > 0 else f"{'-':>{width}}"
+
         print(
-            f"{size:>5}x{size:<5} {tiles:>6} {loop_s:7.1f} {compute_s:9.1f} {write_s:8.1f} {megapixels / loop_s:10.2f} "
-            f"{megapixels / compute_s:9.2f} {megapixels / write_s:8.2f} {loop_s / compute_s:9.2f} "
-            f"{loop_s / write_s:8.2f} {idle / 2**20:8.0f} {memory.peak / 2**20:8.0f} {memory.peak_managed / 2**20:8.0f}",
+            f"{size:>5}x{size:<5} {tiles:>6} {figure(loop_s, 7, 1)} {figure(compute_s, 9, 1)} {write_s:8.1f} "
+            f"{figure(megapixels / loop_s, 10, 2)} {figure(megapixels / compute_s, 9, 2)} {megapixels / write_s:8.2f} "
+            f"{figure(loop_s / compute_s, 9, 2)} {figure(loop_s / write_s, 8, 2)} {idle / 2**20:8.0f} "
+            f"{memory.peak / 2**20:8.0f} {memory.peak_managed / 2**20:8.0f}",
             flush=True,
         )
         shutil.rmtree(out, ignore_errors=True)
