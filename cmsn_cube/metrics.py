@@ -117,8 +117,10 @@ def ssim(
     return total / count if count else np.nan
 
 
-def _band_axis(values: Any, axis: int, *, as_float64: bool = True) -> tuple[np.ndarray, int]:
-    array = _array(values) if as_float64 else np.asarray(values)
+def _band_axis(values: Any, axis: int, *, keep_float_dtype: bool = False) -> tuple[np.ndarray, int]:
+    array = np.asarray(values)
+    if not (keep_float_dtype and np.issubdtype(array.dtype, np.floating)):
+        array = _array(values)  # float64; integer digital numbers must not wrap around when subtracted
     if array.shape[axis] != len(BANDS):
         raise BandMismatchError(f"expected {len(BANDS)} bands ({', '.join(BANDS)}) on axis {axis}, got {array.shape}")
     return array, axis % array.ndim
@@ -150,7 +152,7 @@ def ndvi(reflectance: Any, *, axis: int = -3) -> Any:
         red, nir = reflectance.sel(band="red", drop=True), reflectance.sel(band="nir", drop=True)
         total = nir + red
         return ((nir - red) / total.where(total != 0)).clip(-1, 1).rename("ndvi")
-    array, axis = _band_axis(reflectance, axis, as_float64=False)
+    array, axis = _band_axis(reflectance, axis, keep_float_dtype=True)
     red_band, nir_band = (array[(slice(None),) * axis + (band,)] for band in (_RED, _NIR))  # views, no copies
     band_sum = nir_band + red_band
     # float inputs keep their precision (float32 stays float32); the scene-wide path calls this per block

@@ -55,6 +55,9 @@ def test_spectral_angle_and_ndvi():
     result = ndvi(values, axis=0)
     assert result[0, 0] == pytest.approx(0.5) and np.isnan(result[1, 0])
     assert ndvi(np.array([0, 0, -0.1, 0.05]), axis=0) == -1.0  # (0.15 / -0.05) clipped to [-1, 1]
+    digital_numbers = np.array([0, 0, 300, 100], dtype=np.uint16)  # integer bands must not wrap: (100 - 300) / 400
+    assert ndvi(digital_numbers, axis=0) == pytest.approx(-0.5)
+    assert ndvi(values.astype(np.float32), axis=0).dtype == np.float32  # float32 blocks stay float32
     da = xr.DataArray(values, dims=("band", "y", "x"), coords={"band": ["blue", "green", "red", "nir"]})
     assert float(ndvi(da)[0, 0]) == pytest.approx(0.5) and "band" not in ndvi(da).dims
     other = values.copy()
