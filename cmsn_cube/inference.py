@@ -182,11 +182,12 @@ class AxisTiling:
         index = np.arange(*self.block_extent(b))
         return np.where(index >= self.size, 2 * (self.size - 1) - index, index)
 
-    def spill(self, b: int) -> int:
-        """How many pixels of block ``b + 1`` the tiles of block ``b`` reach (0 for the last block)."""
+    def spill(self, b: int) -> slice | None:
+        """Where, in block ``b``'s extent, its tiles lie over block ``b + 1`` (``None`` for the last block)."""
         if b + 1 >= self.n_blocks:
-            return 0
-        return min(self.block_extent(b)[1] - (b + 1) * self.block, self.output_chunks[b + 1])
+            return None
+        reach = min(self.block_extent(b)[1] - (b + 1) * self.block, self.output_chunks[b + 1])
+        return slice(self.output_chunks[b], self.output_chunks[b] + reach) if reach > 0 else None
 
     def weights(self) -> np.ndarray:
         """Blending weight across a tile: a cosine ramp over the overlap at each end, 1 inside, never 0.
@@ -325,7 +326,7 @@ def _block_sums(
 
     ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (:meth:`_Chunks.region`), and
     ``sources`` index them per axis (:meth:`AxisTiling.block_source`, relative to the region), mirroring them
-    at the scene's edges. Returns the weighted sums and weights over the extent, and the observed bands and
+    past the scene's end. Returns the weighted sums and weights over the extent, and the observed bands and
     fill mask of the block's core (what :func:`_finish_block` needs).
     """
     observed, cloudy = (_take(_take(_join(a), sources[0], -2), sources[1], -1) for a in (reflectance, cloud_mask))
@@ -502,9 +503,9 @@ def reconstruct(
         raise CubeValidationError(f"chunk ({chunk} px) must be at least one tile ({tile} px)")
     spec = model_spec(model)
     device = default_device(device)
-    # A task runs one row of a block's tiles (about a second on a CPU core) and finishes that row's chunk of
-    # the output: small tasks keep every worker busy to the end, and a chunk is written by the task that
-    # finished it, without being gathered with others first.
+    # A task runs one row of a block's tiles (about a second on a CPU core) and that row is one chunk of the
+    # output: small tasks keep every worker busy to the end, and a chunk is written as soon as it is finished,
+    # without being gathered with others first.
     tilings = (
         AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=tile - overlap),
         AxisTiling.plan(cube.sizes["x"], tile=tile, overlap=overlap, chunk=chunk),
@@ -568,16 +569,8 @@ def _block_graph(
         for j in range(nx):
             core = (slice(0, tilings[0].output_chunks[i]), slice(0, tilings[1].output_chunks[j]))
             # what the tiles of the block above / to the left lay past their own block's end
-            above = (
-                slice(tilings[0].output_chunks[i - 1], tilings[0].output_chunks[i - 1] + tilings[0].spill(i - 1))
-                if i > 0 and tilings[0].spill(i - 1)
-                else None
-            )
-            left = (
-                slice(tilings[1].output_chunks[j - 1], tilings[1].output_chunks[j - 1] + tilings[1].spill(j - 1))
-                if j > 0 and tilings[1].spill(j - 1)
-                else None
-            )
+            above = tilings[0].spill(i - 1) if i > 0 else None
+            left = tilings[1].spill(j - 1) if j > 0 else None
             spilling = {"above": (i - 1, j, above, core[1]), "left": (i, j - 1, core[0], left)}
             spilling["diagonal"] = (i - 1, j - 1, above, left)
             strips = tuple(
