@@ -663,14 +663,10 @@ def write_reconstruction(
     path = str(path)
     mapper = fsspec.get_mapper(path)
     resumable = "zarr.json" in mapper and _same_reconstruction(path, result)
-    chunks_yx = {dim: result.chunks[dim][0] for dim in ("y", "x")}
     if not resumable:
         template = result.copy()
-        for variable in template.data_vars.values():
-            variable.encoding = {
-                "chunks": tuple(1 if d == "time" else chunks_yx.get(str(d), result.sizes[d]) for d in variable.dims),
-                "compressors": store_compressors(),
-            }
+        for name, variable in template.data_vars.items():
+            variable.encoding = {"chunks": _store_chunks(result, name), "compressors": store_compressors()}
         if "zarr.json" in mapper or ".zgroup" in mapper:
             mapper.fs.rm(mapper.root, recursive=True)
         write_template(template, path)
@@ -712,8 +708,16 @@ def write_reconstruction(
     return path
 
 
+def _store_chunks(result: xr.Dataset, name: Any) -> tuple[int, ...]:
+    """The Zarr chunks of variable ``name``: one date, and the Dask chunks along y/x (one region each)."""
+    return tuple(
+        1 if d == "time" else result.chunks[d][0] if d in ("y", "x") else result.sizes[d] for d in result[name].dims
+    )
+
+
 def _same_reconstruction(path: str, result: xr.Dataset) -> bool:
-    """An interrupted store of the same model and grid can be resumed."""
+    """An interrupted store of the same model, grid and chunks can be resumed (its region markers name the same
+    regions)."""
     try:
         existing = xr.open_zarr(path, decode_coords="all")
     except Exception:  # a damaged store is rewritten from scratch
@@ -723,6 +727,10 @@ def _same_reconstruction(path: str, result: xr.Dataset) -> bool:
         and dict(existing.sizes) == dict(result.sizes)
         and np.array_equal(existing.x.values, result.x.values)
         and np.array_equal(existing.y.values, result.y.values)
+        and all(
+            name in existing and tuple(existing[name].encoding.get("chunks", ())) == _store_chunks(result, name)
+            for name in result.data_vars
+        )
     )
 
 

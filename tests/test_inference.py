@@ -269,6 +269,19 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
     assert "lz4" in str(reopened.reconstructed.encoding["compressors"]), reopened.reconstructed.encoding
 
 
+def test_a_store_cut_into_other_chunks_is_rewritten_not_resumed(tiny_model, scene, tmp_path):
+    # the same model and grid, but blocks of 80 px then 240 px along x: the region markers of the first run
+    # name other regions of the second, which must start afresh rather than skip them
+    path = str(tmp_path / "out.zarr")
+    first = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    write_reconstruction(first, path, max_regions=2, progress=False)
+    second = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=256)
+    write_reconstruction(second, path, progress=False)
+    reopened = open_store(path)
+    xr.testing.assert_allclose(reopened.reconstructed.load(), second.reconstructed.compute(), rtol=0, atol=0)
+    assert reopened.reconstructed.encoding["chunks"][-1] == 240
+
+
 def test_region_writes_run_every_tile_and_block_once(tiny_model, scene, tmp_path, windows_run, monkeypatch):
     import cmsn_cube.inference as inference
 
