@@ -11,7 +11,7 @@ import torch
 import xarray as xr
 
 from cmsn_cube.cube import make_cube, open_cube, open_store, write_cube
-from cmsn_cube.exceptions import BandMismatchError, DimensionError, StoreError
+from cmsn_cube.exceptions import BandMismatchError, CubeValidationError, DimensionError, StoreError
 from cmsn_cube.inference import (
     AxisTiling,
     _load_spec,
@@ -248,6 +248,10 @@ def test_two_dates_or_other_bands_are_refused(tiny_model, small_scene):
         reconstruct(small_scene.isel(time=[0, 1]), model=tiny_model)
     with pytest.raises(BandMismatchError, match="B2"):
         reconstruct(small_scene.assign_coords(band=["B2", "B3", "B4", "B5"]), model=tiny_model)
+    with pytest.raises(CubeValidationError, match="overlap must be in"):
+        reconstruct(small_scene, model=tiny_model, tile=64, overlap=32)
+    with pytest.raises(CubeValidationError, match="at least one tile"):
+        reconstruct(small_scene, model=tiny_model, tile=64, overlap=8, chunk=48)
 
 
 def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
