@@ -36,7 +36,6 @@ import torch
 from distributed import wait
 
 from cmsn_cube.cluster import get_client
-from cmsn_cube.cube import open_cube, write_cube
 from cmsn_cube.inference import (
     AxisTiling,
     ModelSpec,
@@ -49,6 +48,7 @@ from cmsn_cube.inference import (
 )
 from cmsn_cube.model import CMSN, list_models, load_model
 from cmsn_cube.sources.synthetic import synthetic_scene
+from cmsn_cube.store import open_cube, write_cube
 
 
 def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, batch_size: int) -> tuple[float, int]:

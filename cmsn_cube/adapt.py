@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from cmsn_cube.device import leaves_global_state
 from cmsn_cube.exceptions import CheckpointError, DimensionError, NoDataError
 
 if TYPE_CHECKING:  # torch loads only when fit runs
@@ -121,7 +122,8 @@ def fitted_path(store: str | os.PathLike[str]) -> Path:
 
 
 def _open(cube_or_store: xr.Dataset | str | os.PathLike[str]) -> tuple[xr.Dataset, str]:
-    from cmsn_cube.cube import open_cube, validate_cube
+    from cmsn_cube.cube import validate_cube
+    from cmsn_cube.store import open_cube
 
     if isinstance(cube_or_store, xr.Dataset):
         cube, name = cube_or_store, str(cube_or_store.attrs.get("source", "in-memory cube"))
@@ -333,6 +335,7 @@ def _plain(metrics: Mapping[str, float]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ public API
 
 
+@leaves_global_state
 def fit(
     cube_or_store: xr.Dataset | str | os.PathLike[str],
     *,
@@ -358,7 +361,7 @@ def fit(
     ----------
     cube_or_store : xarray.Dataset, str or path-like
         A cube with ``reflectance`` and ``cloud_mask`` (or ``qa_pixel``), at least 3 dates, or the path/URL of a
-        Zarr store written by :func:`cmsn_cube.cube.write_cube` (opened lazily). A ``truth`` variable is ignored.
+        Zarr store written by :func:`cmsn_cube.store.write_cube` (opened lazily). A ``truth`` variable is ignored.
     model : str, path-like, CMSN or None
         Source checkpoint path, packaged name, or in-memory model (copied, never changed); default the packaged
         :data:`cmsn_cube.inference.DEFAULT_MODEL`.

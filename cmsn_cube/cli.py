@@ -6,8 +6,11 @@ Heavy libraries (torch, Earth Engine, Dask distributed) are imported inside the 
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -15,14 +18,39 @@ from cmsn_cube.exceptions import CMSNCubeError
 
 
 class _Group(click.Group):
-    """Turn our own errors into one clear line and exit code 1 instead of a traceback wall."""
+    """Every error as one line (``error: ...``) and a non-zero exit, warnings as one line; no traceback wall.
+
+    Set ``CMSN_CUBE_DEBUG=1`` to see the traceback of an unexpected error.
+    """
 
     def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
         except CMSNCubeError as error:
-            click.secho(f"error: {error}", fg="red", err=True)
-            sys.exit(1)
+            _fail(str(error))
+        except KeyboardInterrupt:
+            _fail("interrupted; run the same command again to resume where it stopped", code=130)
+        except Exception as error:  # a bug or an error a library raised: still one line, the traceback on request
+            if os.environ.get("CMSN_CUBE_DEBUG"):
+                raise
+            _fail(f"{type(error).__name__}: {' '.join(str(error).split())} (CMSN_CUBE_DEBUG=1 shows the traceback)")
+
+
+#: Click types of the numeric options: counts and sizes at least 1, rates above 0.
+_COUNT = click.IntRange(min=1)
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def _fail(message: str, *, code: int = 1) -> NoReturn:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+    click.secho(f"warning: {message}", fg="yellow", err=True)
 
 
 @click.group(cls=_Group, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -32,10 +60,12 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path), default=Path("stores/synthetic.zarr"))
-@click.option("--height", default=512, help="Scene height in pixels (30 m).")
-@click.option("--width", default=512, help="Scene width in pixels (30 m).")
-@click.option("--dates", "n_dates", default=3, help="Number of acquisitions, 16 days apart.")
+@click.argument("store", type=str, default="stores/synthetic.zarr")
+@click.option("--height", type=_COUNT, default=512, help="Scene height in pixels (30 m).")
+@click.option("--width", type=_COUNT, default=512, help="Scene width in pixels (30 m).")
+@click.option(
+    "--dates", "n_dates", type=click.IntRange(min=3), default=3, help="Number of acquisitions, 16 days apart."
+)
 @click.option(
     "--cloud",
     "cloud_fractions",
@@ -46,11 +76,11 @@ def main() -> None:
 @click.option("--seed", default=0, help="Random seed: the same seed gives the same scene.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 def synth(
-    store: Path, height: int, width: int, n_dates: int, cloud_fractions: str, sensor: str, seed: int, overwrite: bool
+    store: str, height: int, width: int, n_dates: int, cloud_fractions: str, sensor: str, seed: int, overwrite: bool
 ) -> None:
     """Write the embedded synthetic Landsat scene (with its cloud-free truth) to a Zarr STORE."""
-    from cmsn_cube.cube import write_cube
     from cmsn_cube.sources.synthetic import synthetic_scene
+    from cmsn_cube.store import write_cube
 
     levels = [float(v) for v in cloud_fractions.split(",") if v.strip()]
     levels = [levels[i % len(levels)] for i in range(n_dates)]
@@ -62,8 +92,8 @@ def synth(
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path))
-def info(store: Path) -> None:
+@click.argument("store", type=str)
+def info(store: str) -> None:
     """Print a store's dates, sensors, bands, cloud fraction per date, CRS and size."""
     from cmsn_cube.report import describe_store
 
@@ -78,18 +108,19 @@ def info(store: Path) -> None:
     default=Path("outputs/demo"),
     help="Folder for figures, tables and report.md.",
 )
-@click.option(
-    "--store", type=click.Path(path_type=Path), default=Path("stores/demo.zarr"), help="Zarr store the demo writes."
-)
-@click.option("--size", default=512, help="Scene height and width in pixels.")
+@click.option("--store", type=str, default="stores/demo.zarr", help="Zarr store the demo writes.")
+@click.option("--size", type=click.IntRange(min=64), default=512, help="Scene height and width in pixels.")
 @click.option("--seed", default=2026, help="Scene seed (not one the packaged model was trained on).")
 @click.option("--model", default=None, help="Checkpoint path or packaged name (default: the packaged model).")
 @click.option(
-    "--adapt-seconds", default=0.0, help="First fine-tune the model on the scene's own clear pixels for this long (s)."
+    "--adapt-seconds",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="First fine-tune the model on the scene's own clear pixels for this long (s).",
 )
-@click.option("--workers", default=2, help="Dask LocalCluster worker processes.")
+@click.option("--workers", type=_COUNT, default=2, help="Dask LocalCluster worker processes.")
 def demo(
-    out_dir: Path, store: Path, size: int, seed: int, model: str | None, adapt_seconds: float, workers: int
+    out_dir: Path, store: str, size: int, seed: int, model: str | None, adapt_seconds: float, workers: int
 ) -> None:
     """Run the end-to-end demo on the embedded synthetic scene: figures, tables and report.md."""
     from cmsn_cube.demo import run_demo
@@ -139,7 +170,7 @@ class _FloatList(click.ParamType):
     "--levels", type=_FloatList(), default="0.25,0.15,0.10", help="Target cloud fraction per kept date (with --bbox)."
 )
 @click.option("--seed-dates", is_flag=True, help="Keep the region's listed dates instead of choosing by cloud level.")
-@click.option("--out", type=click.Path(path_type=Path), help="Store; default stores/<region>.zarr.")
+@click.option("--out", type=str, help="Store (path or URL); default stores/<region>.zarr.")
 @click.option("--project", help="Earth Engine Cloud project (default: EE_PROJECT or the credentials').")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option(
@@ -156,7 +187,7 @@ def pull(
     wrs_row: int | None,
     levels: tuple[float, ...],
     seed_dates: bool,
-    out: Path | None,
+    out: str | None,
     project: str | None,
     overwrite: bool,
     dry_run: bool,
@@ -184,12 +215,12 @@ def pull(
     click.echo(plan.describe())
     if dry_run:
         return
-    path = pull_region(plan, out or Path("stores") / f"{plan.name}.zarr", project=project, overwrite=overwrite)
+    path = pull_region(plan, out or f"stores/{plan.name}.zarr", project=project, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
 
 @main.command("evaluate")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=str)
 @click.option("--methods", default="nearest,linear,median,regression", help="Comma-separated gap-fillers to score.")
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Folder for evaluation.csv and evaluation.json."
@@ -203,11 +234,11 @@ def pull(
 )
 @click.option("--model", default=None, help="Checkpoint of the cmsn method: packaged name or path.")
 def evaluate_command(
-    store: Path, methods: str, out: Path | None, seed: int, truth: str | None, model: str | None
+    store: str, methods: str, out: Path | None, seed: int, truth: str | None, model: str | None
 ) -> None:
     """Score gap-filling METHODS (baselines, cmsn) on a cube STORE whose truth is known; print the table."""
-    from cmsn_cube.cube import open_cube
     from cmsn_cube.evaluate import evaluate
+    from cmsn_cube.store import open_cube
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     evaluate(open_cube(store), methods=names, seed=seed, truth=truth, out=out, echo=click.echo, model=model)  # type: ignore[arg-type]
@@ -216,28 +247,42 @@ def evaluate_command(
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("store", type=str)
+@click.argument("out", type=str)
 @click.option("--model", default=None, help="Packaged model name or checkpoint path (default: the packaged model).")
 @click.option(
     "--scheduler",
     default=None,
     help="Address of an existing Dask scheduler (tcp://host:8786); default: a LocalCluster.",
 )
-@click.option("--workers", type=int, default=None, help="LocalCluster worker processes (default: one per core).")
-@click.option("--tile", default=256, help="Window size fed to the network, in pixels.")
-@click.option("--overlap", default=32, help="Pixels shared by neighbouring windows (blended).")
-@click.option("--batch-size", default=4, help="Windows per forward pass.")
+@click.option("--workers", type=_COUNT, default=None, help="LocalCluster worker processes (default: one per core).")
+@click.option("--tile", type=click.IntRange(min=16), default=256, help="Window size fed to the network, in pixels.")
+@click.option(
+    "--overlap",
+    type=click.IntRange(min=0),
+    default=32,
+    help="Pixels shared by neighbouring windows (blended); less than half a tile.",
+)
+@click.option("--batch-size", type=_COUNT, default=4, help="Windows per forward pass.")
 @click.option(
     "--chunk",
+    type=_COUNT,
     default=1024,
     help="Width of the output chunks in pixels, rounded down to whole strides (1024 -> 896); each chunk is one "
     "row of tiles high (224 px with the defaults).",
 )
 @click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when present).")
+@click.option(
+    "--fill-unobserved",
+    is_flag=True,
+    help="Also fill gaps that no date of their triplet observed (flagged 3 in 'filled'); default: left NaN (2).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace another Zarr store at OUT (never the input, never a non-store)."
+)
 def reconstruct(
-    store: Path,
-    out: Path,
+    store: str,
+    out: str,
     model: str | None,
     scheduler: str | None,
     workers: int | None,
@@ -246,56 +291,85 @@ def reconstruct(
     batch_size: int,
     chunk: int,
     device: str | None,
+    fill_unobserved: bool,
+    overwrite: bool,
 ) -> None:
-    """Remove clouds from every date of STORE and write reconstruction + NDVI to OUT (Zarr), resumably."""
-    from cmsn_cube.cluster import get_client
-    from cmsn_cube.cube import open_cube
-    from cmsn_cube.inference import reconstruct as reconstruct_cube
-    from cmsn_cube.inference import write_reconstruction
+    """Remove clouds from every date of STORE and write reconstruction + NDVI to OUT (Zarr), resumably.
 
-    cube = open_cube(store)
+    OUT is written only when it is empty, or holds this command's unfinished output of the same input, model and
+    tiling (resumed); a finished one is left as it is.
+    """
+    from cmsn_cube.cluster import get_client
+    from cmsn_cube.inference import reconstruct as reconstruct_cube
+    from cmsn_cube.inference import reconstruction_state, write_reconstruction
+    from cmsn_cube.store import open_cube
+
+    result = reconstruct_cube(
+        open_cube(store),
+        model=model,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        chunk=chunk,
+        fill_unobserved=fill_unobserved,
+    )
+    state = reconstruction_state(result, out, overwrite=overwrite)
+    if state == "complete":
+        click.echo(f"{out} is already complete for this input, model and tiling: nothing to do")
+        return
     with get_client(scheduler, workers=workers, dashboard=True) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}")
-        result = reconstruct_cube(
-            cube, model=model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, chunk=chunk
-        )
-        write_reconstruction(result, out)
-    click.echo(f"wrote {out}: reconstructed, filled, ndvi, ndvi_observed ({result.attrs['model']})")
+        if state == "resume":
+            click.echo(f"resuming {out}: regions already written are kept")
+        write_reconstruction(result, out, overwrite=overwrite)
+    click.echo(f"wrote {out}: reconstructed, filled, ndvi, ndvi_observed, observed_dates ({result.attrs['model']})")
 
 
 @main.command("train")
-@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("stores", nargs=-1, required=True, type=str)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder (best.pt, last.pt).")
 @click.option("--init", default=None, help="Checkpoint path or packaged model name to fine-tune.")
-@click.option("--epochs", type=int, default=None, help="Passes over the training windows.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps in total (default 1000 without --epochs).")
-@click.option("--lr", default=2e-3, help="Peak AdamW learning rate.")
-@click.option("--weight-decay", default=1e-4, help="AdamW weight decay (convolution kernels).")
+@click.option("--epochs", type=_COUNT, default=None, help="Passes over the training windows.")
+@click.option("--steps", type=_COUNT, default=None, help="Optimizer steps in total (default 1000 without --epochs).")
+@click.option("--lr", type=_POSITIVE, default=2e-3, help="Peak AdamW learning rate.")
+@click.option(
+    "--weight-decay", type=click.FloatRange(min=0), default=1e-4, help="AdamW weight decay (convolution kernels)."
+)
 @click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), default="cosine")
-@click.option("--warmup-steps", type=int, default=None, help="Warm-up of the cosine schedule (default 5 %).")
-@click.option("--batch-size", default=8, help="Windows per step.")
-@click.option("--patch-size", default=128, help="Window side in pixels.")
-@click.option("--overlap", default=32, help="Pixels shared by neighbouring windows.")
-@click.option("--val-fraction", default=0.2, help="Share of each store's rows held out for validation.")
+@click.option(
+    "--warmup-steps", type=click.IntRange(min=0), default=None, help="Warm-up of the cosine schedule (default 5 %)."
+)
+@click.option("--batch-size", type=_COUNT, default=8, help="Windows per step.")
+@click.option("--patch-size", type=click.IntRange(min=16), default=128, help="Window side in pixels.")
+@click.option("--overlap", type=click.IntRange(min=0), default=32, help="Pixels shared by neighbouring windows.")
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.2,
+    help="Share of each store's rows held out for validation.",
+)
 @click.option("--truth", type=click.Choice(["auto", "cube", "observed"]), default="auto", help="Training truth.")
 @click.option("--levels", type=_FloatList(3), default="0.25,0.15,0.10", help="Masked fraction for T1,T2,T3.")
-@click.option("--lambda-cloudy", type=float, default=None, help="λ: weight of cloudy pixels in MTGL.")
-@click.option("--delta", type=float, default=None, help="δ: weight of the frequency loss MTFR.")
-@click.option("--xi", type=float, default=None, help="ξ: weight of the refinement loss.")
-@click.option("--width", type=int, default=None, help="Channels at 1/4 resolution (new model).")
-@click.option("--depth", type=int, default=None, help="Fourier blocks before the fusion (new model).")
-@click.option("--fusion-depth", type=int, default=None, help="Fourier blocks after the fusion (new model).")
-@click.option("--skip-width", type=int, default=None, help="Channels of the full-resolution path (new model).")
-@click.option("--time-budget", type=float, default=None, help="Seconds of wall clock; stops cleanly.")
-@click.option("--patience", type=int, default=None, help="Early stopping after this many epochs without gain.")
+@click.option("--lambda-cloudy", type=click.FloatRange(min=0), default=None, help="λ: weight of cloudy pixels in MTGL.")
+@click.option("--delta", type=click.FloatRange(min=0), default=None, help="δ: weight of the frequency loss MTFR.")
+@click.option("--xi", type=click.FloatRange(min=0), default=None, help="ξ: weight of the refinement loss.")
+@click.option("--width", type=_COUNT, default=None, help="Channels at 1/4 resolution (new model).")
+@click.option("--depth", type=_COUNT, default=None, help="Fourier blocks before the fusion (new model).")
+@click.option(
+    "--fusion-depth", type=click.IntRange(min=0), default=None, help="Fourier blocks after the fusion (new model)."
+)
+@click.option("--skip-width", type=_COUNT, default=None, help="Channels of the full-resolution path (new model).")
+@click.option("--time-budget", type=_POSITIVE, default=None, help="Seconds of wall clock; stops cleanly.")
+@click.option("--patience", type=_COUNT, default=None, help="Early stopping after this many epochs without gain.")
 @click.option("--seed", default=0, help="Seed of clouds, shuffling, augmentation and initialisation.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when present).")
-@click.option("--num-workers", default=0, help="DataLoader worker processes.")
-@click.option("--threads", type=int, default=None, help="Torch CPU threads (default: torch's choice).")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes.")
+@click.option("--threads", type=_COUNT, default=None, help="Torch CPU threads (default: torch's choice).")
 @click.option("--no-augment", is_flag=True, help="No random flips and quarter turns.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 def train_command(
-    stores: tuple[Path, ...],
+    stores: tuple[str, ...],
     out: Path,
     lambda_cloudy: float | None,
     delta: float | None,
@@ -332,9 +406,9 @@ def train_command(
 @main.command("fit")
 @click.argument("store", type=str)
 @click.option("--model", default=None, help="Checkpoint path or packaged model name to adapt (default: packaged).")
-@click.option("--steps", default=1000, help="Optimizer steps at most.")
-@click.option("--time-budget", type=float, default=240.0, help="Seconds of wall clock for the whole fit.")
-@click.option("--lr", default=5e-4, help="Peak AdamW learning rate.")
+@click.option("--steps", type=_COUNT, default=1000, help="Optimizer steps at most.")
+@click.option("--time-budget", type=_POSITIVE, default=240.0, help="Seconds of wall clock for the whole fit.")
+@click.option("--lr", type=_POSITIVE, default=5e-4, help="Peak AdamW learning rate.")
 @click.option("--seed", default=0, help="Seed of the pasted clouds, shuffling and torch.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Checkpoint [default: STORE-fitted.pt].")
 def fit_command(

@@ -16,6 +16,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from cmsn_cube.exceptions import SchedulerError, check_positive
+
 if TYPE_CHECKING:
     from distributed import Client
 
@@ -57,6 +59,7 @@ def get_client(
     threads_per_worker: int = 1,
     dashboard: bool = False,
     worker_config: Mapping[str, object] = WORKER_CONFIG,
+    connect_timeout: float = 10.0,
 ) -> Client:
     """Connect to ``scheduler`` (``tcp://host:8786``) or start a LocalCluster of worker processes.
 
@@ -74,12 +77,22 @@ def get_client(
         server takes a free port, so that two clusters never clash over port 8787.
     worker_config : mapping
         Dask settings of the local workers; default :data:`WORKER_CONFIG`, ``{}`` for Dask's own.
+    connect_timeout : float
+        Seconds to reach ``scheduler`` before giving up.
+
+    Raises
+    ------
+    ArgumentError
+        ``workers`` or ``threads_per_worker`` below 1.
+    SchedulerError
+        Nothing answers at ``scheduler`` within ``connect_timeout``, or what answers is not a Dask scheduler.
     """
     import dask
     from distributed import Client
 
+    check_positive(workers=workers, threads_per_worker=threads_per_worker, connect_timeout=connect_timeout)
     if scheduler:
-        return Client(scheduler)
+        return _connect(scheduler, timeout=connect_timeout)
     n_workers = workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
     environment = worker_environment(threads_per_worker, worker_config=worker_config)
     spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environment.items()}
@@ -93,3 +106,42 @@ def get_client(
             dashboard_address=":0",
             scheduler_kwargs={"dashboard": dashboard},
         )
+
+
+def _connect(address: str, *, timeout: float) -> Client:
+    """A client of the scheduler at ``address``, or a :class:`SchedulerError` within about ``timeout`` s.
+
+    The scheduler is asked who it is first, under a deadline: Dask's own connect retries for 30 s and then
+    raises a long traceback, and waits for ever on a port where something else listens (an HTTP server).
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from distributed import Client
+    from distributed.core import rpc
+
+    async def identity() -> dict[str, object]:
+        remote = rpc(address, timeout=timeout)
+        try:
+            return await asyncio.wait_for(remote.identity(), timeout)
+        finally:
+            await remote.close_rpc()
+
+    # its own event loop in its own thread: works under a running loop too (Jupyter)
+    executor = ThreadPoolExecutor(1)
+    try:
+        answer = executor.submit(asyncio.run, identity()).result(timeout + 1)
+    except (OSError, TimeoutError, FutureTimeout) as error:
+        raise SchedulerError(
+            f"no Dask scheduler answered at {address} within {timeout:g} s ({type(error).__name__}"
+            f"{': ' + ' '.join(str(error).split())[:200] if str(error) else ''}); check the address, or omit "
+            "--scheduler to start a LocalCluster"
+        ) from None
+    except ValueError as error:  # a malformed address
+        raise SchedulerError(f"{address!r} is not a Dask scheduler address (tcp://host:8786): {error}") from None
+    finally:
+        executor.shutdown(wait=False)
+    if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
+        raise SchedulerError(f"what answers at {address} is not a Dask scheduler")
+    return Client(address, timeout=f"{timeout}s")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,11 +18,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from cmsn_cube.cube import open_cube, open_store, write_cube
 from cmsn_cube.plot import plot_dates, plot_method_bars, plot_ndvi_maps, plot_ndvi_scatter, plot_panel
 from cmsn_cube.qa import add_cloud_mask, cloud_fraction
 from cmsn_cube.report import describe_cube
 from cmsn_cube.sources.synthetic import synthetic_scene
+from cmsn_cube.store import open_cube, open_store, write_cube
 
 #: Scene seed of the demo: not one of the seeds the packaged checkpoint was trained on.
 DEMO_SEED = 2026
@@ -138,12 +137,11 @@ def run_demo(
     from cmsn_cube.inference import predict_window, reconstruct, write_reconstruction
 
     reconstruction_path = str(out / "reconstruction.zarr")
-    shutil.rmtree(reconstruction_path, ignore_errors=True)
     with get_client(workers=workers) as client:
         echo(f"Dask LocalCluster: {len(client.scheduler_info()['workers'])} worker processes")
         # chunks of half the scene so every worker has a block
         lazy = reconstruct(cube, model=checkpoint, chunk=max(256, size // 2))
-        write_reconstruction(lazy, reconstruction_path, progress=False)
+        write_reconstruction(lazy, reconstruction_path, progress=False, overwrite=True)
     result = open_store(reconstruction_path).load()
     stage("reconstruction", started)
 
@@ -185,9 +183,10 @@ def run_demo(
             title=f"{str(cube.time.values[0])[:10]}: NDVI before and after cloud removal",
         )
     )
+    from cmsn_cube.inference import FILLED
     from cmsn_cube.metrics import ndvi
 
-    filled = result["filled"].values & np.isfinite(scene["truth"].values).all(axis=1)
+    filled = (result["filled"].values == FILLED) & np.isfinite(scene["truth"].values).all(axis=1)
     figures.append(
         plot_ndvi_scatter(result["ndvi"].values[filled], ndvi(scene["truth"]).values[filled], out / "ndvi_scatter.png")
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,7 +19,7 @@ import xarray as xr
 
 from cmsn_cube.baselines import BASELINES
 from cmsn_cube.cube import validate_cube
-from cmsn_cube.exceptions import CubeValidationError, NoDataError
+from cmsn_cube.exceptions import CMSNCubeWarning, CubeValidationError, NoDataError
 from cmsn_cube.metrics import common_pixels, evaluate_reconstruction
 
 Method = str | Callable[[xr.Dataset], xr.DataArray]
@@ -85,13 +86,25 @@ def cmsn_method(
     Returns
     -------
     callable
-        Named ``cmsn``; returns the computed ``reconstructed(time, band, y, x)``.
+        Named ``cmsn``; returns the computed ``reconstructed(time, band, y, x)``, with the gaps no date observed
+        filled too (``fill_unobserved``): the network is scored on every cloudy pixel, and the ``common`` region
+        compares it with the classical fillers on the pixels they fill.
     """
 
     def cmsn(cube: xr.Dataset) -> xr.DataArray:
         from cmsn_cube.inference import reconstruct
 
-        result = reconstruct(cube, model=model, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CMSNCubeWarning)  # the unobserved share: scored here, not a surprise
+            result = reconstruct(
+                cube,
+                model=model,
+                tile=tile,
+                overlap=overlap,
+                batch_size=batch_size,
+                device=device,
+                fill_unobserved=True,
+            )
         return result["reconstructed"].load()
 
     cmsn.__name__ = CMSN_METHOD

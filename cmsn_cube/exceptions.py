@@ -69,3 +69,29 @@ class RegionError(CMSNCubeError, ValueError):
 
 class EarthEngineError(CMSNCubeError, RuntimeError):
     """Earth Engine is unreachable or not authenticated."""
+
+
+class ArgumentError(CMSNCubeError, ValueError):
+    """An argument is out of its range (a negative size, a zero batch, an overlap as wide as a tile...)."""
+
+
+class SchedulerError(CMSNCubeError, ConnectionError):
+    """A Dask scheduler address cannot be reached, or what answers there is not a Dask scheduler."""
+
+
+class CMSNCubeWarning(UserWarning):
+    """Something the user should know about a result (e.g. pixels that no date observed)."""
+
+
+def check_positive(**values: float | None) -> None:
+    """Raise :class:`ArgumentError` naming each argument that is given and not > 0 (``None`` = not given)."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ArgumentError(f"{name} must be > 0, got {value}")
+
+
+def check_non_negative(**values: float | None) -> None:
+    """Raise :class:`ArgumentError` naming each argument that is given and < 0."""
+    for name, value in values.items():
+        if value is not None and not value >= 0:
+            raise ArgumentError(f"{name} must be >= 0, got {value}")

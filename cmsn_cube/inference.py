@@ -22,12 +22,14 @@ import functools
 import hashlib
 import io
 import itertools
+import json
 import operator
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import dask
 import dask.array as da
@@ -36,8 +38,20 @@ import numpy as np
 import xarray as xr
 from dask.highlevelgraph import HighLevelGraph
 
-from cmsn_cube.cube import BANDS, validate_cube
-from cmsn_cube.exceptions import BandMismatchError, CubeValidationError, DimensionError
+from cmsn_cube.cube import BANDS, check_reflectance_values, validate_cube
+from cmsn_cube.device import default_device
+from cmsn_cube.exceptions import (
+    ArgumentError,
+    BandMismatchError,
+    CMSNCubeError,
+    CMSNCubeWarning,
+    CubeValidationError,
+    DimensionError,
+    NoDataError,
+    StoreError,
+    check_non_negative,
+    check_positive,
+)
 
 if TYPE_CHECKING:  # torch loads only when a model runs
     import torch
@@ -70,14 +84,14 @@ def model_spec(model: ModelLike = None) -> ModelSpec:
     """
     import torch
 
-    from cmsn_cube.model.checkpoint import load_checkpoint
+    from cmsn_cube.model.checkpoint import load_model
 
     if isinstance(model, torch.nn.Module):
         config, state, name = dict(model.config), model.state_dict(), "in-memory model"  # type: ignore[arg-type]
     else:
         source = DEFAULT_MODEL if model is None else model
-        payload = load_checkpoint(source)
-        config, state, name = payload["config"], payload["state_dict"], os.fspath(source)
+        loaded = load_model(source, bands=BANDS)  # verified: digest, architecture, band order, weights fit
+        config, state, name = dict(loaded.config), loaded.state_dict(), os.fspath(source)
     buffer = io.BytesIO()
     torch.save({"config": config, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, buffer)
     data = buffer.getvalue()
@@ -103,15 +117,6 @@ def _model_on_worker(spec: ModelSpec, device: str) -> torch.nn.Module:
     """The model for ``spec`` in this process, built once and reused by every chunk."""
     with _MODEL_LOCK:
         return _load_spec(spec.sha256, spec.payload, device)
-
-
-def default_device(device: str | None = None) -> str:
-    """``device`` or the best available: CUDA when present, else CPU."""
-    if device is not None:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ------------------------------------------------------------------------------------------ tiling
@@ -318,6 +323,7 @@ def _block_sums(
     spec: ModelSpec,
     tilings: tuple[AxisTiling, AxisTiling],
     index: tuple[int, int],
+    origin: tuple[int, int],
     triplets: tuple[tuple[int, int, int], ...],
     batch_size: int,
     device: str,
@@ -325,11 +331,17 @@ def _block_sums(
     """Run the tiles of block ``index`` and sum their blended outputs over the block's extent.
 
     ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (:meth:`_Chunks.region`), and
-    ``sources`` index them per axis (:meth:`AxisTiling.block_source`, relative to the region), mirroring them
-    past the scene's end. Returns the weighted sums and weights over the extent, and the observed bands and
+    ``sources`` index them per axis (:meth:`AxisTiling.block_source`, relative to the region that starts at
+    scene pixel ``origin``), mirroring them past the scene's end. The reflectance is checked as it is read
+    (±inf, digital numbers): the error names the rows and columns. Returns the weighted sums and weights over the extent, and the observed bands and
     fill mask of the block's core (what :func:`_finish_block` needs).
     """
-    observed, cloudy = (_take(_take(_join(a), sources[0], -2), sources[1], -1) for a in (reflectance, cloud_mask))
+    joined = _join(reflectance)
+    rows, cols = (slice(int(o), int(o) + n) for o, n in zip(origin, joined.shape[-2:], strict=True))
+    check_reflectance_values(
+        joined, where=f"reflectance in rows {rows.start}:{rows.stop}, columns {cols.start}:{cols.stop}"
+    )
+    observed, cloudy = (_take(_take(a, sources[0], -2), sources[1], -1) for a in (joined, _join(cloud_mask)))
     channels, to_fill = model_channels(observed, cloudy)
     n_dates, height, width = to_fill.shape
     sums = np.zeros((n_dates, len(BANDS), height, width), dtype=np.float32)
@@ -380,13 +392,27 @@ def _spilled_strip(block: dict[str, np.ndarray], rows: slice, cols: slice) -> tu
     return block["sums"][..., rows, cols].copy(), block["weight"][rows, cols].copy()
 
 
+#: Values of the ``filled`` layer (CF flags): where each pixel of a reconstruction comes from.
+OBSERVED, FILLED, UNOBSERVED, INVENTED = 0, 1, 2, 3
+FILLED_FLAGS = {
+    "flag_values": [OBSERVED, FILLED, UNOBSERVED, INVENTED],
+    "flag_meanings": "observed filled_from_other_dates unobserved_left_nan unobserved_filled_by_network",
+}
+
+
 def _finish_block(
-    block: dict[str, np.ndarray], *strips: tuple[np.ndarray, np.ndarray] | None, core: tuple[slice, slice]
+    block: dict[str, np.ndarray],
+    *strips: tuple[np.ndarray, np.ndarray] | None,
+    core: tuple[slice, slice],
+    triplets: tuple[tuple[int, int, int], ...],
+    fill_unobserved: bool,
 ) -> dict[str, np.ndarray]:
     """A block's outputs: its sums plus the strips that earlier blocks' tiles lay over its start, blended.
 
     ``strips`` come from the block above, the block to the left and the one diagonally above-left (``None``
-    where there is none); each covers the first rows and/or columns of the block.
+    where there is none); each covers the first rows and/or columns of the block. A gap that no date of its
+    triplet observed is NaN (flagged :data:`UNOBSERVED`), or the network's guess with ``fill_unobserved``
+    (flagged :data:`INVENTED`).
     """
     reconstructed = block["sums"][..., core[0], core[1]].copy()
     weight = block["weight"][core].copy()
@@ -399,13 +425,19 @@ def _finish_block(
     to_fill, observed = block["to_fill"], block["observed"]
     # blending averages identical values in floating point: clear pixels take the observation, bit-identical
     np.copyto(reconstructed, observed, where=~to_fill[:, None])
+    seen_in_triplet = np.stack([(~to_fill[list(triplet)]).any(axis=0) for triplet in triplets])
+    unobserved = to_fill & ~seen_in_triplet
+    flags = to_fill.astype(np.uint8)  # FILLED where the network filled, OBSERVED elsewhere
+    flags[unobserved] = INVENTED if fill_unobserved else UNOBSERVED
+    if not fill_unobserved:
+        np.copyto(reconstructed, np.float32(np.nan), where=unobserved[:, None])
     from cmsn_cube.metrics import ndvi
 
     ndvi_observed = ndvi(observed, axis=1)
     ndvi_observed[to_fill] = np.nan
     return {
         "reconstructed": reconstructed,
-        "filled": to_fill,
+        "filled": flags,
         "ndvi": ndvi(reconstructed, axis=1),
         "ndvi_observed": ndvi_observed,
     }
@@ -434,7 +466,15 @@ OUTPUT_VARIABLES: dict[str, tuple[tuple[str, ...], np.dtype, dict[str, str]]] = 
         np.dtype(np.float32),
         {"long_name": "reconstructed TOA reflectance", "units": "1"},
     ),
-    "filled": (("time", "y", "x"), np.dtype(bool), {"long_name": "pixels filled by the network"}),
+    "filled": (
+        ("time", "y", "x"),
+        np.dtype(np.uint8),
+        {
+            "long_name": "origin of each pixel (0 observed, 1 filled by the network from other dates' observations, "
+            "2 observed on no date of its triplet: NaN, 3 the same, filled by the network)",
+            **FILLED_FLAGS,
+        },
+    ),
     "ndvi": (("time", "y", "x"), np.dtype(np.float32), {"long_name": "NDVI of the reconstruction", "units": "1"}),
     "ndvi_observed": (
         ("time", "y", "x"),
@@ -453,6 +493,7 @@ def reconstruct(
     batch_size: int = 4,
     device: str | None = None,
     chunk: int = 1024,
+    fill_unobserved: bool = False,
 ) -> xr.Dataset:
     """Reconstruct every cloudy pixel of every date, lazily (nothing runs until you compute or write).
 
@@ -465,7 +506,7 @@ def reconstruct(
     tile : int
         Window size in pixels fed to the network.
     overlap : int
-        Pixels shared by neighbouring windows, blended with a cosine ramp.
+        Pixels shared by neighbouring windows, blended with a cosine ramp; less than half a tile.
     batch_size : int
         Windows per forward pass.
     device : str, optional
@@ -474,14 +515,19 @@ def reconstruct(
         Width in pixels of the output's Dask chunks (along x), at least ``tile``; rounded down to a multiple of
         the stride ``tile - overlap`` (1024 -> 896 with the defaults), so that each chunk runs its own tiles.
         Along y a chunk is one row of tiles, one stride high (224 px with the defaults).
+    fill_unobserved : bool
+        Also fill the gaps that no date of their triplet observed (the network's guess, flagged 3 in
+        ``filled``); by default they stay NaN (flagged 2).
 
     Returns
     -------
     xarray.Dataset
-        ``reconstructed(time, band, y, x)`` (clear pixels bit-identical to the input), ``filled(time, y, x)``,
-        ``ndvi(time, y, x)`` from the reconstruction, ``ndvi_observed(time, y, x)`` (NaN under clouds), with the
-        input's coordinates and CRS, and attrs naming the checkpoint and its sha256. Each tile runs once, and
-        tiles with no pixel to fill are not run at all.
+        ``reconstructed(time, band, y, x)`` (clear pixels bit-identical to the input), ``filled(time, y, x)``
+        (:data:`FILLED_FLAGS`: observed, filled from other dates, unobserved), ``ndvi(time, y, x)`` from the
+        reconstruction, ``ndvi_observed(time, y, x)`` (NaN under clouds) and ``observed_dates(y, x)`` (dates
+        with a clear observation), with the input's coordinates and CRS, and attrs naming the checkpoint and
+        its sha256 and the input (its store and fingerprint). Each tile runs once, and tiles with no pixel to
+        fill are not run at all. Reflectance is checked as it is read (±inf, digital numbers).
 
     Raises
     ------
@@ -489,18 +535,28 @@ def reconstruct(
         Fewer than 3 dates.
     BandMismatchError, CubeValidationError
         The cube does not follow the schema.
+    ArgumentError
+        A size or count out of range.
+    NoDataError
+        An in-memory cube with no clear pixel on any date (lazy cubes: when written).
     """
     from cmsn_cube.samples import date_triplets  # each date with its two nearest dates
 
+    check_positive(tile=tile, batch_size=batch_size, chunk=chunk)
+    check_non_negative(overlap=overlap)
+    if not 2 * overlap < tile:
+        raise ArgumentError(f"overlap must be less than half a tile, got overlap={overlap}, tile={tile}")
+    if chunk < tile:
+        raise ArgumentError(f"chunk ({chunk} px) must be at least one tile ({tile} px)")
+    input_store = cube.encoding.get("source")
     if "cloud_mask" not in cube and "qa_pixel" in cube:
         from cmsn_cube.qa import add_cloud_mask
 
         cube = add_cloud_mask(cube)
     validate_cube(cube, require=("reflectance", "cloud_mask"), min_dates=3)
-    if not 0 <= 2 * overlap < tile:
-        raise CubeValidationError(f"overlap must be in [0, tile/2), got overlap={overlap}, tile={tile}")
-    if chunk < tile:
-        raise CubeValidationError(f"chunk ({chunk} px) must be at least one tile ({tile} px)")
+    observed_dates = count_observed_dates(cube)
+    if observed_dates.chunks is None:
+        check_observed(observed_dates.values, what="the cube")
     spec = model_spec(model)
     device = default_device(device)
     # A task runs one row of a block's tiles (about a second on a CPU core) and that row is one chunk of the
@@ -510,7 +566,15 @@ def reconstruct(
         AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=tile - overlap),
         AxisTiling.plan(cube.sizes["x"], tile=tile, overlap=overlap, chunk=chunk),
     )
-    finished = _block_graph(cube, spec, tilings, tuple(date_triplets(cube)), batch_size=batch_size, device=device)
+    finished = _block_graph(
+        cube,
+        spec,
+        tilings,
+        tuple(date_triplets(cube)),
+        batch_size=batch_size,
+        device=device,
+        fill_unobserved=fill_unobserved,
+    )
     n_dates = cube.sizes["time"]
     # each chunk is one item of its block's outputs (no copy: da.from_delayed + da.block copied every chunk)
     token = dask.base.tokenize(*(block.key for block in finished.values()))
@@ -524,7 +588,56 @@ def reconstruct(
         graph = HighLevelGraph.from_collections(array_name, layer, dependencies=list(finished.values()))
         chunks = ((n_dates,), *(((len(BANDS),),) if "band" in dims else ()), *(t.output_chunks for t in tilings))
         variables[name] = (dims, da.Array(graph, array_name, chunks, meta=np.empty((0,) * len(dims), dtype=dtype)))
-    return _assemble(cube, variables, spec)
+    result = _assemble(cube, variables, spec)
+    result["observed_dates"] = observed_dates.chunk(
+        {"y": tilings[0].output_chunks, "x": tilings[1].output_chunks}
+    ).assign_attrs(long_name="dates with a clear observation of the pixel", units="1")
+    result.attrs.update(
+        input_fingerprint=input_fingerprint(cube),
+        tiling=json.dumps({"tile": tile, "overlap": overlap, "chunk": chunk, "fill_unobserved": fill_unobserved}),
+    )
+    if input_store:
+        result.attrs["input_store"] = input_store
+    return result
+
+
+def count_observed_dates(cube: xr.Dataset) -> xr.DataArray:
+    """``(y, x)`` uint16: the dates with a clear observation (not cloud, no band NaN) of each pixel (lazy)."""
+    clear = ~cube["cloud_mask"] & cube["reflectance"].notnull().all("band")
+    return clear.sum("time").astype(np.uint16).rename("observed_dates")
+
+
+def check_observed(observed_dates: np.ndarray, *, what: str) -> None:
+    """Raise :class:`NoDataError` when no pixel was ever observed clear; warn with the share never observed."""
+    if observed_dates.size == 0 or not observed_dates.any():
+        raise NoDataError(f"{what} has no clear pixel on any date (all cloud or no data): nothing to reconstruct from")
+    never = float((observed_dates == 0).mean())
+    if never > 0:
+        warnings.warn(
+            f"{100 * never:.2f} % of the pixels of {what} are observed on no date: they stay NaN "
+            "(flagged 2 in 'filled'), or are the network's guess with fill_unobserved=True (flagged 3)",
+            CMSNCubeWarning,
+            stacklevel=3,
+        )
+
+
+def input_fingerprint(cube: xr.Dataset) -> str:
+    """A digest of what a reconstruction reads: the data (their content when in memory; for lazy data their
+    graph, which names the store, its modification time and every operation), the store's write id, the
+    times, the grid and the CRS. Any change gives another digest, so a resumed write never mixes inputs."""
+    from cmsn_cube.cube import crs_of
+    from cmsn_cube.store import WRITE_ID_ATTR
+
+    parts = (
+        dask.base.tokenize(cube["reflectance"].data, cube["cloud_mask"].data),
+        cube.attrs.get(WRITE_ID_ATTR),
+        cube["time"].values.astype("datetime64[ns]").astype("int64").tolist(),
+        [float(v) for v in (cube.y[0], cube.y[-1], cube.x[0], cube.x[-1])],
+        cube.sizes["y"],
+        cube.sizes["x"],
+        str(crs_of(cube)),
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
 def _block_graph(
@@ -535,6 +648,7 @@ def _block_graph(
     *,
     batch_size: int,
     device: str,
+    fill_unobserved: bool,
 ) -> dict[tuple[int, int], Any]:
     """One Delayed dict of outputs per block ``(i, j)`` of ``tilings``.
 
@@ -545,7 +659,9 @@ def _block_graph(
     reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
     cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
     model = dask.delayed(spec, pure=True, traverse=False)  # one graph key: shipped once to each worker
-    token = dask.base.tokenize(reflectance, cloud_mask, spec.sha256, tilings, triplets, batch_size, device)
+    token = dask.base.tokenize(
+        reflectance, cloud_mask, spec.sha256, tilings, triplets, batch_size, device, fill_unobserved
+    )
     arrays = (_Chunks(reflectance), _Chunks(cloud_mask))
     ny, nx = (t.n_blocks for t in tilings)
     sums = {}
@@ -559,6 +675,7 @@ def _block_graph(
                 spec=model,
                 tilings=tilings,
                 index=(i, j),
+                origin=(rows.start, cols.start),
                 triplets=triplets,
                 batch_size=batch_size,
                 device=device,
@@ -582,7 +699,12 @@ def _block_graph(
                 for side, (si, sj, rows, cols) in spilling.items()
             )
             finished[i, j] = dask.delayed(_finish_block, pure=True, nout=None)(
-                sums[i, j], *strips, core=core, dask_key_name=f"cmsn-block-{token}-{i}-{j}"
+                sums[i, j],
+                *strips,
+                core=core,
+                triplets=triplets,
+                fill_unobserved=fill_unobserved,
+                dask_key_name=f"cmsn-block-{token}-{i}-{j}",
             )
     return finished
 
@@ -609,9 +731,17 @@ def _assemble(cube: xr.Dataset, variables: dict[str, tuple[tuple[str, ...], da.A
 # ------------------------------------------------------------------------------------------ writing
 
 
+#: Attribute of a reconstruction store: what it was made from (:func:`_record`); a resume needs the same.
+RECORD_ATTR = "cmsn_cube_reconstruction"
+
+WriteState = Literal["new", "resume", "complete", "replace"]
+
+
 def _region_marker(path: str, key: str) -> str:
-    # beside the store, not inside it: zarr warns about foreign objects in a hierarchy
-    return f"{path.rstrip('/')}.regions/{key}"
+    # inside the store, so that deleting or replacing the store deletes them too
+    from cmsn_cube.store import REGIONS_FOLDER
+
+    return f"{path}/{REGIONS_FOLDER}/{key}"
 
 
 def _write_region(*arrays: np.ndarray, path: str, index: dict[str, tuple[slice, ...]], key: str) -> str:
@@ -620,24 +750,96 @@ def _write_region(*arrays: np.ndarray, path: str, index: dict[str, tuple[slice, 
     import fsspec
     import zarr
 
-    group = zarr.open_group(path, mode="r+")
-    for (name, where), values in zip(index.items(), arrays, strict=True):
-        group[name][where] = values  # type: ignore[index]  # an Array here, never a Group
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group = zarr.open_group(path, mode="r+")
+        for (name, where), values in zip(index.items(), arrays, strict=True):
+            group[name][where] = values  # type: ignore[index]  # an Array here, never a Group
     with fsspec.open(_region_marker(path, key), "w", auto_mkdir=True) as marker:
         marker.write("done")
     return key
 
 
+def _record(result: xr.Dataset) -> dict[str, Any]:
+    """What a reconstruction store is made from: input, model, times, grid, tiling, variables and chunks."""
+    from cmsn_cube.cube import crs_of
+
+    return {
+        "input_fingerprint": result.attrs.get("input_fingerprint"),
+        "model_sha256": result.attrs.get("model_sha256"),
+        "tiling": result.attrs.get("tiling"),
+        "times": [str(t) for t in result["time"].values.astype("datetime64[s]")],
+        "sizes": {str(dim): int(size) for dim, size in result.sizes.items()},
+        "grid": [float(v) for v in (result.y[0], result.y[-1], result.x[0], result.x[-1])],
+        "crs": str(crs_of(result)),
+        "chunks": {str(name): list(_store_chunks(result, name)) for name in result.data_vars},
+    }
+
+
+def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, overwrite: bool = False) -> WriteState:
+    """What :func:`write_reconstruction` would do at ``path``, or the error it would raise.
+
+    ``"new"``: nothing there (or an empty folder); ``"resume"``: this tool's unfinished output of the same
+    input, model, times, grid and tiling; ``"complete"``: the same, finished (a rerun is a no-op);
+    ``"replace"``: another Zarr store, replaced because ``overwrite`` is set.
+
+    Raises
+    ------
+    StoreError
+        ``path`` is the reconstruction's own input (even with ``overwrite``), is not a Zarr store (never
+        deleted), or holds another store and ``overwrite`` is not set (the message says what differs).
+    """
+    import zarr
+
+    from cmsn_cube.store import same_store, store_kind, store_path
+
+    path = store_path(path)
+    source = result.attrs.get("input_store")
+    if source and same_store(source, path):
+        raise StoreError(f"{path} is the input of this reconstruction: write it to another path")
+    kind = store_kind(path)
+    if kind in ("missing", "empty"):
+        return "new"
+    if kind == "other":
+        raise StoreError(f"{path} exists and is not a Zarr store; it is left alone: remove it yourself or pick another")
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs, members = dict(group.attrs), set(group.array_keys())
+    except Exception:  # a damaged store is a foreign one
+        attrs, members = {}, set()
+    stored = json.loads(attrs[RECORD_ATTR]) if isinstance(attrs.get(RECORD_ATTR), str) else None
+    record = json.loads(json.dumps(_record(result)))
+    if stored == record:
+        return "complete" if attrs.get("cmsn_cube_write_complete") is True else "resume"
+    if overwrite:
+        return "replace"
+    if stored is None:
+        what = "a cube" if "reflectance" in members else "a Zarr store that is not a reconstruction of cmsn-cube"
+        raise StoreError(f"{path} holds {what}; pass overwrite=True (--overwrite) to replace it")
+    differs = sorted(key for key in record if stored.get(key) != record[key])
+    raise StoreError(
+        f"{path} holds a reconstruction with another {', '.join(differs)}; "
+        "pass overwrite=True (--overwrite) to replace it, or write to another path"
+    )
+
+
 def write_reconstruction(
-    result: xr.Dataset, path: str | os.PathLike[str], *, progress: bool = True, max_regions: int | None = None
+    result: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_regions: int | None = None,
 ) -> str:
     """Write a (lazy) reconstruction to Zarr region by region; a killed run resumes from the regions written.
 
-    Each output chunk is written by its own task, which then leaves a marker; calling this again with the same
-    reconstruction (same model and grid) skips the marked regions. The store opens (with
-    :func:`cmsn_cube.cube.open_store`) only once every region is written. On a Dask client the regions stream
-    through the workers in raster order, a few per worker thread at a time, so memory does not grow with the
-    scene; without one the configured local scheduler computes them all at once.
+    Nothing is lost: the reconstruction's own input is never written over, and any other store at ``path``
+    only with ``overwrite``, never a folder that is not a Zarr store. The store records what it is made from
+    (input fingerprint, model, times, grid, tiling, chunks); calling this again with the same reconstruction
+    resumes an unfinished store (each output chunk is written by its own task, which then leaves a marker
+    inside the store) and leaves a finished one as it is. The store opens (:func:`cmsn_cube.open_reconstruction`)
+    only once every region is written. On a Dask client the regions stream through the workers in raster
+    order, a few per worker thread at a time, so memory does not grow with the scene; without one the
+    configured local scheduler computes them all at once.
 
     Parameters
     ----------
@@ -645,6 +847,8 @@ def write_reconstruction(
         Output of :func:`reconstruct`.
     path : str or path-like
         Store location (local folder or fsspec URL).
+    overwrite : bool
+        Replace another Zarr store at ``path`` (another input, model or tiling, or not a reconstruction).
     progress : bool
         Show a progress bar over regions.
     max_regions : int, optional
@@ -655,23 +859,46 @@ def write_reconstruction(
     -------
     str
         The store's path.
+
+    Raises
+    ------
+    StoreError
+        See :func:`reconstruction_state`; or a chunk of the input store is missing or corrupt (named).
+    NoDataError
+        The input has no clear pixel on any date. A warning names the share of pixels observed on no date.
     """
-    import fsspec
+    import zarr
 
-    from cmsn_cube.cube import mark_store_complete, store_compressors, write_template
+    from cmsn_cube.store import (
+        check_chunk_files,
+        filesystem,
+        mark_store_complete,
+        remove_store,
+        store_compressors,
+        store_path,
+        write_template,
+    )
 
-    path = str(path)
-    mapper = fsspec.get_mapper(path)
-    resumable = "zarr.json" in mapper and _same_reconstruction(path, result)
-    if not resumable:
+    check_positive(max_regions=max_regions)
+    path = store_path(path)
+    state = reconstruction_state(result, path, overwrite=overwrite)
+    if state == "complete":
+        return path
+    # one read of the input's mask and no-data pattern: an empty scene is refused before anything is written
+    observed_dates = result["observed_dates"].values
+    check_observed(observed_dates, what=f"the input of {path}")
+    fs, root = filesystem(path)
+    if state in ("new", "replace"):
+        remove_store(path)
         template = result.copy()
         for name, variable in template.data_vars.items():
             variable.encoding = {"chunks": _store_chunks(result, name), "compressors": store_compressors()}
-        if "zarr.json" in mapper or ".zgroup" in mapper:
-            mapper.fs.rm(mapper.root, recursive=True)
+        template.attrs[RECORD_ATTR] = json.dumps(_record(result))
         write_template(template, path)
-    names = [str(name) for name in result.data_vars]
-    result = result.chunk({dim: -1 for dim in result.dims if dim not in ("y", "x")})
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            zarr.open_group(path, mode="r+")["observed_dates"][:] = observed_dates  # type: ignore[index]
+    names = [str(name) for name in result.data_vars if name != "observed_dates"]
+    result = result[names].chunk({dim: -1 for dim in result.dims if dim not in ("y", "x")})
     y_chunks, x_chunks = result.chunks["y"], result.chunks["x"]
     # One low-level graph of the chunks as they are, and a write task per region on top of it. Not optimised:
     # dask.optimize works on each variable's graph on its own and fused the block task that finishes all four
@@ -684,7 +911,7 @@ def write_reconstruction(
     for i, _ in enumerate(y_chunks):
         for j, _ in enumerate(x_chunks):
             key = f"{i}_{j}"
-            if resumable and mapper.fs.exists(_region_marker(path, key)):
+            if state == "resume" and fs.exists(_region_marker(root, key)):
                 continue
             ys = slice(sum(y_chunks[:i]), sum(y_chunks[: i + 1]))
             xs = slice(sum(x_chunks[:j]), sum(x_chunks[: j + 1]))
@@ -698,13 +925,21 @@ def write_reconstruction(
             graph[regions[i, j]] = (functools.partial(_write_region, path=path, index=index, key=key), *chunks)
     finishing = max_regions is None or len(regions) <= max_regions
     regions = dict(itertools.islice(regions.items(), max_regions))
-    _compute_regions(graph, regions, progress=progress, description=f"writing {os.path.basename(path.rstrip('/'))}")
+    try:
+        _compute_regions(graph, regions, progress=progress, description=f"writing {os.path.basename(path)}")
+    except CMSNCubeError:
+        raise
+    except Exception:
+        source = result.attrs.get("input_store")
+        if source:  # a codec error names no file: find the damaged chunk of the input
+            check_chunk_files(source, decode=True)
+        raise
     if not finishing:
         return path
+    markers = _region_marker(root, "").rstrip("/")
+    if fs.exists(markers):
+        fs.rm(markers, recursive=True)
     mark_store_complete(path)
-    markers = _region_marker(path, "")
-    if mapper.fs.exists(markers):
-        mapper.fs.rm(markers, recursive=True)
     return path
 
 
@@ -712,25 +947,6 @@ def _store_chunks(result: xr.Dataset, name: Any) -> tuple[int, ...]:
     """The Zarr chunks of variable ``name``: one date, and the Dask chunks along y/x (one region each)."""
     return tuple(
         1 if d == "time" else result.chunks[d][0] if d in ("y", "x") else result.sizes[d] for d in result[name].dims
-    )
-
-
-def _same_reconstruction(path: str, result: xr.Dataset) -> bool:
-    """An interrupted store of the same model, grid and chunks can be resumed (its region markers name the same
-    regions)."""
-    try:
-        existing = xr.open_zarr(path, decode_coords="all")
-    except Exception:  # a damaged store is rewritten from scratch
-        return False
-    return (
-        existing.attrs.get("model_sha256") == result.attrs.get("model_sha256")
-        and dict(existing.sizes) == dict(result.sizes)
-        and np.array_equal(existing.x.values, result.x.values)
-        and np.array_equal(existing.y.values, result.y.values)
-        and all(
-            name in existing and tuple(existing[name].encoding.get("chunks", ())) == _store_chunks(result, name)
-            for name in result.data_vars
-        )
     )
 
 

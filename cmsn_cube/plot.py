@@ -2,7 +2,7 @@
 
 Loss curves are drawn by :func:`cmsn_cube.train.plot_history`, next to the history they plot.
 
-Every function writes a PNG and returns its path. matplotlib runs on the Agg backend (no screen needed).
+Every function writes a PNG and returns its path. Figures are drawn without pyplot (no screen needed, and the caller's matplotlib backend is left as it is).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import xarray as xr
 RGB_BANDS: tuple[str, str, str] = ("red", "green", "blue")
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float]):  # type: ignore[no-untyped-def]
+    """A figure and its axes, without pyplot: no backend is switched and no global figure is kept."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols)
 
 
 def rgb_stretch(
@@ -66,7 +65,6 @@ def _save(fig, path: str | os.PathLike[str]) -> str:  # type: ignore[no-untyped-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
     return str(path)
 
 
@@ -78,11 +76,10 @@ def plot_date_with_mask(
     stretch: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> str:
     """One date: natural colour beside its cloud mask (cloud + shadow + dilated), cloud fraction in the title."""
-    plt = _pyplot()
     date = cube.isel(time=time_index)
     rgb = rgb_array(date["reflectance"])
     low, high = stretch or rgb_stretch([rgb])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
+    fig, axes = _subplots(1, 2, figsize=(11, 5.6))
     axes[0].imshow(to_rgb(rgb, low, high))
     axes[0].set_title(f"{np.datetime_as_string(date.time.values, unit='D')} natural colour (B4/B3/B2)")
     if "cloud_mask" in date:
@@ -143,7 +140,6 @@ def plot_panel(
     truth : xarray.DataArray, optional
         Cloud-free ``(time, band, y, x)`` reference.
     """
-    plt = _pyplot()
     observed = [rgb_array(cube["reflectance"].isel(time=t)) for t in range(3)]
     masks = [np.asarray(cube["cloud_mask"].isel(time=t).values) for t in range(3)]
     coarse = rgb_array(stages["coarse"].isel(time=date))
@@ -151,7 +147,7 @@ def plot_panel(
     clear_views = [np.where(m[None], np.nan, o) for o, m in zip(observed, masks, strict=True)]
     reference = rgb_array(truth.isel(time=date)) if truth is not None else None
     low, high = rgb_stretch(clear_views + [refined] + ([reference] if reference is not None else []))
-    fig, axes = plt.subplots(2, 4, figsize=(17, 9))
+    fig, axes = _subplots(2, 4, figsize=(17, 9))
     days = [np.datetime_as_string(t, unit="D") for t in cube.time.values]
     for t in range(3):
         axes[0, t].imshow(to_rgb(observed[t], low, high))
@@ -220,9 +216,10 @@ def plot_ndvi_maps(
     observed: xr.DataArray, reconstructed: xr.DataArray, path: str | os.PathLike[str], *, title: str = ""
 ) -> str:
     """NDVI observed (NaN under clouds, grey) beside NDVI reconstructed; diverging colours fixed to [-1, 1]."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
-    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.6")  # clouds (NaN) in grey
+    fig, axes = _subplots(1, 2, figsize=(12, 5.6))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="0.6")  # clouds (NaN) in grey
     for ax, data, name in zip(
         axes, (observed, reconstructed), ("observed (clouds masked)", "reconstructed"), strict=True
     ):
@@ -239,12 +236,11 @@ def plot_ndvi_scatter(
     reconstructed: np.ndarray, truth: np.ndarray, path: str | os.PathLike[str], *, label: str = "cloudy pixels"
 ) -> str:
     """2-D histogram of reconstructed vs true NDVI (log counts) with the 1:1 line, MAE and bias in the title."""
-    plt = _pyplot()
     from matplotlib.colors import LogNorm
 
     valid = np.isfinite(reconstructed) & np.isfinite(truth)
     x, y = truth[valid], reconstructed[valid]
-    fig, ax = plt.subplots(figsize=(6.2, 5.6))
+    fig, ax = _subplots(figsize=(6.2, 5.6))
     counts = ax.hist2d(x, y, bins=120, range=[[-0.3, 1], [-0.3, 1]], norm=LogNorm(), cmap="viridis")
     fig.colorbar(counts[3], ax=ax, label="pixels per bin")
     ax.plot([-0.3, 1], [-0.3, 1], color="white", linewidth=1, linestyle="--")
@@ -258,9 +254,8 @@ def plot_method_bars(
     summary: dict[str, dict[str, float]], path: str | os.PathLike[str], *, label: str = "cloudy pixels"
 ) -> str:
     """Bar charts of PSNR (dB), SSIM and SAM (degrees) in cloudy pixels, one bar per method."""
-    plt = _pyplot()
     methods = list(summary)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = _subplots(1, 3, figsize=(14, 4.2))
     for ax, (metric, unit) in zip(axes, (("psnr", "dB"), ("ssim", "unitless"), ("sam", "degrees")), strict=True):
         values = [summary[m][metric] for m in methods]
         colors = ["tab:orange" if m.startswith("cmsn") else "tab:blue" for m in methods]

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import xarray as xr
 
-from cmsn_cube.cube import crs_of, open_cube
+from cmsn_cube.cube import crs_of
+from cmsn_cube.store import open_cube
 
 
 def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:

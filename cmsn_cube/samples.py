@@ -31,10 +31,11 @@ import xarray as xr
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from cmsn_cube.cube import open_cube, validate_cube
+from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CubeValidationError, DimensionError, NoDataError
 from cmsn_cube.qa import DEFAULT_CLOUD_LEVELS, QA_BITS
 from cmsn_cube.sources.synthetic import fractal_noise
+from cmsn_cube.store import open_cube
 
 TruthSource = Literal["observed", "cube"]
 #: ``store``: real cloud masks of other dates/windows of the cube; ``reference``: the UKIS Landsat cloud/shadow
@@ -198,10 +199,16 @@ def _reference_masks(folder: str) -> tuple[np.ndarray, ...]:
 
 
 def default_reference_masks() -> Path | None:
-    """The shared ``cloud_masks_ukis`` folder when present (see :func:`cmsn_cube.testing.shared_data_dir`)."""
-    from cmsn_cube.testing import shared_data_path
+    """The ``cloud_masks_ukis`` folder of ``$CMSN_SHARED_DATA`` when that variable is set, else None.
 
-    return shared_data_path("cloud_masks_ukis")
+    Only a folder the user names is read: nothing is looked for beside the installed package, so a seed draws
+    the same clouds on every machine.
+    """
+    from cmsn_cube.testing import SHARED_DATA_ENV
+
+    root = os.environ.get(SHARED_DATA_ENV)
+    folder = Path(root) / "cloud_masks_ukis" if root else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def _resolve_reference(reference_masks: str | os.PathLike[str] | None) -> str | None:
@@ -339,7 +346,7 @@ def make_scoring_cube(
     sources : sequence of str
         Mask sources (see :data:`MaskSource`); ``store`` uses the other dates' real masks.
     reference_masks : path, "auto" or None
-        Folder of UKIS ``*.npz`` masks; "auto" finds the shared one.
+        Folder of UKIS ``*.npz`` masks; "auto" reads $CMSN_SHARED_DATA/cloud_masks_ukis when set.
 
     Returns
     -------
@@ -435,7 +442,7 @@ class TripletWindowDataset(Dataset):
     Parameters
     ----------
     store : str, path-like or xarray.Dataset
-        A Zarr store written by :func:`cmsn_cube.cube.write_cube` (preferred), or a cube.
+        A Zarr store written by :func:`cmsn_cube.store.write_cube` (preferred), or a cube.
     size : int
         Window side in pixels.
     overlap : int
@@ -451,7 +458,7 @@ class TripletWindowDataset(Dataset):
     sources : sequence of str
         Cloud-shape sources, tried in random order, fractal last.
     reference_masks : path, "auto" or None
-        Folder of UKIS ``*.npz`` reference masks; "auto" finds the shared one, None disables it.
+        Folder of UKIS ``*.npz`` reference masks; "auto" reads $CMSN_SHARED_DATA/cloud_masks_ukis when set, None disables them.
     max_nodata : float
         Skip windows where a date has more than this fraction of no-data pixels.
     seed : int

@@ -48,7 +48,7 @@ def tiny_scene(*, size: int = 96, n_dates: int = 3, seed: int = 0, **options: An
 
 def tiny_store(path: str | os.PathLike[str], cube: xr.Dataset | None = None, *, chunk: int = 64, **options: Any) -> str:
     """Write ``cube`` (default :func:`tiny_scene` with ``options``) to a Zarr store at ``path``, small chunks."""
-    from cmsn_cube.cube import write_cube
+    from cmsn_cube.store import write_cube
 
     cube = tiny_scene(**options) if cube is None else cube
     return write_cube(cube, path, chunks={"time": 1, "band": 4, "y": chunk, "x": chunk}, overwrite=True)

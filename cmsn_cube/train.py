@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmsn_cube.device import default_device, leaves_global_state
 from cmsn_cube.model.checkpoint import _atomic_write_bytes, build_model, load_checkpoint, load_model, save_checkpoint
 from cmsn_cube.model.cmsn import ARCHITECTURE, CMSN
 from cmsn_cube.model.losses import DEFAULT_LOSS_WEIGHTS, CMSNLoss
@@ -283,6 +284,7 @@ def _improved(value: float, best: float | None, *, monitor: Monitor, min_delta: 
     return value < best - min_delta if monitor == "loss" else value > best + min_delta
 
 
+@leaves_global_state
 def train(
     model_or_config: CMSN | Mapping[str, Any] | str | os.PathLike[str] | None,
     train_loader: Iterable[Mapping[str, Any]],
@@ -405,7 +407,7 @@ def train(
     started = time.monotonic()
     _seed_everything(seed)
     model = _resolve_model(model_or_config)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(device))
     model.to(device)
     use_amp = (device.type == "cuda") if amp is None else (amp and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -669,6 +671,7 @@ def _describe_store(store: Any) -> str:
     )
 
 
+@leaves_global_state
 def train_on_stores(
     stores: Any,
     *,
@@ -702,7 +705,7 @@ def train_on_stores(
     Parameters
     ----------
     stores : str, path-like, xarray.Dataset or a sequence of them
-        Zarr stores written by :func:`cmsn_cube.cube.write_cube` (or cubes), each with at least three dates.
+        Zarr stores written by :func:`cmsn_cube.store.write_cube` (or cubes), each with at least three dates.
     out : str or path-like
         Checkpoint folder: ``best.pt``, ``last.pt``, their cards, ``history.json`` and ``loss.png``.
     init : str or path-like, optional
@@ -721,7 +724,7 @@ def train_on_stores(
     levels : sequence of float, optional
         Masked fraction (real + pasted clouds) for T1, T2, T3; default :data:`cmsn_cube.qa.DEFAULT_CLOUD_LEVELS`.
     reference_masks : path, "auto" or None
-        UKIS reference cloud masks used as pasted shapes ("auto": the shared folder when present).
+        UKIS reference cloud masks used as pasted shapes ("auto": $CMSN_SHARED_DATA/cloud_masks_ukis when set).
     augment : bool
         Random flips and quarter turns of the training batches.
     in_memory : bool
@@ -752,10 +755,10 @@ def train_on_stores(
     """
     from torch.utils.data import ConcatDataset, DataLoader
 
-    from cmsn_cube.cube import open_cube
     from cmsn_cube.exceptions import CubeValidationError
     from cmsn_cube.qa import DEFAULT_CLOUD_LEVELS
     from cmsn_cube.samples import make_dataloaders
+    from cmsn_cube.store import open_cube
 
     if isinstance(stores, (str, os.PathLike)) or not isinstance(stores, Sequence):
         stores = [stores]

@@ -108,7 +108,7 @@ def measure(
     label: str, cube: xr.Dataset, description: str, *, model: Any, options: dict[str, Any], folder: Path
 ) -> dict[str, Any]:
     from cmsn_cube.adapt import fit
-    from cmsn_cube.cube import write_cube
+    from cmsn_cube.store import write_cube
 
     store = write_cube(cube, folder / f"{label}.zarr", overwrite=True)
     started = time.monotonic()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 from cmsn_cube.cluster import get_client
-from cmsn_cube.cube import open_cube
 from cmsn_cube.inference import reconstruct, write_reconstruction
 from cmsn_cube.report import describe_cube
+from cmsn_cube.store import open_cube
 
 
 def main() -> None:

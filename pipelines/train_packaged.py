@@ -81,8 +81,8 @@ def store_paths() -> list[Path]:
 
 def write_stores() -> list[Path]:
     """Write the training scenes (skipping those already on disk)."""
-    from cmsn_cube.cube import write_cube
     from cmsn_cube.sources.synthetic import synthetic_scene
+    from cmsn_cube.store import write_cube
 
     for (seed, size, cover, clouds), path in zip(TRAIN_SCENES, store_paths(), strict=True):
         if not path.exists():
@@ -93,6 +93,11 @@ def write_stores() -> list[Path]:
 
 def run_training() -> None:
     from cmsn_cube.cli import main
+    from cmsn_cube.testing import SHARED_DATA_ENV, shared_data_dir
+
+    # the real cloud shapes are read only from a folder named explicitly (the library never looks beside itself)
+    if shared_data_dir() is not None:
+        os.environ.setdefault(SHARED_DATA_ENV, str(shared_data_dir()))
 
     args = ["train", *[str(p.relative_to(ROOT)) for p in store_paths()], *TRAIN_ARGS]
     print("cmsn-cube " + shlex.join(args), flush=True)
@@ -128,9 +133,9 @@ def _markdown(table: Any, region: str = "common") -> str:
 
 def evaluate_embedded(checkpoint: Path) -> Any:
     """cmsn vs the baselines on the unseen embedded scene (its own clouds, scored against its truth)."""
-    from cmsn_cube.cube import open_cube, write_cube
     from cmsn_cube.evaluate import cmsn_method, evaluate
     from cmsn_cube.sources.synthetic import synthetic_scene
+    from cmsn_cube.store import open_cube, write_cube
 
     if not EVAL_STORE.exists():
         write_cube(synthetic_scene(height=512, width=512, seed=EVAL_SEED), EVAL_STORE)

@@ -6,8 +6,8 @@ import dask
 import pytest
 import xarray as xr
 
-from cmsn_cube.cube import write_cube
 from cmsn_cube.sources.synthetic import synthetic_scene
+from cmsn_cube.store import write_cube
 
 
 @pytest.fixture(scope="session")

@@ -9,17 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from cmsn_cube.cube import (
-    BANDS,
-    SENSOR_BANDS,
-    append_cube,
-    crs_of,
-    make_cube,
-    open_cube,
-    set_crs,
-    validate_cube,
-    write_cube,
-)
+from cmsn_cube.cube import BANDS, SENSOR_BANDS, crs_of, make_cube, set_crs, validate_cube
 from cmsn_cube.exceptions import (
     BandMismatchError,
     CubeValidationError,
@@ -32,6 +22,7 @@ from cmsn_cube.exceptions import (
     TimeAxisError,
 )
 from cmsn_cube.sources.synthetic import synthetic_scene
+from cmsn_cube.store import append_cube, open_cube, write_cube
 
 
 def tiny_cube(n_dates: int = 3, size: int = 8) -> xr.Dataset:

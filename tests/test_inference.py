@@ -10,8 +10,8 @@ import pytest
 import torch
 import xarray as xr
 
-from cmsn_cube.cube import make_cube, open_cube, open_store, write_cube
-from cmsn_cube.exceptions import BandMismatchError, CubeValidationError, DimensionError, StoreError
+from cmsn_cube.cube import make_cube
+from cmsn_cube.exceptions import ArgumentError, BandMismatchError, DimensionError, StoreError
 from cmsn_cube.inference import (
     AxisTiling,
     _load_spec,
@@ -23,6 +23,7 @@ from cmsn_cube.inference import (
 from cmsn_cube.model import CMSN
 from cmsn_cube.samples import date_triplets
 from cmsn_cube.sources.synthetic import synthetic_scene
+from cmsn_cube.store import open_cube, open_store, write_cube
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_reconstruct_is_lazy(tiny_model, scene_store, no_compute):
 
 def test_single_window_equals_model_on_whole_cube(tiny_model):
     cube = synthetic_scene(height=70, width=58, seed=4)
-    result = reconstruct(cube, model=tiny_model, tile=256).compute()
+    result = reconstruct(cube, model=tiny_model, tile=256, fill_unobserved=True).compute()
     np.testing.assert_allclose(result.reconstructed.values, direct(tiny_model, cube), rtol=0, atol=1e-6)
 
 
@@ -103,7 +104,7 @@ def test_blocks_give_the_one_pass_blend(tiny_model, chunk):
     # 245 = 3 * 80 + 5 rows and 250 = 3 * 80 + 10 columns: the last blocks are shorter than the overlap and
     # hold no tile of their own, only what the tiles before them spill over
     cube = synthetic_scene(height=245, width=250, seed=9)
-    result = reconstruct(cube, model=tiny_model, tile=96, overlap=16, chunk=chunk).compute()
+    result = reconstruct(cube, model=tiny_model, tile=96, overlap=16, chunk=chunk, fill_unobserved=True).compute()
     expected = blended_in_one_pass(tiny_model, cube, tile=96, overlap=16)
     np.testing.assert_allclose(result.reconstructed.values, expected, rtol=0, atol=1e-5)
 
@@ -160,7 +161,7 @@ def test_chunk_is_rounded_down_to_whole_strides_and_dtypes_hold(tiny_model, scen
     computed = result.compute()
     for name in result.data_vars:
         assert computed[name].dtype == result[name].dtype, name
-    assert computed.filled.dtype == bool and computed.reconstructed.dtype == np.float32
+    assert computed.filled.dtype == np.uint8 and computed.reconstructed.dtype == np.float32
 
 
 def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, windows_run):
@@ -185,12 +186,17 @@ def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, windows_run):
 
 def test_clear_pixels_untouched_and_every_gap_filled(tiny_model, scene):
     result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128).compute()
-    clear = ~result.filled.values
+    clear = result.filled.values == 0
     observed = scene.reflectance.values.transpose(1, 0, 2, 3)
     reconstructed = result.reconstructed.values.transpose(1, 0, 2, 3)
     assert np.array_equal(observed[:, clear], reconstructed[:, clear]), "clear pixels must be bit-identical"
-    assert np.isfinite(result.reconstructed.values).all()
-    np.testing.assert_array_equal(result.filled.values, scene.cloud_mask.values)
+    # every gap that another date observed is filled; the others are NaN and flagged, never invented
+    seen_elsewhere = (~scene.cloud_mask.values).any(axis=0)
+    assert np.isfinite(reconstructed[:, :, seen_elsewhere]).all()
+    np.testing.assert_array_equal(result.filled.values > 0, scene.cloud_mask.values)
+    np.testing.assert_array_equal(result.filled.values == 2, scene.cloud_mask.values & ~seen_elsewhere)
+    assert (~seen_elsewhere).any() and np.isnan(reconstructed[:, :, ~seen_elsewhere]).all()
+    np.testing.assert_array_equal(result.observed_dates.values, (~scene.cloud_mask.values).sum(axis=0))
 
 
 def test_no_seam_at_tile_borders(tiny_model):
@@ -200,7 +206,7 @@ def test_no_seam_at_tile_borders(tiny_model):
     mask[1] = True
     cube["cloud_mask"] = (cube.cloud_mask.dims, mask)
     tile, overlap = 64, 16
-    result = reconstruct(cube, model=tiny_model, tile=tile, overlap=overlap, chunk=128).compute()
+    result = reconstruct(cube, model=tiny_model, tile=tile, overlap=overlap, chunk=128, fill_unobserved=True).compute()
     image = result.reconstructed.values[1].astype("float64")
     steps = np.abs(np.diff(image, axis=-1)).mean(axis=(0, 1))  # mean step between columns c and c+1
     tiling = AxisTiling.plan(256, tile=tile, overlap=overlap, chunk=128)
@@ -210,7 +216,7 @@ def test_no_seam_at_tile_borders(tiny_model):
     inside = np.delete(steps, [b - 1 for b in borders]).mean()
     assert at_borders <= 1.25 * inside, (at_borders, inside)
     # and without blending there would be a seam: tiles run alone differ where they meet
-    hard = reconstruct(cube, model=tiny_model, tile=tile, overlap=0, chunk=128).compute()
+    hard = reconstruct(cube, model=tiny_model, tile=tile, overlap=0, chunk=128, fill_unobserved=True).compute()
     assert not np.allclose(hard.reconstructed.values[1], result.reconstructed.values[1])
 
 
@@ -218,7 +224,7 @@ def test_more_dates_use_nearest_neighbours(tiny_model):
     days = np.array(["2020-01-01", "2020-01-17", "2020-02-02", "2020-06-01", "2020-06-17"], dtype="datetime64[D]")
     assert date_triplets(days) == [(0, 1, 2), (0, 1, 2), (0, 1, 2), (2, 3, 4), (2, 3, 4)]
     cube = synthetic_scene(height=48, width=48, n_dates=5, seed=8)
-    result = reconstruct(cube, model=tiny_model).compute()
+    result = reconstruct(cube, model=tiny_model, fill_unobserved=True).compute()
     first = direct(tiny_model, cube.isel(time=[2, 3, 4]))
     np.testing.assert_allclose(result.reconstructed.values[3], first[1], atol=1e-6)
 
@@ -248,9 +254,9 @@ def test_two_dates_or_other_bands_are_refused(tiny_model, small_scene):
         reconstruct(small_scene.isel(time=[0, 1]), model=tiny_model)
     with pytest.raises(BandMismatchError, match="B2"):
         reconstruct(small_scene.assign_coords(band=["B2", "B3", "B4", "B5"]), model=tiny_model)
-    with pytest.raises(CubeValidationError, match="overlap must be in"):
+    with pytest.raises(ArgumentError, match="less than half a tile"):
         reconstruct(small_scene, model=tiny_model, tile=64, overlap=32)
-    with pytest.raises(CubeValidationError, match="at least one tile"):
+    with pytest.raises(ArgumentError, match="at least one tile"):
         reconstruct(small_scene, model=tiny_model, tile=64, overlap=8, chunk=48)
 
 
@@ -260,7 +266,7 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
     write_reconstruction(result, path, max_regions=2, progress=False)  # a job stopped after two regions
     with pytest.raises(StoreError, match="incomplete"):
         open_store(path)
-    done_first = sorted(os.listdir(path + ".regions"))
+    done_first = sorted(os.listdir(os.path.join(path, "_cmsn_regions")))
     assert len(done_first) == 2
     write_reconstruction(result, path, progress=False)  # resumes: the other regions
     reopened = open_store(path)
@@ -275,12 +281,14 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
 
 def test_a_store_cut_into_other_chunks_is_rewritten_not_resumed(tiny_model, scene, tmp_path):
     # the same model and grid, but blocks of 80 px then 240 px along x: the region markers of the first run
-    # name other regions of the second, which must start afresh rather than skip them
+    # name other regions of the second, which is refused, then starts afresh with overwrite, never skips them
     path = str(tmp_path / "out.zarr")
     first = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
     write_reconstruction(first, path, max_regions=2, progress=False)
     second = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=256)
-    write_reconstruction(second, path, progress=False)
+    with pytest.raises(StoreError, match="another chunks, tiling"):
+        write_reconstruction(second, path, progress=False)
+    write_reconstruction(second, path, progress=False, overwrite=True)
     reopened = open_store(path)
     xr.testing.assert_allclose(reopened.reconstructed.load(), second.reconstructed.compute(), rtol=0, atol=0)
     assert reopened.reconstructed.encoding["chunks"][-1] == 240
@@ -323,7 +331,7 @@ def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
 
     threaded = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128).compute(scheduler="threads")
     store = write_cube(scene, tmp_path / "scene.zarr")
-    from cmsn_cube.cube import open_cube
+    from cmsn_cube.store import open_cube
 
     with get_client(workers=2) as client:
         assert len(client.scheduler_info()["workers"]) == 2

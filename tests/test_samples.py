@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from cmsn_cube.cube import open_cube
 from cmsn_cube.exceptions import DimensionError, NoDataError
 from cmsn_cube.samples import (
     TripletWindowDataset,
@@ -17,6 +16,7 @@ from cmsn_cube.samples import (
     split_rows,
     window_origins,
 )
+from cmsn_cube.store import open_cube
 from cmsn_cube.testing import shared_data_path, tiny_scene, tiny_store
 
 LEVELS = (0.25, 0.15, 0.10)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import xarray as xr
 
-from cmsn_cube.cube import BANDS, LANDSAT_SCALE_M, SENSOR_BANDS, make_cube, validate_cube, write_cube
+from cmsn_cube.cube import BANDS, LANDSAT_SCALE_M, SENSOR_BANDS, make_cube, validate_cube
 from cmsn_cube.exceptions import (
     BandMismatchError,
     DimensionError,
@@ -46,6 +46,7 @@ from cmsn_cube.exceptions import (
     TimeAxisError,
 )
 from cmsn_cube.qa import DEFAULT_CLOUD_LEVELS, QA_BITS, add_cloud_mask, cloud_fraction, select_dates
+from cmsn_cube.store import write_cube
 
 if TYPE_CHECKING:  # pragma: no cover
     import ee

@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from cmsn_cube.cube import open_cube, write_cube
 from cmsn_cube.exceptions import MissingDateError, NoDataError
 from cmsn_cube.sources.cbers import open_cbers_series
+from cmsn_cube.store import open_cube, write_cube
 from cmsn_cube.testing import shared_data_path
 
 FOLDER = shared_data_path("cbers_timeseries")

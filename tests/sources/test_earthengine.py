@@ -14,10 +14,11 @@ import xarray as xr
 from click.testing import CliRunner
 
 from cmsn_cube.cli import main
-from cmsn_cube.cube import BANDS, open_cube, validate_cube, write_cube
+from cmsn_cube.cube import BANDS, validate_cube
 from cmsn_cube.exceptions import BandMismatchError, EarthEngineError, MissingDateError
 from cmsn_cube.qa import QA_BITS, encode_qa
 from cmsn_cube.sources import earthengine as eee
+from cmsn_cube.store import open_cube, write_cube
 
 REGIONS = Path(__file__).resolve().parents[2] / "pipelines" / "regions.yaml"
 L8 = ("B2", "B3", "B4", "B5")
