@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from cmsn_cube import accessor as _accessor  # noqa: F401  (registers ds.cmsn)
 from cmsn_cube.cube import BANDS, SENSOR_BANDS, make_cube, validate_cube
-from cmsn_cube.exceptions import CMSNCubeError
+from cmsn_cube.exceptions import CMSNCubeError, CMSNCubeWarning
 from cmsn_cube.qa import add_cloud_mask, cloud_fraction, cloud_mask_from_qa, decode_qa, select_dates
 from cmsn_cube.sources.synthetic import synthetic_scene
 from cmsn_cube.store import append_cube, open_cube, open_reconstruction, write_cube
@@ -18,6 +18,7 @@ __all__ = [
     "BANDS",
     "SENSOR_BANDS",
     "CMSNCubeError",
+    "CMSNCubeWarning",
     "add_cloud_mask",
     "append_cube",
     "cloud_fraction",

@@ -34,18 +34,10 @@ class CMSNAccessor:
         return add_cloud_mask(self._obj.drop_vars("cloud_mask", errors="ignore"), **options)["cloud_mask"]
 
     def reconstruct(
-        self,
-        model: Any = None,
-        *,
-        tile: int = 256,
-        overlap: int = 32,
-        batch_size: int = 4,
-        device: str | None = None,
-        chunk: int = 1024,
-        adapt: bool = False,
-        fit_options: dict[str, Any] | None = None,
+        self, model: Any = None, *, adapt: bool = False, fit_options: dict[str, Any] | None = None, **options: Any
     ) -> xr.Dataset:
-        """Lazy cloud removal of every date; see :func:`cmsn_cube.inference.reconstruct`.
+        """Lazy cloud removal of every date; ``options`` (``tile``, ``overlap``, ``batch_size``, ``device``,
+        ``chunk``, ``fill_unobserved``) as :func:`cmsn_cube.inference.reconstruct`, with its defaults.
 
         With ``adapt=True`` the model is first fine-tuned on this cube (:func:`cmsn_cube.adapt.fit` with
         ``fit_options``; that part computes), then the adapted model reconstructs it.
@@ -53,10 +45,8 @@ class CMSNAccessor:
         from cmsn_cube.inference import reconstruct
 
         if adapt:
-            model = self.fit(**{"model": model, "device": device, **(fit_options or {})}).model
-        return reconstruct(
-            self._obj, model=model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, chunk=chunk
-        )
+            model = self.fit(**{"model": model, "device": options.get("device"), **(fit_options or {})}).model
+        return reconstruct(self._obj, model=model, **options)
 
     def fit(self, **options: Any) -> Any:
         """Adapt a checkpoint to this cube from its own clear pixels; see :func:`cmsn_cube.adapt.fit`."""

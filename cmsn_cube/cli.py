@@ -27,6 +27,9 @@ class _Group(click.Group):
         warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
+        except click.UsageError as error:  # a bad option value: one line too, with where to read the options
+            command = error.ctx.command_path if error.ctx is not None else "cmsn-cube"
+            _fail(f"{' '.join(error.format_message().split())} (see `{command} --help`)", code=2)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except CMSNCubeError as error:

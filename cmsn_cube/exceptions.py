@@ -59,6 +59,10 @@ class CheckpointError(CMSNCubeError, ValueError):
     """A checkpoint is not a cmsn-cube checkpoint, is corrupt, or does not fit the model/bands."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path names no file."""
+
+
 class UnknownModelError(CMSNCubeError, LookupError):
     """No packaged model is registered under that name."""
 

@@ -18,6 +18,7 @@ cached there (``_model_on_worker``), not once per chunk.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -27,7 +28,7 @@ import operator
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -870,7 +871,6 @@ def write_reconstruction(
     import zarr
 
     from cmsn_cube.store import (
-        check_chunk_files,
         filesystem,
         mark_store_complete,
         remove_store,
@@ -885,7 +885,8 @@ def write_reconstruction(
     if state == "complete":
         return path
     # one read of the input's mask and no-data pattern: an empty scene is refused before anything is written
-    observed_dates = result["observed_dates"].values
+    with _naming_damaged_chunks(result.attrs.get("input_store")):
+        observed_dates = result["observed_dates"].values
     check_observed(observed_dates, what=f"the input of {path}")
     fs, root = filesystem(path)
     if state in ("new", "replace"):
@@ -895,8 +896,9 @@ def write_reconstruction(
             variable.encoding = {"chunks": _store_chunks(result, name), "compressors": store_compressors()}
         template.attrs[RECORD_ATTR] = json.dumps(_record(result))
         write_template(template, path)
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            zarr.open_group(path, mode="r+")["observed_dates"][:] = observed_dates  # type: ignore[index]
+    # also on a resume: a run killed right after the template never wrote it
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        zarr.open_group(path, mode="r+")["observed_dates"][:] = observed_dates  # type: ignore[index]
     names = [str(name) for name in result.data_vars if name != "observed_dates"]
     result = result[names].chunk({dim: -1 for dim in result.dims if dim not in ("y", "x")})
     y_chunks, x_chunks = result.chunks["y"], result.chunks["x"]
@@ -925,15 +927,8 @@ def write_reconstruction(
             graph[regions[i, j]] = (functools.partial(_write_region, path=path, index=index, key=key), *chunks)
     finishing = max_regions is None or len(regions) <= max_regions
     regions = dict(itertools.islice(regions.items(), max_regions))
-    try:
+    with _naming_damaged_chunks(result.attrs.get("input_store")):
         _compute_regions(graph, regions, progress=progress, description=f"writing {os.path.basename(path)}")
-    except CMSNCubeError:
-        raise
-    except Exception:
-        source = result.attrs.get("input_store")
-        if source:  # a codec error names no file: find the damaged chunk of the input
-            check_chunk_files(source, decode=True)
-        raise
     if not finishing:
         return path
     markers = _region_marker(root, "").rstrip("/")
@@ -941,6 +936,22 @@ def write_reconstruction(
         fs.rm(markers, recursive=True)
     mark_store_complete(path)
     return path
+
+
+@contextlib.contextmanager
+def _naming_damaged_chunks(source: str | None) -> Iterator[None]:
+    """Re-raise a failure to read the input as a :class:`StoreError` naming the damaged chunk when there is one
+    (a codec error names neither file nor variable)."""
+    try:
+        yield
+    except CMSNCubeError:
+        raise
+    except Exception:
+        if source:
+            from cmsn_cube.store import check_chunk_files
+
+            check_chunk_files(source, decode=True)
+        raise
 
 
 def _store_chunks(result: xr.Dataset, name: Any) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import crs_of
-from cmsn_cube.store import open_cube
+from cmsn_cube.store import open_cube, open_store
 
 
 def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:
@@ -41,6 +41,37 @@ def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:
     return "\n".join(lines)
 
 
+def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction") -> str:
+    """Model, input, grid and, per date, the share of pixels filled and left unobserved, as text (computes
+    the ``filled`` layer)."""
+    from cmsn_cube.inference import FILLED, INVENTED, UNOBSERVED
+
+    flags = result["filled"]
+    counts = {
+        flag: (flags == flag).mean(("y", "x")).values for flag in (FILLED, UNOBSERVED, INVENTED)
+    }  # one pass each over a small uint8 layer
+    ny, nx = result.sizes["y"], result.sizes["x"]
+    lines = [
+        f"{name} (reconstruction)",
+        f"  model      {result.attrs.get('model', '?')} (sha256 {str(result.attrs.get('model_sha256', '?'))[:12]}…)",
+        f"  input      {result.attrs.get('input_store', 'in-memory cube')}",
+        f"  CRS        {crs_of(result)}",
+        f"  grid       {ny} x {nx} px",
+        f"  variables  {', '.join(sorted(str(v) for v in result.data_vars))}",
+        f"  dates      {result.sizes['time']}",
+        "    date         filled %   unobserved (NaN) %   unobserved filled %",
+    ]
+    for index, t in enumerate(result.time.values):
+        lines.append(
+            f"    {np.datetime_as_string(t, unit='D')}   {100 * counts[FILLED][index]:7.2f}   "
+            f"{100 * counts[UNOBSERVED][index]:18.2f}   {100 * counts[INVENTED][index]:19.2f}"
+        )
+    return "\n".join(lines)
+
+
 def describe_store(path: str | os.PathLike[str]) -> str:
-    """:func:`describe_cube` of the store at ``path``."""
+    """:func:`describe_cube` or :func:`describe_reconstruction` of the store at ``path``."""
+    ds = open_store(path)
+    if "reconstructed" in ds:
+        return describe_reconstruction(ds, name=str(path))
     return describe_cube(open_cube(path), name=str(path))

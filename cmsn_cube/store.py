@@ -304,6 +304,12 @@ def _set_attrs(path: str, **attrs: Any) -> None:
         zarr.consolidate_metadata(path)
 
 
+def _root_attrs(path: str) -> dict[str, Any]:
+    import zarr
+
+    return dict(zarr.open_group(path, mode="r").attrs)
+
+
 def mark_store_complete(path: str, complete: bool = True) -> None:
     """Set the flag :func:`open_store` checks (written last, after all data)."""
     _set_attrs(path, **{_COMPLETE_ATTR: complete})
@@ -332,8 +338,8 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
     in_memory = not any(_is_lazy(variable) for variable in ds.data_vars.values())
     encodable = _encodable(ds, {**DEFAULT_CHUNKS, **_disk_chunks(existing)})
     encodable = encodable.drop_vars([v for v in encodable.variables if "time" not in encodable[v].dims])
-    encodable.attrs = {}
     _set_attrs(path, **{_COMPLETE_ATTR: False, _APPEND_ATTR: int(existing.sizes["time"])})
+    encodable.attrs = _root_attrs(path)  # xarray writes these back: the flags above must survive the append
     _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress, in_memory=in_memory)
     _set_attrs(path, **{_APPEND_ATTR: None, WRITE_ID_ATTR: uuid.uuid4().hex, _COMPLETE_ATTR: True})
     return path
@@ -386,8 +392,9 @@ def open_store(
         )
     except Exception as error:  # zarr/xarray raise many types for a damaged store
         raise StoreError(f"cannot read the Zarr store at {path}: {type(error).__name__}: {error}") from error
+    interrupted_append = ds.attrs.get(_COMPLETE_ATTR) is not True and ds.attrs.get(_APPEND_ATTR) is not None
     if ds.attrs.get(_COMPLETE_ATTR) is not True:
-        if ds.attrs.get(_APPEND_ATTR) is not None:
+        if interrupted_append:
             n_dates = int(ds.attrs[_APPEND_ATTR])
             warnings.warn(
                 f"an append to {path} was interrupted: opening its {n_dates} original dates "
@@ -398,7 +405,7 @@ def open_store(
             ds = ds.isel(time=slice(0, n_dates))
         else:
             raise StoreError(_incomplete_message(path, ds))
-    if ds.attrs.get(_FORMAT_ATTR, 0) >= STORE_FORMAT:
+    if ds.attrs.get(_FORMAT_ATTR, 0) >= STORE_FORMAT and not interrupted_append:  # appended dates may lack chunks
         check_chunk_files(path)
     for key in _PRIVATE_ATTRS:
         ds.attrs.pop(key, None)

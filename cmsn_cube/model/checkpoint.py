@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from cmsn_cube.cube import BANDS
-from cmsn_cube.exceptions import BandMismatchError, CheckpointError, UnknownModelError
+from cmsn_cube.exceptions import BandMismatchError, CheckpointError, CheckpointNotFoundError, UnknownModelError
 from cmsn_cube.model.cmsn import ARCHITECTURE, CMSN
 
 __all__ = [
@@ -187,7 +187,9 @@ def _resolve(path_or_name: PathLike) -> tuple[Path, bool]:
         raise UnknownModelError(
             f"no packaged model named {text!r}; available: {available or 'none'} (or pass the path of a .pt checkpoint)"
         )
-    raise FileNotFoundError(f"checkpoint file not found: {text}")
+    raise CheckpointNotFoundError(
+        f"checkpoint file not found: {text} (give a .pt path or a packaged name: {', '.join(list_models()) or 'none'})"
+    )
 
 
 def model_card(path_or_name: PathLike) -> dict[str, Any]:
