@@ -263,7 +263,7 @@ def run_case(case: Case, root: Path, timeout: float, silent_port: str) -> tuple[
         lost += ["out.zarr"] if after.get("out.zarr") != before["out.zarr"] else []
     errors = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     errors = [line for line in errors if "%|" not in line]  # progress bars
-    detail = (errors[-1] if errors else run.stdout.strip().splitlines()[-1:] or [""])[0][:150]
+    detail = (errors[-1] if errors else (run.stdout.strip().splitlines() or [""])[-1])[:150]
     if lost:
         return "data-loss", f"{lost} changed; {detail}"
     if run.returncode < 0:

@@ -12,6 +12,7 @@ the model's thread. Measured here with two 1-thread workers: 276 ms per 256 px w
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -59,7 +60,7 @@ def get_client(
     threads_per_worker: int = 1,
     dashboard: bool = False,
     worker_config: Mapping[str, object] = WORKER_CONFIG,
-    connect_timeout: float = 10.0,
+    connect_timeout: float = 5.0,
 ) -> Client:
     """Connect to ``scheduler`` (``tcp://host:8786``) or start a LocalCluster of worker processes.
 
@@ -105,6 +106,9 @@ def get_client(
             processes=True,
             dashboard_address=":0",
             scheduler_kwargs={"dashboard": dashboard},
+            # a failed task's error reaches the caller as the exception itself; the workers' "Compute Failed"
+            # log (level ERROR) would print it again, with the task's repr and traceback, into every command's output
+            silence_logs=logging.CRITICAL,
         )
 
 
