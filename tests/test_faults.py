@@ -415,3 +415,31 @@ def test_library_calls_leave_global_state_alone(tmp_path):
     assert (torch.rand(1), np.random.rand(), random.random()) == expected  # noqa: NPY002
     assert torch.get_num_threads() == threads and matplotlib.get_backend() == backend
     assert os.path.getsize(tmp_path / "s.png") > 0
+
+
+def test_urls_stay_urls_in_the_cli():
+    # fsspec's in-process memory filesystem: a URL that a Path would collapse to a local folder "memory:/..."
+    run = CliRunner().invoke(main, ["synth", "memory://cmsn-test/x.zarr", "--height", "64", "--width", "64"])
+    assert run.exit_code == 0, run.output
+    assert open_cube("memory://cmsn-test/x.zarr").sizes == {"time": 3, "band": 4, "y": 64, "x": 64}
+    assert not Path("memory:").exists()
+
+
+def test_a_cube_without_qa_is_told_to_bring_a_boolean_mask(scene):
+    from cmsn_cube.exceptions import CubeValidationError
+
+    with pytest.raises(CubeValidationError, match="without QA bands, add your own boolean cloud_mask"):
+        reconstruct(scene.drop_vars(["cloud_mask", "qa_pixel"]))
+    no_qa = scene.drop_vars("qa_pixel")  # a boolean mask alone is enough
+    assert reconstruct(no_qa, model=None, **TILING)["filled"].dtype == np.uint8
+
+
+def test_real_cloud_shapes_are_read_only_from_a_folder_the_user_names(monkeypatch, tmp_path):
+    from cmsn_cube.samples import default_reference_masks
+    from cmsn_cube.testing import SHARED_DATA_ENV
+
+    monkeypatch.delenv(SHARED_DATA_ENV, raising=False)
+    assert default_reference_masks() is None  # even where ../shared/data lies beside the repository
+    (tmp_path / "cloud_masks_ukis").mkdir()
+    monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path))
+    assert default_reference_masks() == tmp_path / "cloud_masks_ukis"
