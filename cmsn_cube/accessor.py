@@ -48,6 +48,12 @@ class CMSNAccessor:
             model = self.fit(**{"model": model, "device": options.get("device"), **(fit_options or {})}).model
         return reconstruct(self._obj, model=model, **options)
 
+    def quality(self) -> Any:
+        """The scene self-check of a reconstruction as a tidy table; see :func:`cmsn_cube.selfcheck.quality_table`."""
+        from cmsn_cube.selfcheck import quality_table
+
+        return quality_table(self._obj)
+
     def fit(self, **options: Any) -> Any:
         """Adapt a checkpoint to this cube from its own clear pixels; see :func:`cmsn_cube.adapt.fit`."""
         from cmsn_cube.adapt import fit

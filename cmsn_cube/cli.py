@@ -281,6 +281,13 @@ def evaluate_command(
     help="Also fill gaps that no date of their triplet observed (flagged 3 in 'filled'); default: left NaN (2).",
 )
 @click.option(
+    "--method",
+    type=click.Choice(["auto", "cmsn", "regression"]),
+    default="auto",
+    help="Filler of the gaps: per date the better of the network and the classical regression in the scene "
+    "self-check (auto), or one of them.",
+)
+@click.option(
     "--overwrite", is_flag=True, help="Replace another Zarr store at OUT (never the input, never a non-store)."
 )
 def reconstruct(
@@ -295,6 +302,7 @@ def reconstruct(
     chunk: int,
     device: str | None,
     fill_unobserved: bool,
+    method: str,
     overwrite: bool,
 ) -> None:
     """Remove clouds from every date of STORE and write reconstruction + NDVI to OUT (Zarr), resumably.
@@ -316,6 +324,7 @@ def reconstruct(
         device=device,
         chunk=chunk,
         fill_unobserved=fill_unobserved,
+        method=method,
     )
     state = reconstruction_state(result, out, overwrite=overwrite)
     if state == "complete":
@@ -327,6 +336,11 @@ def reconstruct(
             click.echo(f"resuming {out}: regions already written are kept")
         write_reconstruction(result, out, overwrite=overwrite)
     click.echo(f"wrote {out}: reconstructed, filled, ndvi, ndvi_observed, observed_dates ({result.attrs['model']})")
+    if method == "auto":
+        from cmsn_cube.selfcheck import format_quality, quality_table
+        from cmsn_cube.store import open_reconstruction
+
+        click.echo(format_quality(quality_table(open_reconstruction(out))))
 
 
 @main.command("train")

@@ -67,10 +67,19 @@ def _name(method: Method) -> str:
 
 #: Method name of the network in :func:`evaluate` (its checkpoint comes from ``model=``).
 CMSN_METHOD = "cmsn"
+#: Method name of the default :func:`cmsn_cube.inference.reconstruct` path: per date the network or the
+#: regression, as the scene self-check chose.
+AUTO_METHOD = "auto"
 
 
 def cmsn_method(
-    model: object = None, *, tile: int = 256, overlap: int = 32, batch_size: int = 4, device: str | None = None
+    model: object = None,
+    *,
+    tile: int = 256,
+    overlap: int = 32,
+    batch_size: int = 4,
+    device: str | None = None,
+    method: str = CMSN_METHOD,
 ) -> Callable[[xr.Dataset], xr.DataArray]:
     """The CMSN as an evaluation method: ``cube -> reconstructed`` via :func:`cmsn_cube.inference.reconstruct`.
 
@@ -82,11 +91,13 @@ def cmsn_method(
         Packaged name or checkpoint path (default: the packaged model), or a loaded model.
     tile, overlap, batch_size, device
         As :func:`cmsn_cube.inference.reconstruct`.
+    method : {"cmsn", "auto"}
+        The network alone, or the default path (the scene self-check picks the network or the regression).
 
     Returns
     -------
     callable
-        Named ``cmsn``; returns the computed ``reconstructed(time, band, y, x)``, with the gaps no date observed
+        Named after ``method``; returns the computed ``reconstructed(time, band, y, x)``, with the gaps no date observed
         filled too (``fill_unobserved``): the network is scored on every cloudy pixel, and the ``common`` region
         compares it with the classical fillers on the pixels they fill.
     """
@@ -104,10 +115,11 @@ def cmsn_method(
                 batch_size=batch_size,
                 device=device,
                 fill_unobserved=True,
+                method=method,
             )
         return result["reconstructed"].load()
 
-    cmsn.__name__ = CMSN_METHOD
+    cmsn.__name__ = method
     return cmsn
 
 
@@ -139,7 +151,7 @@ def evaluate(
     echo : callable, optional
         Where the summary table is printed (None: silent).
     model : None, str, path or CMSN
-        Checkpoint of the ``"cmsn"`` method (see :func:`cmsn_method`); default the packaged model.
+        Checkpoint of the ``"cmsn"`` and ``"auto"`` methods (see :func:`cmsn_method`); default the packaged model.
 
     Returns
     -------
@@ -153,10 +165,10 @@ def evaluate(
     NoDataError
         No pixel to score.
     """
-    methods = [cmsn_method(model) if m == CMSN_METHOD else m for m in methods]
+    methods = [cmsn_method(model, method=m) if m in (CMSN_METHOD, AUTO_METHOD) else m for m in methods]
     unknown = [m for m in methods if isinstance(m, str) and m not in BASELINES]
     if unknown:
-        choices = sorted([*BASELINES, CMSN_METHOD])
+        choices = sorted([*BASELINES, CMSN_METHOD, AUTO_METHOD])
         raise CubeValidationError(f"unknown method(s) {unknown}; choose from {choices} or pass a callable")
     observed, reference, scored = scoring_setup(cube, truth=truth, seed=seed)
     if not bool(scored.any()):

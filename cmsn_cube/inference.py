@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import dask
 import dask.array as da
+import dask.optimization
 import dask.threaded
 import numpy as np
 import xarray as xr
@@ -118,6 +119,22 @@ def _model_on_worker(spec: ModelSpec, device: str) -> torch.nn.Module:
     """The model for ``spec`` in this process, built once and reused by every chunk."""
     with _MODEL_LOCK:
         return _load_spec(spec.sha256, spec.payload, device)
+
+
+def _filler_on_worker(method: str, spec: ModelSpec, device: str) -> torch.nn.Module:
+    """The network (``"cmsn"``) or the classical regression with its band statistics (``"regression"``)."""
+    network = _model_on_worker(spec, device)
+    if method == "cmsn":
+        return network
+    with _MODEL_LOCK:
+        return _regression_like(network)
+
+
+@functools.lru_cache(maxsize=4)
+def _regression_like(network: torch.nn.Module) -> torch.nn.Module:
+    from cmsn_cube.model.prior import RegressionFill
+
+    return RegressionFill.like(network).to(network.band_mean.device).eval()  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------------------------------ tiling
@@ -326,10 +343,14 @@ def _block_sums(
     index: tuple[int, int],
     origin: tuple[int, int],
     triplets: tuple[tuple[int, int, int], ...],
+    methods: np.ndarray,
     batch_size: int,
     device: str,
 ) -> dict[str, np.ndarray]:
     """Run the tiles of block ``index`` and sum their blended outputs over the block's extent.
+
+    ``methods`` gives, per date, the filler that fills it (an index into :data:`cmsn_cube.selfcheck.METHODS`:
+    the network or the classical regression, chosen by the scene self-check or forced).
 
     ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (:meth:`_Chunks.region`), and
     ``sources`` index them per axis (:meth:`AxisTiling.block_source`, relative to the region that starts at
@@ -359,19 +380,26 @@ def _block_sums(
         (ty, tx),
     )
     if corners:
-        model = _model_on_worker(spec, device)
+        from cmsn_cube.selfcheck import METHODS
+
+        chosen = [METHODS[int(m)] for m in methods]
+        needed = sorted({(triplet, chosen[date]) for date, triplet in enumerate(triplets)})
+        fillers = {method: _filler_on_worker(method, spec, device) for method in {m for _, m in needed}}
         blend = np.outer(tilings[0].weights(), tilings[1].weights())
         every_date = tuple(range(n_dates))
         for first in range(0, len(corners), batch_size):
             batch = corners[first : first + batch_size]
             windows = np.stack([channels[:, :, y : y + ty, x : x + tx] for y, x in batch])
             outputs = {
-                t: _run_model(model, windows if t == every_date else np.ascontiguousarray(windows[:, list(t)]), device)
-                for t in sorted(set(triplets))
+                (t, m): _run_model(
+                    fillers[m], windows if t == every_date else np.ascontiguousarray(windows[:, list(t)]), device
+                )
+                for t, m in needed
             }
             for k, (y, x) in enumerate(batch):
                 for date, triplet in enumerate(triplets):
-                    sums[date, :, y : y + ty, x : x + tx] += outputs[triplet][k, triplet.index(date)] * blend
+                    output = outputs[triplet, chosen[date]][k, triplet.index(date)]
+                    sums[date, :, y : y + ty, x : x + tx] += output * blend
                 weight[y : y + ty, x : x + tx] += blend
     core_rows, core_cols = (slice(0, t.output_chunks[b]) for t, b in zip(tilings, index, strict=True))
     return {
@@ -495,6 +523,8 @@ def reconstruct(
     device: str | None = None,
     chunk: int = 1024,
     fill_unobserved: bool = False,
+    method: str = "auto",
+    check_seed: int = 0,
 ) -> xr.Dataset:
     """Reconstruct every cloudy pixel of every date, lazily (nothing runs until you compute or write).
 
@@ -519,6 +549,13 @@ def reconstruct(
     fill_unobserved : bool
         Also fill the gaps that no date of their triplet observed (the network's guess, flagged 3 in
         ``filled``); by default they stay NaN (flagged 2).
+    method : {"auto", "cmsn", "regression"}
+        Who fills the gaps. ``"auto"``: per date, the filler that scored better in the scene self-check
+        (:mod:`cmsn_cube.selfcheck`: the scene's own clear pixels hidden under real cloud shapes and filled by
+        the network and by the classical local regression; ties go to the regression). ``"cmsn"`` or
+        ``"regression"`` force one (no check).
+    check_seed : int
+        Seed of the shapes the self-check pastes.
 
     Returns
     -------
@@ -528,7 +565,9 @@ def reconstruct(
         reconstruction, ``ndvi_observed(time, y, x)`` (NaN under clouds) and ``observed_dates(y, x)`` (dates
         with a clear observation), with the input's coordinates and CRS, and attrs naming the checkpoint and
         its sha256 and the input (its store and fingerprint). Each tile runs once, and tiles with no pixel to
-        fill are not run at all. Reflectance is checked as it is read (±inf, digital numbers).
+        fill are not run at all. Reflectance is checked as it is read (±inf, digital numbers). Also
+        ``method_used(time)`` (index into :data:`cmsn_cube.selfcheck.METHODS`) and, with ``method="auto"``,
+        ``quality(time, method, metric)``: the self-check's scores (see ``ds.cmsn.quality()``).
 
     Raises
     ------
@@ -542,8 +581,11 @@ def reconstruct(
         An in-memory cube with no clear pixel on any date (lazy cubes: when written).
     """
     from cmsn_cube.samples import date_triplets  # each date with its two nearest dates
+    from cmsn_cube.selfcheck import METHODS, METRICS
 
     check_positive(tile=tile, batch_size=batch_size, chunk=chunk)
+    if method not in ("auto", *METHODS):
+        raise ArgumentError(f"method must be 'auto' or one of {list(METHODS)}, got {method!r}")
     check_non_negative(overlap=overlap)
     if not 2 * overlap < tile:
         raise ArgumentError(f"overlap must be less than half a tile, got overlap={overlap}, tile={tile}")
@@ -567,16 +609,27 @@ def reconstruct(
         AxisTiling.plan(cube.sizes["y"], tile=tile, overlap=overlap, chunk=tile - overlap),
         AxisTiling.plan(cube.sizes["x"], tile=tile, overlap=overlap, chunk=chunk),
     )
+    triplets = tuple(date_triplets(cube))
+    n_dates = cube.sizes["time"]
+    quality = None
+    if method == "auto":
+        scores = _check_graph(cube, spec, triplets, device=device, seed=check_seed)
+        quality = da.from_delayed(scores, shape=(n_dates, len(METHODS), len(METRICS)), dtype=np.float64)
+        method_used = quality.map_blocks(_choice, drop_axis=[1, 2], dtype=np.uint8)
+        methods: Any = method_used.to_delayed(optimize_graph=False)[0]  # every block waits for the choice
+    else:
+        method_used = np.full(n_dates, METHODS.index(method), dtype=np.uint8)
+        methods = method_used
     finished = _block_graph(
         cube,
         spec,
         tilings,
-        tuple(date_triplets(cube)),
+        triplets,
         batch_size=batch_size,
         device=device,
         fill_unobserved=fill_unobserved,
+        methods=methods,
     )
-    n_dates = cube.sizes["time"]
     # each chunk is one item of its block's outputs (no copy: da.from_delayed + da.block copied every chunk)
     token = dask.base.tokenize(*(block.key for block in finished.values()))
     variables = {}
@@ -593,13 +646,85 @@ def reconstruct(
     result["observed_dates"] = observed_dates.chunk(
         {"y": tilings[0].output_chunks, "x": tilings[1].output_chunks}
     ).assign_attrs(long_name="dates with a clear observation of the pixel", units="1")
+    result["method_used"] = xr.DataArray(
+        method_used,
+        dims="time",
+        attrs={
+            "long_name": "filler of each date's gaps",
+            "flag_values": list(range(len(METHODS))),
+            "flag_meanings": " ".join(METHODS),
+        },
+    )
+    if quality is not None:
+        result["quality"] = xr.DataArray(
+            quality,
+            dims=("time", "method", "metric"),
+            coords={"method": list(METHODS), "metric": list(METRICS)},
+            attrs={"long_name": "scene self-check: hidden clear pixels filled by each method, scored"},
+        )
+    options = {"tile": tile, "overlap": overlap, "chunk": chunk, "fill_unobserved": fill_unobserved}
     result.attrs.update(
         input_fingerprint=input_fingerprint(cube),
-        tiling=json.dumps({"tile": tile, "overlap": overlap, "chunk": chunk, "fill_unobserved": fill_unobserved}),
+        tiling=json.dumps({**options, "method": method, "check_seed": check_seed}),
     )
     if input_store:
         result.attrs["input_store"] = input_store
     return result
+
+
+def _check_graph(
+    cube: xr.Dataset, spec: ModelSpec, triplets: tuple[tuple[int, int, int], ...], *, device: str, seed: int
+) -> Any:
+    """The Delayed scores of the scene self-check: its sample windows read from the store's chunks."""
+    from cmsn_cube.selfcheck import sample_windows
+
+    reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
+    cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
+    arrays = (_Chunks(reflectance), _Chunks(cloud_mask))
+    regions = []
+    for row, col, height, width in sample_windows((cube.sizes["y"], cube.sizes["x"])):
+        rows, cols = slice(row, row + height), slice(col, col + width)
+        regions.append((*(array.region(rows, cols) for array in arrays), (row, col)))
+    token = dask.base.tokenize(reflectance, cloud_mask, spec.sha256, triplets, device, seed)
+    return dask.delayed(_run_check, pure=True)(
+        regions,
+        spec=dask.delayed(spec, pure=True, traverse=False),
+        triplets=triplets,
+        device=device,
+        seed=seed,
+        dask_key_name=f"cmsn-check-{token}",
+    )
+
+
+def _run_check(
+    regions: list[tuple[Any, Any, tuple[int, int]]],
+    *,
+    spec: ModelSpec,
+    triplets: tuple[tuple[int, int, int], ...],
+    device: str,
+    seed: int,
+) -> np.ndarray:
+    """The scene self-check on its windows (see :func:`cmsn_cube.selfcheck.self_check`)."""
+    from cmsn_cube.selfcheck import samples_needed, self_check
+
+    windows = []
+    for reflectance, cloud_mask, (row, col) in regions:
+        values = _join(reflectance)
+        rows, cols = values.shape[-2:]
+        check_reflectance_values(values, where=f"reflectance in rows {row}:{row + rows}, columns {col}:{col + cols}")
+        windows.append((values, _join(cloud_mask)))
+
+    def fill(method: str, channels: np.ndarray, triplet: tuple[int, ...]) -> np.ndarray:
+        return _run_model(_filler_on_worker(method, spec, device), channels[None], device)[0]
+
+    samples = samples_needed(len(triplets))
+    return self_check(windows, triplets=triplets, fill=fill, seed=seed, samples=samples, model_channels=model_channels)
+
+
+def _choice(scores: np.ndarray) -> np.ndarray:
+    from cmsn_cube.selfcheck import METHODS, choose
+
+    return np.array([METHODS.index(method) for method in choose(scores)], dtype=np.uint8)
 
 
 def count_observed_dates(cube: xr.Dataset) -> xr.DataArray:
@@ -650,8 +775,10 @@ def _block_graph(
     batch_size: int,
     device: str,
     fill_unobserved: bool,
+    methods: Any,
 ) -> dict[tuple[int, int], Any]:
-    """One Delayed dict of outputs per block ``(i, j)`` of ``tilings``.
+    """One Delayed dict of outputs per block ``(i, j)`` of ``tilings``; ``methods``: the filler index per date
+    (an array, or the Delayed choice of the scene self-check, which every block then waits for).
 
     Block ``(i, j)`` reads its pixels plus the ``overlap`` after them from the store's chunks, runs its tiles,
     and is finished with the strips that blocks ``(i-1, j)``, ``(i, j-1)`` and ``(i-1, j-1)`` spilled over its
@@ -661,7 +788,7 @@ def _block_graph(
     cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
     model = dask.delayed(spec, pure=True, traverse=False)  # one graph key: shipped once to each worker
     token = dask.base.tokenize(
-        reflectance, cloud_mask, spec.sha256, tilings, triplets, batch_size, device, fill_unobserved
+        reflectance, cloud_mask, spec.sha256, tilings, triplets, batch_size, device, fill_unobserved, methods
     )
     arrays = (_Chunks(reflectance), _Chunks(cloud_mask))
     ny, nx = (t.n_blocks for t in tilings)
@@ -678,6 +805,7 @@ def _block_graph(
                 index=(i, j),
                 origin=(rows.start, cols.start),
                 triplets=triplets,
+                methods=methods,
                 batch_size=batch_size,
                 device=device,
                 dask_key_name=f"cmsn-tiles-{token}-{i}-{j}",
@@ -884,10 +1012,13 @@ def write_reconstruction(
     state = reconstruction_state(result, path, overwrite=overwrite)
     if state == "complete":
         return path
-    # one read of the input's mask and no-data pattern: an empty scene is refused before anything is written
+    # First, one read of the input's mask and no-data pattern (an empty scene is refused before anything is
+    # written) and the small variables (the self-check's scores and choice): computed once, then written
+    # directly and handed to the region tasks as values.
+    precomputed = ["observed_dates", *(name for name in result.data_vars if not {"y", "x"} <= set(result[name].dims))]
     with _naming_damaged_chunks(result.attrs.get("input_store")):
-        observed_dates = result["observed_dates"].values
-    check_observed(observed_dates, what=f"the input of {path}")
+        values = dict(zip(precomputed, dask.compute(*(result[name].data for name in precomputed)), strict=True))
+    check_observed(values["observed_dates"], what=f"the input of {path}")
     fs, root = filesystem(path)
     if state in ("new", "replace"):
         remove_store(path)
@@ -896,11 +1027,15 @@ def write_reconstruction(
             variable.encoding = {"chunks": _store_chunks(result, name), "compressors": store_compressors()}
         template.attrs[RECORD_ATTR] = json.dumps(_record(result))
         write_template(template, path)
-    # also on a resume: a run killed right after the template never wrote it
+    # also on a resume: a run killed right after the template never wrote them
     with zarr.config.set({"array.write_empty_chunks": True}):
-        zarr.open_group(path, mode="r+")["observed_dates"][:] = observed_dates  # type: ignore[index]
-    names = [str(name) for name in result.data_vars if name != "observed_dates"]
-    result = result[names].chunk({dim: -1 for dim in result.dims if dim not in ("y", "x")})
+        group = zarr.open_group(path, mode="r+")
+        for name, value in values.items():
+            group[name][...] = value  # type: ignore[index]
+    names = [str(name) for name in result.data_vars if name not in values]
+    graph_values = _as_graph_values(result, values)
+    result = result[names]
+    result = result.chunk({dim: -1 for dim in result.dims if dim not in ("y", "x")})
     y_chunks, x_chunks = result.chunks["y"], result.chunks["x"]
     # One low-level graph of the chunks as they are, and a write task per region on top of it. Not optimised:
     # dask.optimize works on each variable's graph on its own and fused the block task that finishes all four
@@ -908,6 +1043,7 @@ def write_reconstruction(
     # graph for each region (1.2 s for the 95 regions of a 4096² scene, before the first could start).
     arrays = [result[name].data for name in names]
     graph: dict[Any, Any] = dict(HighLevelGraph.merge(*(array.__dask_graph__() for array in arrays)))
+    graph.update((key, value) for key, value in graph_values.items() if key in graph)  # computed above: not again
     token = dask.base.tokenize(path, *(array.name for array in arrays))
     regions: dict[tuple[int, int], Any] = {}  # write keys, in raster order: a region's strips come before it
     for i, _ in enumerate(y_chunks):
@@ -936,6 +1072,18 @@ def write_reconstruction(
         fs.rm(markers, recursive=True)
     mark_store_complete(path)
     return path
+
+
+def _as_graph_values(result: xr.Dataset, values: dict[str, np.ndarray]) -> dict[Any, np.ndarray]:
+    """The chunk keys of the lazy variables in ``values`` and their computed chunks."""
+    keys: dict[Any, np.ndarray] = {}
+    for name, value in values.items():
+        data = result[name].data
+        if isinstance(data, da.Array):
+            for index in np.ndindex(*data.numblocks):
+                where = tuple(slice(sum(c[:i]), sum(c[: i + 1])) for c, i in zip(data.chunks, index, strict=True))
+                keys[(data.name, *index)] = value[where]
+    return keys
 
 
 @contextlib.contextmanager
@@ -985,7 +1133,8 @@ def _compute_regions(
 
         with TqdmCallback(desc=description, disable=not progress):
             scheduler = dask.base.get_scheduler() or dask.threaded.get  # the configured one, else threads
-            scheduler(graph, list(regions.values()))
+            needed, _ = dask.optimization.cull(graph, list(regions.values()))  # the local schedulers run every task
+            scheduler(needed, list(regions.values()))
         return
     with tqdm(total=len(regions), desc=description, unit="region", disable=not progress) as bar:
         _stream_regions(client, graph, regions, on_done=bar.update)

@@ -156,7 +156,7 @@ def store_compressors() -> tuple[Any, ...]:
 def _plain_string_coords(ds: xr.Dataset) -> xr.Dataset:
     """String coords as in-memory object arrays: a dask array of objects is loaded to guess its dtype, and
     fixed-width unicode makes zarr v3 warn."""
-    for name in ("band", "sensor"):
+    for name in ("band", "sensor", "method", "metric"):
         if name in ds.coords:
             # a few strings: read here, not by whatever Dask cluster happens to be active
             values = ds[name].compute(scheduler="sync").values
@@ -409,7 +409,7 @@ def open_store(
         check_chunk_files(path)
     for key in _PRIVATE_ATTRS:
         ds.attrs.pop(key, None)
-    for name in ("band", "sensor"):
+    for name in ("band", "sensor", "method", "metric"):
         if name in ds.coords:
             ds.coords[name] = ds[name].astype(object)
     ds.encoding["source"] = path

@@ -62,20 +62,20 @@ def direct(model: CMSN, cube: xr.Dataset) -> np.ndarray:
 def test_reconstruct_is_lazy(tiny_model, scene_store, no_compute):
 
     _load_spec.cache_clear()
-    result = reconstruct(open_cube(scene_store), model=tiny_model, tile=64, overlap=8, chunk=64)
+    result = reconstruct(open_cube(scene_store), model=tiny_model, method="cmsn", tile=64, overlap=8, chunk=64)
     assert result.reconstructed.chunks is not None
     assert _load_spec.cache_info().currsize == 0, "no model may be built before compute"
 
 
 def test_single_window_equals_model_on_whole_cube(tiny_model):
     cube = synthetic_scene(height=70, width=58, seed=4)
-    result = reconstruct(cube, model=tiny_model, tile=256, fill_unobserved=True).compute()
+    result = reconstruct(cube, model=tiny_model, method="cmsn", tile=256, fill_unobserved=True).compute()
     np.testing.assert_allclose(result.reconstructed.values, direct(tiny_model, cube), rtol=0, atol=1e-6)
 
 
 def test_result_does_not_depend_on_chunking(tiny_model, scene):
-    small = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=96).compute()
-    large = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=1024).compute()
+    small = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=96).compute()
+    large = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=1024).compute()
     assert small.reconstructed.shape == scene.reflectance.shape
     np.testing.assert_allclose(small.reconstructed.values, large.reconstructed.values, rtol=0, atol=1e-5)
 
@@ -104,7 +104,9 @@ def test_blocks_give_the_one_pass_blend(tiny_model, chunk):
     # 245 = 3 * 80 + 5 rows and 250 = 3 * 80 + 10 columns: the last blocks are shorter than the overlap and
     # hold no tile of their own, only what the tiles before them spill over
     cube = synthetic_scene(height=245, width=250, seed=9)
-    result = reconstruct(cube, model=tiny_model, tile=96, overlap=16, chunk=chunk, fill_unobserved=True).compute()
+    result = reconstruct(
+        cube, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=chunk, fill_unobserved=True
+    ).compute()
     expected = blended_in_one_pass(tiny_model, cube, tile=96, overlap=16)
     np.testing.assert_allclose(result.reconstructed.values, expected, rtol=0, atol=1e-5)
 
@@ -113,7 +115,9 @@ def test_blocks_wait_only_for_blocks_before_them(tiny_model, scene):
     # what lets a written scene stream through bounded memory: no block depends on a later block's tiles
     from dask.core import get_dependencies
 
-    graph = dict(reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=160).reconstructed.data.dask)
+    graph = dict(
+        reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=160).reconstructed.data.dask
+    )
 
     def tiles_behind(key, seen):
         for dependency in get_dependencies(graph, key):
@@ -149,13 +153,15 @@ def test_model_channels_zero_gaps_and_refuse_wrong_shapes():
 def test_store_chunks_of_any_size_give_the_in_memory_result(tiny_model, scene, tmp_path):
     # 64 px chunks on disk, 80 px strides: blocks start mid-chunk and read their overlap from the chunk before
     store = write_cube(scene, tmp_path / "small-chunks.zarr", chunks={"time": 1, "y": 64, "x": 64})
-    lazy = reconstruct(open_cube(store), model=tiny_model, tile=96, overlap=16, chunk=160)
-    in_memory = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=160).compute()
+    lazy = reconstruct(open_cube(store), model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=160)
+    in_memory = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=160).compute()
     xr.testing.assert_allclose(lazy.compute(), in_memory, rtol=0, atol=1e-6)
 
 
 def test_chunk_is_rounded_down_to_whole_strides_and_dtypes_hold(tiny_model, scene):
-    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=200)  # stride 80: blocks of 160
+    result = reconstruct(
+        scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=200
+    )  # stride 80: blocks of 160
     # along y a chunk is one row of tiles, along x a block
     assert result.chunks["y"] == (80, 80, 80, 60) and result.chunks["x"] == (160, 110)
     computed = result.compute()
@@ -168,13 +174,18 @@ def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, windows_run):
     mask = np.zeros(scene.cloud_mask.shape, dtype=bool)
     mask[1, 100:121, 100:131] = True  # one cloud, inside tile 1 along both axes (tile k: [80k, 80k + 96))
     cube = scene.assign(cloud_mask=(scene.cloud_mask.dims, mask))
-    result = reconstruct(cube, model=tiny_model, tile=96, overlap=16, chunk=160).compute()
+    result = reconstruct(cube, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=160).compute()
     assert sum(windows_run) == 1
     # the cloud gets the same values when far-away tiles run too
     mask[0, 280:, 250:] = True
     windows_run.clear()
     busier = reconstruct(
-        cube.assign(cloud_mask=(scene.cloud_mask.dims, mask)), model=tiny_model, tile=96, overlap=16, chunk=160
+        cube.assign(cloud_mask=(scene.cloud_mask.dims, mask)),
+        model=tiny_model,
+        method="cmsn",
+        tile=96,
+        overlap=16,
+        chunk=160,
     ).compute()
     assert sum(windows_run) > 1
     cloud = (1, slice(None), slice(100, 121), slice(100, 131))
@@ -185,7 +196,7 @@ def test_tiles_with_nothing_to_fill_are_not_run(tiny_model, scene, windows_run):
 
 
 def test_clear_pixels_untouched_and_every_gap_filled(tiny_model, scene):
-    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128).compute()
+    result = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128).compute()
     clear = result.filled.values == 0
     observed = scene.reflectance.values.transpose(1, 0, 2, 3)
     reconstructed = result.reconstructed.values.transpose(1, 0, 2, 3)
@@ -206,7 +217,9 @@ def test_no_seam_at_tile_borders(tiny_model):
     mask[1] = True
     cube["cloud_mask"] = (cube.cloud_mask.dims, mask)
     tile, overlap = 64, 16
-    result = reconstruct(cube, model=tiny_model, tile=tile, overlap=overlap, chunk=128, fill_unobserved=True).compute()
+    result = reconstruct(
+        cube, model=tiny_model, method="cmsn", tile=tile, overlap=overlap, chunk=128, fill_unobserved=True
+    ).compute()
     image = result.reconstructed.values[1].astype("float64")
     steps = np.abs(np.diff(image, axis=-1)).mean(axis=(0, 1))  # mean step between columns c and c+1
     tiling = AxisTiling.plan(256, tile=tile, overlap=overlap, chunk=128)
@@ -216,7 +229,9 @@ def test_no_seam_at_tile_borders(tiny_model):
     inside = np.delete(steps, [b - 1 for b in borders]).mean()
     assert at_borders <= 1.25 * inside, (at_borders, inside)
     # and without blending there would be a seam: tiles run alone differ where they meet
-    hard = reconstruct(cube, model=tiny_model, tile=tile, overlap=0, chunk=128, fill_unobserved=True).compute()
+    hard = reconstruct(
+        cube, model=tiny_model, method="cmsn", tile=tile, overlap=0, chunk=128, fill_unobserved=True
+    ).compute()
     assert not np.allclose(hard.reconstructed.values[1], result.reconstructed.values[1])
 
 
@@ -224,7 +239,7 @@ def test_more_dates_use_nearest_neighbours(tiny_model):
     days = np.array(["2020-01-01", "2020-01-17", "2020-02-02", "2020-06-01", "2020-06-17"], dtype="datetime64[D]")
     assert date_triplets(days) == [(0, 1, 2), (0, 1, 2), (0, 1, 2), (2, 3, 4), (2, 3, 4)]
     cube = synthetic_scene(height=48, width=48, n_dates=5, seed=8)
-    result = reconstruct(cube, model=tiny_model, fill_unobserved=True).compute()
+    result = reconstruct(cube, model=tiny_model, method="cmsn", fill_unobserved=True).compute()
     first = direct(tiny_model, cube.isel(time=[2, 3, 4]))
     np.testing.assert_allclose(result.reconstructed.values[3], first[1], atol=1e-6)
 
@@ -243,7 +258,7 @@ def test_ndvi_of_known_cube(tiny_model):
         sensor="LANDSAT_8",
         cloud_mask=np.zeros((3, 16, 16), dtype=bool),
     )
-    result = reconstruct(cube, model=tiny_model).compute()
+    result = reconstruct(cube, model=tiny_model, method="cmsn").compute()
     assert result.ndvi.values[0, 5, 5] == pytest.approx(0.6, abs=1e-6)
     assert np.isnan(result.ndvi.values[0, 0, 0])
     assert np.nanmax(np.abs(result.ndvi.values)) <= 1
@@ -251,17 +266,17 @@ def test_ndvi_of_known_cube(tiny_model):
 
 def test_two_dates_or_other_bands_are_refused(tiny_model, small_scene):
     with pytest.raises(DimensionError, match="at least 3"):
-        reconstruct(small_scene.isel(time=[0, 1]), model=tiny_model)
+        reconstruct(small_scene.isel(time=[0, 1]), model=tiny_model, method="cmsn")
     with pytest.raises(BandMismatchError, match="B2"):
-        reconstruct(small_scene.assign_coords(band=["B2", "B3", "B4", "B5"]), model=tiny_model)
+        reconstruct(small_scene.assign_coords(band=["B2", "B3", "B4", "B5"]), model=tiny_model, method="cmsn")
     with pytest.raises(ArgumentError, match="less than half a tile"):
-        reconstruct(small_scene, model=tiny_model, tile=64, overlap=32)
+        reconstruct(small_scene, model=tiny_model, method="cmsn", tile=64, overlap=32)
     with pytest.raises(ArgumentError, match="at least one tile"):
-        reconstruct(small_scene, model=tiny_model, tile=64, overlap=8, chunk=48)
+        reconstruct(small_scene, model=tiny_model, method="cmsn", tile=64, overlap=8, chunk=48)
 
 
 def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
-    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    result = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128)
     path = str(tmp_path / "out.zarr")
     write_reconstruction(result, path, max_regions=2, progress=False)  # a job stopped after two regions
     with pytest.raises(StoreError, match="incomplete"):
@@ -283,9 +298,9 @@ def test_a_store_cut_into_other_chunks_is_rewritten_not_resumed(tiny_model, scen
     # the same model and grid, but blocks of 80 px then 240 px along x: the region markers of the first run
     # name other regions of the second, which is refused, then starts afresh with overwrite, never skips them
     path = str(tmp_path / "out.zarr")
-    first = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    first = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128)
     write_reconstruction(first, path, max_regions=2, progress=False)
-    second = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=256)
+    second = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=256)
     with pytest.raises(StoreError, match="another chunks, tiling"):
         write_reconstruction(second, path, progress=False)
     write_reconstruction(second, path, progress=False, overwrite=True)
@@ -301,7 +316,7 @@ def test_region_writes_run_every_tile_and_block_once(tiny_model, scene, tmp_path
     finish_block = inference._finish_block
     monkeypatch.setattr(inference, "_finish_block", lambda *a, **k: finished.append(1) or finish_block(*a, **k))
     tilings = [AxisTiling.plan(n, tile=96, overlap=16, chunk=128) for n in (scene.sizes["y"], scene.sizes["x"])]
-    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    result = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128)
     write_reconstruction(result, str(tmp_path / "out.zarr"), progress=False)
     # one triplet for three dates: each global tile once, although neighbouring regions share tiles
     assert sum(windows_run) == tilings[0].n_tiles * tilings[1].n_tiles
@@ -315,7 +330,7 @@ def test_writes_stream_through_a_client_running_every_tile_once(tiny_model, scen
     from distributed import Client, LocalCluster
 
     tilings = [AxisTiling.plan(n, tile=96, overlap=16, chunk=128) for n in (scene.sizes["y"], scene.sizes["x"])]
-    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)
+    result = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128)
     path = str(tmp_path / "streamed.zarr")
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
         with Client(cluster):
@@ -329,7 +344,9 @@ def test_writes_stream_through_a_client_running_every_tile_once(tiny_model, scen
 def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
     from cmsn_cube.cluster import get_client
 
-    threaded = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128).compute(scheduler="threads")
+    threaded = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128).compute(
+        scheduler="threads"
+    )
     store = write_cube(scene, tmp_path / "scene.zarr")
     from cmsn_cube.store import open_cube
 
@@ -339,7 +356,9 @@ def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
         assert all("mmap_max=0" in value for value in env.values()), "workers need the allocator settings"
         profiling = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
         assert not any(profiling.values()), "the workers' profiler takes the GIL from the model every 10 ms"
-        distributed = reconstruct(open_cube(store), model=tiny_model, tile=96, overlap=16, chunk=128).compute()
+        distributed = reconstruct(
+            open_cube(store), model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128
+        ).compute()
         workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
     np.testing.assert_allclose(distributed.reconstructed.values, threaded.reconstructed.values, rtol=0, atol=1e-6)
     # closing the client closes its LocalCluster: no worker process outlives the ``with`` block

@@ -9,6 +9,8 @@ boundaries, phenology that differs field by field) instead of re-learning radiom
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -106,3 +108,34 @@ def local_regression_fill(
     weights = torch.zeros_like(masks).index_add_(1, targets, trust)
     regressed = torch.where(weights > 0, predictions / weights.clamp(min=1e-12), temporal_mean_fill(values, masks))
     return (values * masks + regressed * (1 - masks)).to(normalised.dtype)
+
+
+class RegressionFill(torch.nn.Module):
+    """The classical local regression (:func:`local_regression_fill`) as a model: the CMSN's input and output.
+
+    It is the first guess inside every CMSN, here on its own, with the band statistics of ``network`` (the ridge
+    and the residual floor are in those normalised units). The scene self-check and ``method="regression"`` of
+    :func:`cmsn_cube.inference.reconstruct` run it on the same tiles as the network.
+    """
+
+    def __init__(self, band_mean: torch.Tensor, band_std: torch.Tensor, *, radius: int = DEFAULT_RADIUS) -> None:
+        super().__init__()
+        self.register_buffer("band_mean", band_mean.detach().clone())
+        self.register_buffer("band_std", band_std.detach().clone())
+        self.radius = radius
+
+    @classmethod
+    def like(cls, network: torch.nn.Module) -> RegressionFill:
+        """The regression with ``network``'s band statistics (a CMSN's ``band_mean``/``band_std`` buffers)."""
+        return cls(network.band_mean, network.band_std)  # type: ignore[arg-type]
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        """``(B, T, bands + 1, H, W)`` (bands 0 where masked, then the mask) -> ``CMSNOutput``."""
+        from cmsn_cube.model.cmsn import CMSNOutput
+
+        bands, mask = inputs[:, :, :-1], inputs[:, :, -1:].clamp(0, 1)
+        clear = 1 - mask
+        normalised = (bands - self.band_mean) / self.band_std * clear
+        filled = local_regression_fill(normalised, clear, radius=self.radius).float() * self.band_std + self.band_mean
+        output = torch.where(mask > 0.5, filled, bands.to(filled.dtype))
+        return CMSNOutput(coarse=filled, refined=filled, output=output)
