@@ -276,6 +276,68 @@ def _write_history(history: Mapping[str, Any], directory: Path) -> None:
     plot_history(history, directory / HISTORY_PNG)
 
 
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators a (DataLoader-like) loader shuffles with: its own, its sampler's."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and not any(generator is other for other in found):
+            found.append(generator)
+    return found
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell a loader (or its sampler, e.g. a ``DistributedSampler``) which epoch it is about to give."""
+    for owner in (loader, getattr(loader, "sampler", None)):
+        set_epoch = getattr(owner, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+            return
+
+
+def _rng_states(*, device: torch.device, loader: Any) -> dict[str, Any]:
+    """Every RNG state that decides what comes next (data order, clouds, augmentation), as plain data."""
+    numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()  # noqa: NPY002
+    states: dict[str, Any] = {
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": {
+            "name": str(numpy_name),
+            "keys": torch.from_numpy(np.asarray(numpy_keys, dtype=np.int64)),
+            "pos": int(numpy_pos),
+            "has_gauss": int(numpy_has_gauss),
+            "cached_gaussian": float(numpy_gauss),
+        },
+        "loader_rng": [generator.get_state() for generator in _loader_generators(loader)],
+    }
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng_states(state: Mapping[str, Any], *, device: torch.device, loader: Any) -> None:
+    """Put back what :func:`_rng_states` saved (whatever of it a checkpoint holds)."""
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"].cpu())
+    if "python_rng" in state:
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy_rng" in state:
+        saved = state["numpy_rng"]
+        keys = saved["keys"].cpu().numpy().astype(np.uint32)
+        np.random.set_state(  # noqa: NPY002
+            (saved["name"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+        )
+    generators = _loader_generators(loader)
+    if len(state.get("loader_rng", ())) == len(generators):
+        for generator, generator_state in zip(generators, state["loader_rng"], strict=True):
+            generator.set_state(generator_state.cpu())
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+
+
 def _improved(value: float, best: float | None, *, monitor: Monitor, min_delta: float) -> bool:
     if math.isnan(value):
         return False
@@ -352,7 +414,15 @@ def train(
         Where ``last.pt`` (resumable), ``best.pt`` (best validation), their ``.json`` cards,
         ``history.json`` and ``loss.png`` are written (atomically).
     resume : bool
-        Continue from ``checkpoint_dir/last.pt`` (weights, optimizer, step, history, RNG state) if present.
+        Continue from ``checkpoint_dir/last.pt`` (weights, optimizer, step, epoch, history, best validation,
+        RNG states) if present. ``last.pt`` is written at the end of every epoch, so a killed run continues
+        from the start of the epoch it was killed in; with the same arguments and loader it then ends with the
+        same weights as a run that was never stopped (on CPU bit for bit), because the data order is restored
+        too: torch's, Python's and NumPy's global RNGs and the state of the loader's own shuffling generator
+        (``train_loader.generator``, or its sampler's) are saved with the epoch, and a loader (or sampler)
+        with a ``set_epoch(epoch)`` method is told each epoch's number before it is iterated. A run that
+        stopped mid-epoch on ``steps`` or ``time_budget`` has counted that epoch as done: resuming it starts
+        the next one (and a schedule over more ``steps`` is another schedule).
     time_budget : float, optional
         Seconds of wall clock for this call; training stops cleanly (validating and saving) when exceeded.
         The schedule then advances with whichever is further along, steps or time, so a run cut by the
@@ -364,7 +434,8 @@ def train(
     monitor : {"psnr_cloudy", "ssim_cloudy", "loss"}
         Validation quantity for best checkpoint and early stopping.
     restore_best : bool
-        Return the model with the best validated weights (when a validation loader was given).
+        Return the model with the best validated weights (when a validation loader was given, also when the
+        best epoch was before a resume); otherwise, or without validation, the final weights.
     log_every : int
         Steps between entries of the training history (each the mean over those steps).
     training_data : mapping, optional
@@ -457,10 +528,13 @@ def train(
             best_value = state.get("best_value")
             best_metrics = json.loads(state["best_metrics_json"]) if state.get("best_metrics_json") else None
             validations_without_improvement = int(state.get("validations_without_improvement", 0))
-            if "torch_rng" in state:
-                torch.set_rng_state(state["torch_rng"].cpu())
+            _restore_rng_states(state, device=device, loader=train_loader)
+            if "grad_scaler" in state and scaler.is_enabled():
+                scaler.load_state_dict(state["grad_scaler"])
+            # best.pt holds the best validated weights only when there was a validation; without one it
+            # holds the final weights of the earlier call, which must not come back at the end of this one.
             resume_best_path = directory / BEST_CHECKPOINT
-            if resume_best_path.is_file():
+            if val_loader is not None and best_value is not None and resume_best_path.is_file():
                 best_state = load_checkpoint(resume_best_path)["state_dict"]
 
     run_facts = {
@@ -493,7 +567,8 @@ def train(
             "best_value": best_value,
             "best_metrics_json": json.dumps(best_metrics) if best_metrics else "",
             "validations_without_improvement": validations_without_improvement,
-            "torch_rng": torch.get_rng_state(),
+            "grad_scaler": scaler.state_dict(),
+            **_rng_states(device=device, loader=train_loader),
         }
         path = save_checkpoint(
             directory / LAST_CHECKPOINT, model, metadata=card_metadata(elapsed), training_state=training_state
@@ -518,6 +593,7 @@ def train(
             leave=False,
             dynamic_ncols=True,
         )
+        _set_epoch(train_loader, epoch)
         for raw_batch in train_loader:
             if step >= total_steps:
                 break
@@ -606,12 +682,14 @@ def train(
     if saved_at_step != step:
         last_path = save_last(time.monotonic() - started)
     if val_loader is None and directory is not None:
-        # Without validation the final weights are the ones to use.
-        save_checkpoint(directory / BEST_CHECKPOINT, model, metadata=card_metadata(time.monotonic() - started))
+        # Without validation the final weights are the ones to use (no validation metrics describe them,
+        # even when a resumed earlier call had some).
+        metadata = card_metadata(time.monotonic() - started) | {"metrics": {}}
+        save_checkpoint(directory / BEST_CHECKPOINT, model, metadata=metadata)
     best_path: Path | None = None
     if directory is not None and (directory / BEST_CHECKPOINT).is_file():
         best_path = directory / BEST_CHECKPOINT
-    if restore_best and best_state is not None:
+    if restore_best and best_state is not None:  # only ever set by a validation
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(
@@ -636,28 +714,44 @@ def train(
 class _EpochLoader:
     """A DataLoader wrapper that draws fresh clouds every epoch and augments batches with flips/quarter turns.
 
-    The datasets seed their clouds by ``(seed, epoch, index)``; :func:`train` re-iterates its loader once per
-    epoch, so calling ``set_epoch`` here gives every epoch new cloud shapes over the same windows. The same
-    flip/rotation is applied to all dates and all tensors of a batch (geometry must stay aligned).
+    The datasets seed their clouds by ``(seed, epoch, index)``; :func:`train` calls ``set_epoch`` before
+    each epoch, so every epoch gets new cloud shapes over the same windows. The shuffle (the DataLoader's
+    generator, which also seeds its workers) and the augmentation are reseeded from ``(seed, epoch)`` too, so
+    an epoch gives the same batches whatever came before it: a resumed run sees the data of a straight one.
+    Iterating without ``set_epoch`` goes on to the next epoch. The same flip/rotation is applied to all dates
+    and all tensors of a batch (geometry must stay aligned).
     """
 
     def __init__(self, loader: Any, datasets: Iterable[Any], *, augment: bool, seed: int) -> None:
-        self.loader, self.datasets, self.augment = loader, list(datasets), augment
+        self.loader, self.datasets, self.augment, self.seed = loader, list(datasets), augment, seed
         self.epoch = 0
-        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Any:
-        for dataset in self.datasets:
-            dataset.set_epoch(self.epoch)
-        self.epoch += 1
-        for batch in self.loader:
-            yield self._augment(batch) if self.augment else batch
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration give epoch ``epoch`` (counted from 0)."""
+        self.epoch = int(epoch)
 
-    def _augment(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        turns, flip = (int(v) for v in torch.randint(0, 4, (2,), generator=self.generator))
+    def _epoch_seeds(self, epoch: int) -> tuple[int, int]:
+        shuffle, augmentation = np.random.SeedSequence([self.seed % 2**64, epoch]).generate_state(2, np.uint64)
+        return int(shuffle), int(augmentation)
+
+    def __iter__(self) -> Any:
+        epoch = self.epoch
+        self.epoch += 1
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+        shuffle_seed, augmentation_seed = self._epoch_seeds(epoch)
+        if isinstance(getattr(self.loader, "generator", None), torch.Generator):
+            self.loader.generator.manual_seed(shuffle_seed)
+        generator = torch.Generator().manual_seed(augmentation_seed)
+        for batch in self.loader:
+            yield self._augment(batch, generator) if self.augment else batch
+
+    @staticmethod
+    def _augment(batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        turns, flip = (int(v) for v in torch.randint(0, 4, (2,), generator=generator))
         out = {}
         for key, value in batch.items():
             value = torch.rot90(value, turns, dims=(-2, -1)) if turns else value

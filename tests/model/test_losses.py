@@ -75,3 +75,41 @@ def test_bad_inputs_are_refused(batch_factory):
         cmsn_loss(wrong, batch)
     with pytest.raises(ValueError, match="delta"):
         CMSNLoss(delta=-1.0)
+
+
+# The module is what train() and evaluate_batches() use: each of its weights must reach the total.
+WEIGHT_TERMS = {"lambda_cloudy": "mtgl_cloudy", "delta": "mtfr", "xi": "refine"}
+
+
+def imperfect(batch):
+    """A prediction with errors everywhere: coarse in clear and cloudy pixels (so MTGL and MTFR), refined."""
+    generator = torch.Generator().manual_seed(1)
+    truth = batch["truth"]
+    coarse = truth + 0.05 * torch.randn(truth.shape, generator=generator)
+    refined = truth + 0.02 * torch.randn(truth.shape, generator=generator)
+    return CMSNOutput(coarse=coarse, refined=refined, output=refined.clone())
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHT_TERMS))
+def test_the_module_total_moves_with_each_weight_by_its_term(batch_factory, name):
+    batch = batch_factory()
+    prediction = imperfect(batch)
+    a, b = 0.7, 0.0
+    heavy = CMSNLoss(**{name: a})(prediction, batch)
+    light = CMSNLoss(**{name: b})(prediction, batch)
+    term = WEIGHT_TERMS[name]
+    assert heavy[term] > 0.01  # a term that matters; the terms themselves do not depend on the weights
+    for key in ("mtgl_clear", "mtgl_cloudy", "mtfr", "refine"):
+        torch.testing.assert_close(heavy[key], light[key])
+    torch.testing.assert_close(heavy["total"] - light["total"], (a - b) * heavy[term])
+
+
+def test_the_module_total_is_the_documented_weighted_sum(batch_factory):
+    batch = batch_factory()
+    prediction = imperfect(batch)
+    loss = CMSNLoss(lambda_cloudy=3.0, delta=0.4, xi=2.5)
+    assert loss.weights == {"lambda_cloudy": 3.0, "delta": 0.4, "xi": 2.5}
+    terms = loss(prediction, batch)
+    expected = terms["mtgl_clear"] + 3.0 * terms["mtgl_cloudy"] + 0.4 * terms["mtfr"] + 2.5 * terms["refine"]
+    torch.testing.assert_close(terms["total"], expected)
+    torch.testing.assert_close(terms["mtgl"], terms["mtgl_clear"] + 3.0 * terms["mtgl_cloudy"])

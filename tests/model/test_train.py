@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 
+import numpy as np
 import pytest
 import torch
 
 from cmsn_cube.model import CMSN, cmsn_loss, load_model
-from cmsn_cube.train import _ssim_map, evaluate_batches, train
+from cmsn_cube.train import _EpochLoader, _ssim_map, evaluate_batches, train
 
 
 def loss_on(model, batch):
@@ -103,3 +106,203 @@ def test_validation_metrics_of_a_perfect_copy(batch_factory):
     metrics = evaluate_batches(CMSN(width=4, depth=0, fusion_depth=0, skip_width=2), [batch])
     assert metrics["cloudy_pixels"] == float(batch["sim_mask"].sum())
     assert 0 < metrics["psnr_cloudy"] < 60 and -1 <= metrics["ssim_cloudy"] <= 1
+
+
+# ------------------------------------------------------------------------ resume: a killed run, continued
+
+
+class _Killed(Exception):
+    """Stands for the process being killed in the middle of an epoch."""
+
+
+class _DyingList(list):
+    """A list of batches whose iteration raises after ``batches`` of them: a run killed mid-epoch."""
+
+    def __init__(self, batches, *, die_after):
+        super().__init__(batches)
+        self.left = die_after
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.left == 0:
+                raise _Killed
+            self.left -= 1
+            yield batch
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Single samples (no batch axis) of the sample-stream contract, for a shuffling DataLoader; reading
+    raises after ``die_after`` samples (so the DataLoader itself is what train() gets, killed mid-epoch)."""
+
+    def __init__(self, batch_factory, n, *, die_after=None):
+        batch = batch_factory(batch=n, height=16, width=16, seed=3)
+        self.samples = self.original = [{key: value[i] for key, value in batch.items()} for i in range(n)]
+        self.left = die_after
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):  # as the store datasets, which give other clouds each epoch
+        self.samples = [sample | {"truth": sample["truth"] * (1 - 0.01 * epoch)} for sample in self.original]
+
+    def __getitem__(self, index):
+        if self.left == 0:
+            raise _Killed
+        if self.left is not None:
+            self.left -= 1
+        return self.samples[index]
+
+
+class _GlobalShuffle(torch.utils.data.Sampler):
+    """A sampler shuffling with NumPy's and Python's global RNGs (as some third-party samplers do)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        order = np.random.permutation(self.n).tolist()  # noqa: NPY002 - the point of this sampler
+        random.shuffle(order)
+        return iter(order)
+
+
+def _loader(kind, batch_factory, *, die_after=None):
+    """A fresh loader of 2 batches per epoch, as a restarted process would build it, that raises _Killed
+    after ``die_after`` batches."""
+    if kind == "list":
+        batches = [batch_factory(seed=s, height=16, width=16) for s in range(2)]
+        return batches if die_after is None else _DyingList(batches, die_after=die_after)
+    dataset = _Samples(batch_factory, 4, die_after=None if die_after is None else 2 * die_after)
+    if kind == "shuffled":  # shuffle drawn from torch's global RNG
+        return torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True)
+    if kind == "global_rngs":  # shuffle drawn from NumPy's and Python's global RNGs
+        return torch.utils.data.DataLoader(dataset, batch_size=2, sampler=_GlobalShuffle(len(dataset)))
+    # shuffle drawn from the loader's own generator, which train() must save and restore...
+    generator = torch.Generator().manual_seed(11)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True, generator=generator)
+    # ...or, as train_on_stores does, reseeded by set_epoch with flips and quarter turns
+    return loader if kind == "own_generator" else _EpochLoader(loader, [dataset], augment=True, seed=4)
+
+
+def _assert_same_weights(model, reference):
+    expected = reference.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _stopped_then_resumed(kind, batch_factory, tiny_config, tmp_path, *, how, val=None, **options):
+    """Train 4 of the steps (2 epochs), stopping ``how``, then resume in a new call to the end."""
+    if how == "killed":  # killed in the 3rd epoch, after 5 batches: last.pt holds the end of epoch 2
+        with pytest.raises(_Killed):
+            train(
+                tiny_config, _loader(kind, batch_factory, die_after=5), val,
+                checkpoint_dir=tmp_path, progress=False, **options,
+            )  # fmt: skip
+    else:  # stopped cleanly by epochs=2 (the schedule still spans all the steps); best.pt is written
+        first = train(tiny_config, _loader(kind, batch_factory), val, epochs=2, checkpoint_dir=tmp_path,
+                      progress=False, **options)  # fmt: skip
+        assert first.steps == 4 and (tmp_path / "best.pt").is_file()
+    return train(
+        tiny_config, _loader(kind, batch_factory), val, checkpoint_dir=tmp_path, resume=True, progress=False, **options
+    )
+
+
+@pytest.mark.parametrize("how", ["killed", "epochs"])
+@pytest.mark.parametrize("kind", ["list", "shuffled", "global_rngs", "own_generator", "store_loader"])
+def test_a_stopped_and_resumed_run_ends_with_the_weights_of_a_straight_run(
+    tmp_path, batch_factory, tiny_config, kind, how
+):
+    # 2 batches an epoch, 6 steps in all.
+    options = {"steps": 6, "lr": 3e-3, "seed": 4, "log_every": 1, "device": "cpu"}  # CPU: bit for bit
+    straight = train(tiny_config, _loader(kind, batch_factory), progress=False, **options)
+    resumed = _stopped_then_resumed(kind, batch_factory, tiny_config, tmp_path, how=how, **options)
+    assert resumed.steps == 6 and resumed.epochs == 3
+    # The same batches in the same order, the same schedule, the same Adam moments: the same weights.
+    # (Without the optimizer's moments, or when the model returned is the one of before the stop, or when
+    # the resumed epoch shuffles differently, they differ by far more than 1e-6.)
+    _assert_same_weights(resumed.model, straight.model)
+    assert [r["total"] for r in resumed.history["train"]] == [r["total"] for r in straight.history["train"]]
+    # Without validation the final weights are also the ones in best.pt.
+    _assert_same_weights(load_model(resumed.best_checkpoint), straight.model)
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+@pytest.mark.parametrize("how", ["killed", "epochs"])
+def test_a_stopped_and_resumed_run_with_validation_ends_like_a_straight_run(
+    tmp_path, batch_factory, tiny_config, restore_best, how
+):
+    val = [batch_factory(seed=20, height=16, width=16)]
+    options = {"steps": 8, "lr": 3e-3, "seed": 4, "restore_best": restore_best, "device": "cpu"}
+    straight = train(tiny_config, _loader("shuffled", batch_factory), val, progress=False, **options)
+    resumed = _stopped_then_resumed("shuffled", batch_factory, tiny_config, tmp_path, how=how, val=val, **options)
+    assert resumed.history["val"] == straight.history["val"] and len(straight.history["val"]) == 4
+    assert resumed.best_metrics == straight.best_metrics
+    assert straight.best_metrics == max(straight.history["val"], key=lambda record: record["psnr_cloudy"])
+    assert straight.best_metrics["epoch"] <= 2  # the best is from before the stop: best.pt brings it back
+    # restore_best: the best validated weights (maybe from before the kill); otherwise the last ones.
+    _assert_same_weights(resumed.model, straight.model)
+
+
+def test_a_resume_with_validation_never_returns_unvalidated_weights_of_before(tmp_path, batch_factory, tiny_config):
+    # The first call has no validation: its best.pt holds its final (pre-resume) weights. The resumed call
+    # validates on a batch without simulated clouds, so PSNR is NaN and never "improves": there is no best
+    # validated model, and the final weights come back, not those of best.pt.
+    val = [batch_factory(seed=20, height=16, width=16)]
+    val[0]["sim_mask"] = torch.zeros_like(val[0]["sim_mask"])
+    options = {"steps": 6, "lr": 3e-3, "seed": 4, "device": "cpu"}
+    straight = train(tiny_config, _loader("list", batch_factory), progress=False, **options)
+    first = train(tiny_config, _loader("list", batch_factory), epochs=2, checkpoint_dir=tmp_path, progress=False,
+                  **options)  # fmt: skip
+    assert first.steps == 4 and (tmp_path / "best.pt").is_file()
+    resumed = train(tiny_config, _loader("list", batch_factory), val, checkpoint_dir=tmp_path, resume=True,
+                    progress=False, **options)  # fmt: skip
+    assert resumed.best_metrics is None and math.isnan(resumed.history["val"][-1]["psnr_cloudy"])
+    _assert_same_weights(resumed.model, straight.model)
+
+
+def test_resuming_a_finished_run_without_validation_returns_its_final_weights(tmp_path, batch_factory, tiny_config):
+    batches = _loader("list", batch_factory)
+    first = train(tiny_config, batches, steps=4, checkpoint_dir=tmp_path, device="cpu", progress=False)
+    again = train(tiny_config, batches, steps=4, checkpoint_dir=tmp_path, resume=True, device="cpu", progress=False)
+    assert again.steps == 4
+    _assert_same_weights(again.model, first.model)
+
+
+class _Windows(torch.utils.data.Dataset):
+    """8 distinct 2x2 "windows" whose values also tell the epoch (as the datasets' clouds do)."""
+
+    def __init__(self):
+        self.epoch = None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return {"x": torch.arange(4.0).reshape(1, 2, 2) + 10 * index + 100 * self.epoch}
+
+
+def _epoch_loader(seed=5):
+    dataset = _Windows()
+    generator = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, generator=generator)
+    return _EpochLoader(loader, [dataset], augment=True, seed=seed)
+
+
+def test_the_store_loader_gives_an_epoch_the_same_batches_whatever_came_before():
+    # train() calls set_epoch(epoch) before each epoch, so a resumed train_on_stores sees the data of a
+    # straight run: epoch 2 of a fresh loader is epoch 2 of one that went through epochs 0 and 1.
+    straight = _epoch_loader()
+    epochs = [[batch["x"] for batch in straight] for _ in range(3)]
+    assert [straight.datasets[0].epoch, straight.epoch] == [2, 3]
+    resumed = _epoch_loader()
+    resumed.set_epoch(2)
+    again = [batch["x"] for batch in resumed]
+    assert resumed.datasets[0].epoch == 2
+    assert len(again) == 2 and all(torch.equal(a, b) for a, b in zip(again, epochs[2], strict=True))
+    # ...while epochs differ from each other in order and augmentation (the values, less the epoch's offset).
+    assert not all(torch.equal(a % 100, b % 100) for a, b in zip(epochs[1], epochs[2], strict=True))
