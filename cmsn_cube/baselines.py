@@ -16,7 +16,7 @@ date is clear there; gaps no date can fill stay NaN. They compute the cube (thei
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -46,7 +46,8 @@ def gaps_of(cube: xr.Dataset) -> xr.DataArray:
     return (cube["cloud_mask"] | cube["reflectance"].isnull().any("band")).rename("gap")
 
 
-def _days(cube: xr.Dataset) -> np.ndarray:
+def days_of(cube: xr.Dataset) -> np.ndarray:
+    """Each date's day from the first (what the fillers order helper dates by)."""
     stamps = cube["time"].values.astype("datetime64[s]").astype("int64")
     return (stamps - stamps[0]) / 86400.0
 
@@ -118,14 +119,16 @@ def fill_regression(
     *,
     window: int = REGRESSION_WINDOW,
     min_pixels: int = REGRESSION_MIN_PIXELS,
+    targets: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Fill each date from helper dates (nearest first) through a local per-band linear regression.
+    """Fill each date (or only the ``targets``; the others stay NaN) from helper dates (nearest first) through
+    a local per-band linear regression.
 
     Where fewer than ``min_pixels`` pixels of the window are clear in both dates, the fit of the whole scene
     is used; where the scene has too few either, the helper's value itself.
     """
     out = np.full_like(values, np.nan)
-    for t in range(values.shape[0]):
+    for t in range(values.shape[0]) if targets is None else targets:
         remaining = gap[t].copy()
         for s in _by_distance(days, t):
             target = remaining & ~gap[s]
@@ -174,7 +177,7 @@ def _reconstruct(cube: xr.Dataset, method: BaselineName, **options: int) -> xr.D
     values = np.asarray(cube["reflectance"].values, dtype=np.float32)
     gap = np.asarray(gap_da.values, dtype=bool)
     filler = _FILLERS[method]
-    filled = filler(values, gap, _days(cube), **options) if options else filler(values, gap, _days(cube))
+    filled = filler(values, gap, days_of(cube), **options) if options else filler(values, gap, days_of(cube))
     # clear pixels are copied, never recomputed: bit-identical to the observation
     result = np.where(gap[:, None], filled, values).astype(np.float32)
     out = xr.DataArray(result, dims=cube["reflectance"].dims, coords=cube["reflectance"].coords, name="reconstructed")

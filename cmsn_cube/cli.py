@@ -282,10 +282,10 @@ def evaluate_command(
 )
 @click.option(
     "--method",
-    type=click.Choice(["auto", "cmsn", "regression"]),
+    type=click.Choice(["auto", "cmsn", "regression", "weighted-regression"]),
     default="auto",
-    help="Filler of the gaps: per date the better of the network and the classical regression in the scene "
-    "self-check (auto), or one of them.",
+    help="Filler of the gaps: per date the best of the network and two classical local regressions in the "
+    "scene self-check (auto), or one of them.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace another Zarr store at OUT (never the input, never a non-store)."

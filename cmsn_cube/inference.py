@@ -121,8 +121,36 @@ def _model_on_worker(spec: ModelSpec, device: str) -> torch.nn.Module:
         return _load_spec(spec.sha256, spec.payload, device)
 
 
+def run_filler(
+    method: str,
+    windows: np.ndarray,
+    *,
+    spec: ModelSpec,
+    device: str,
+    days: list[float],
+    targets: list[int] | None = None,
+) -> np.ndarray:
+    """Fill ``windows(batch, dates, bands + mask, y, x)`` as ``(batch, dates, bands, y, x)`` with the network
+    (``"cmsn"``), the local regression weighted by fit (``"weighted-regression"``: the network's prior on its
+    own, :class:`cmsn_cube.model.prior.RegressionFill`) or the classical local regression (``"regression"``:
+    :func:`cmsn_cube.baselines.fill_regression` itself, nearest clear date first; where it has no answer, the
+    weighted one). ``targets``: the dates wanted (default all; the others may be left unfilled).
+    """
+    from cmsn_cube.baselines import fill_regression
+
+    output = _run_model(_filler_on_worker(method, spec, device), windows, device)
+    if method != "regression":
+        return output
+    for k, window in enumerate(windows):
+        values, gap = window[:, :-1], window[:, -1] > 0.5
+        filled = fill_regression(values, gap, np.asarray(days, dtype=np.float64), targets=targets)
+        use = gap[:, None] & np.isfinite(filled)
+        output[k][use] = filled[use]
+    return output
+
+
 def _filler_on_worker(method: str, spec: ModelSpec, device: str) -> torch.nn.Module:
-    """The network (``"cmsn"``) or the classical regression with its band statistics (``"regression"``)."""
+    """The network (``"cmsn"``), or the weighted local regression with its band statistics (the others)."""
     network = _model_on_worker(spec, device)
     if method == "cmsn":
         return network
@@ -343,6 +371,7 @@ def _block_sums(
     index: tuple[int, int],
     origin: tuple[int, int],
     triplets: tuple[tuple[int, int, int], ...],
+    days: tuple[float, ...],
     methods: np.ndarray,
     batch_size: int,
     device: str,
@@ -384,15 +413,18 @@ def _block_sums(
 
         chosen = [METHODS[int(m)] for m in methods]
         needed = sorted({(triplet, chosen[date]) for date, triplet in enumerate(triplets)})
-        fillers = {method: _filler_on_worker(method, spec, device) for method in {m for _, m in needed}}
         blend = np.outer(tilings[0].weights(), tilings[1].weights())
         every_date = tuple(range(n_dates))
         for first in range(0, len(corners), batch_size):
             batch = corners[first : first + batch_size]
             windows = np.stack([channels[:, :, y : y + ty, x : x + tx] for y, x in batch])
             outputs = {
-                (t, m): _run_model(
-                    fillers[m], windows if t == every_date else np.ascontiguousarray(windows[:, list(t)]), device
+                (t, m): run_filler(
+                    m,
+                    windows if t == every_date else np.ascontiguousarray(windows[:, list(t)]),
+                    spec=spec,
+                    device=device,
+                    days=[days[d] for d in t],
                 )
                 for t, m in needed
             }
@@ -549,11 +581,11 @@ def reconstruct(
     fill_unobserved : bool
         Also fill the gaps that no date of their triplet observed (the network's guess, flagged 3 in
         ``filled``); by default they stay NaN (flagged 2).
-    method : {"auto", "cmsn", "regression"}
-        Who fills the gaps. ``"auto"``: per date, the filler that scored better in the scene self-check
+    method : {"auto", "cmsn", "regression", "weighted-regression"}
+        Who fills the gaps. ``"auto"``: per date, the filler that scored best in the scene self-check
         (:mod:`cmsn_cube.selfcheck`: the scene's own clear pixels hidden under real cloud shapes and filled by
-        the network and by the classical local regression; ties go to the regression). ``"cmsn"`` or
-        ``"regression"`` force one (no check).
+        the network and by two classical local regressions; ties go to the classical ones). The others force
+        one filler (no check; see :func:`run_filler`).
     check_seed : int
         Seed of the shapes the self-check pastes.
 
@@ -675,50 +707,87 @@ def reconstruct(
 def _check_graph(
     cube: xr.Dataset, spec: ModelSpec, triplets: tuple[tuple[int, int, int], ...], *, device: str, seed: int
 ) -> Any:
-    """The Delayed scores of the scene self-check: its sample windows read from the store's chunks."""
-    from cmsn_cube.selfcheck import sample_windows
+    from cmsn_cube.baselines import days_of
+
+    days = tuple(days_of(cube).tolist())
+    """The Delayed scores of the scene self-check: one task per sample (a window read from the store's chunks,
+    one date hidden, filled by every method), and one that pools them."""
+    from cmsn_cube.selfcheck import combine_samples, plan_samples, sample_windows, samples_needed
 
     reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
     cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
     arrays = (_Chunks(reflectance), _Chunks(cloud_mask))
-    regions = []
-    for row, col, height, width in sample_windows((cube.sizes["y"], cube.sizes["x"])):
-        rows, cols = slice(row, row + height), slice(col, col + width)
-        regions.append((*(array.region(rows, cols) for array in arrays), (row, col)))
+    windows = sample_windows((cube.sizes["y"], cube.sizes["x"]))
     token = dask.base.tokenize(reflectance, cloud_mask, spec.sha256, triplets, device, seed)
-    return dask.delayed(_run_check, pure=True)(
-        regions,
-        spec=dask.delayed(spec, pure=True, traverse=False),
-        triplets=triplets,
-        device=device,
-        seed=seed,
-        dask_key_name=f"cmsn-check-{token}",
-    )
+    reads = []
+    for k, (row, col, height, width) in enumerate(windows):
+        rows, cols = slice(row, row + height), slice(col, col + width)
+        regions = [array.region(rows, cols) for array in arrays]
+        reads.append(
+            dask.delayed(_read_window, pure=True)(
+                *regions, origin=(row, col), dask_key_name=f"cmsn-check-read-{token}-{k}"
+            )
+        )
+    masks = [dask.delayed(operator.getitem, pure=True)(read, 1) for read in reads]
+    model = dask.delayed(spec, pure=True, traverse=False)
+    samples = [
+        dask.delayed(_run_check_sample, pure=True)(
+            reads[window],
+            masks,
+            date=date,
+            window=window,
+            spec=model,
+            triplets=triplets,
+            days=days,
+            device=device,
+            seed=(seed, k),
+            dask_key_name=f"cmsn-check-sample-{token}-{k}",
+        )
+        for k, (date, window) in enumerate(plan_samples(len(windows), len(triplets), samples_needed(len(triplets))))
+    ]
+    return dask.delayed(combine_samples, pure=True)(samples, len(triplets), dask_key_name=f"cmsn-check-{token}")
 
 
-def _run_check(
-    regions: list[tuple[Any, Any, tuple[int, int]]],
+def _read_window(reflectance: Any, cloud_mask: Any, *, origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A sample window of the self-check, its reflectance checked as it is read."""
+    values = _join(reflectance)
+    rows, cols = values.shape[-2:]
+    where = f"reflectance in rows {origin[0]}:{origin[0] + rows}, columns {origin[1]}:{origin[1] + cols}"
+    check_reflectance_values(values, where=where)
+    return values, np.asarray(_join(cloud_mask), dtype=bool)
+
+
+def _run_check_sample(
+    read: tuple[np.ndarray, np.ndarray],
+    masks: list[np.ndarray],
     *,
+    date: int,
+    window: int,
     spec: ModelSpec,
     triplets: tuple[tuple[int, int, int], ...],
+    days: tuple[float, ...],
     device: str,
-    seed: int,
-) -> np.ndarray:
-    """The scene self-check on its windows (see :func:`cmsn_cube.selfcheck.self_check`)."""
-    from cmsn_cube.selfcheck import samples_needed, self_check
-
-    windows = []
-    for reflectance, cloud_mask, (row, col) in regions:
-        values = _join(reflectance)
-        rows, cols = values.shape[-2:]
-        check_reflectance_values(values, where=f"reflectance in rows {row}:{row + rows}, columns {col}:{col + cols}")
-        windows.append((values, _join(cloud_mask)))
+    seed: tuple[int, int],
+) -> Any:
+    """One sample of the scene self-check (see :func:`cmsn_cube.selfcheck.check_sample`)."""
+    from cmsn_cube.selfcheck import check_sample
 
     def fill(method: str, channels: np.ndarray, triplet: tuple[int, ...]) -> np.ndarray:
-        return _run_model(_filler_on_worker(method, spec, device), channels[None], device)[0]
+        wanted = [triplet.index(date)]  # only the hidden date is scored
+        return run_filler(
+            method, channels[None], spec=spec, device=device, days=[days[d] for d in triplet], targets=wanted
+        )[0]
 
-    samples = samples_needed(len(triplets))
-    return self_check(windows, triplets=triplets, fill=fill, seed=seed, samples=samples, model_channels=model_channels)
+    return check_sample(
+        *read,
+        masks,
+        date=date,
+        window=window,
+        triplets=triplets,
+        fill=fill,
+        rng=np.random.default_rng(list(seed)),
+        model_channels=model_channels,
+    )
 
 
 def _choice(scores: np.ndarray) -> np.ndarray:
@@ -784,6 +853,9 @@ def _block_graph(
     and is finished with the strips that blocks ``(i-1, j)``, ``(i, j-1)`` and ``(i-1, j-1)`` spilled over its
     start, ``overlap`` pixels wide: the only data that moves between blocks, and only forward.
     """
+    from cmsn_cube.baselines import days_of
+
+    days = tuple(days_of(cube).tolist())
     reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
     cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
     model = dask.delayed(spec, pure=True, traverse=False)  # one graph key: shipped once to each worker
@@ -805,6 +877,7 @@ def _block_graph(
                 index=(i, j),
                 origin=(rows.start, cols.start),
                 triplets=triplets,
+                days=days,
                 methods=methods,
                 batch_size=batch_size,
                 device=device,

@@ -118,11 +118,13 @@ class RegressionFill(torch.nn.Module):
     :func:`cmsn_cube.inference.reconstruct` run it on the same tiles as the network.
     """
 
-    def __init__(self, band_mean: torch.Tensor, band_std: torch.Tensor, *, radius: int = DEFAULT_RADIUS) -> None:
+    def __init__(
+        self, band_mean: torch.Tensor, band_std: torch.Tensor, *, radius: int = DEFAULT_RADIUS, factor: int = 1
+    ) -> None:
         super().__init__()
         self.register_buffer("band_mean", band_mean.detach().clone())
         self.register_buffer("band_std", band_std.detach().clone())
-        self.radius = radius
+        self.radius, self.factor = radius, factor
 
     @classmethod
     def like(cls, network: torch.nn.Module) -> RegressionFill:
@@ -136,6 +138,7 @@ class RegressionFill(torch.nn.Module):
         bands, mask = inputs[:, :, :-1], inputs[:, :, -1:].clamp(0, 1)
         clear = 1 - mask
         normalised = (bands - self.band_mean) / self.band_std * clear
-        filled = local_regression_fill(normalised, clear, radius=self.radius).float() * self.band_std + self.band_mean
+        filled = local_regression_fill(normalised, clear, radius=self.radius, factor=self.factor).float()
+        filled = filled * self.band_std + self.band_mean
         output = torch.where(mask > 0.5, filled, bands.to(filled.dtype))
         return CMSNOutput(coarse=filled, refined=filled, output=output)
