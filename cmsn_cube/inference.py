@@ -160,9 +160,11 @@ def _filler_on_worker(method: str, spec: ModelSpec, device: str) -> torch.nn.Mod
 
 @functools.lru_cache(maxsize=4)
 def _regression_like(network: torch.nn.Module) -> torch.nn.Module:
+    import torch
+
     from cmsn_cube.model.prior import RegressionFill
 
-    return RegressionFill.like(network).to(network.band_mean.device).eval()  # type: ignore[union-attr]
+    return RegressionFill.like(network).to(torch.as_tensor(network.band_mean).device).eval()
 
 
 # ------------------------------------------------------------------------------------------ tiling
@@ -521,7 +523,7 @@ def model_inputs(cube: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
 
 
 #: The variables of a reconstruction: dims, dtype and attrs.
-OUTPUT_VARIABLES: dict[str, tuple[tuple[str, ...], np.dtype, dict[str, str]]] = {
+OUTPUT_VARIABLES: dict[str, tuple[tuple[str, ...], np.dtype, dict[str, Any]]] = {
     "reconstructed": (
         ("time", "band", "y", "x"),
         np.dtype(np.float32),
@@ -1008,7 +1010,8 @@ def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, ov
         attrs, members = dict(group.attrs), set(group.array_keys())
     except Exception:  # a damaged store is a foreign one
         attrs, members = {}, set()
-    stored = json.loads(attrs[RECORD_ATTR]) if isinstance(attrs.get(RECORD_ATTR), str) else None
+    text = attrs.get(RECORD_ATTR)
+    stored = json.loads(text) if isinstance(text, str) else None
     record = json.loads(json.dumps(_record(result)))
     if stored == record:
         return "complete" if attrs.get("cmsn_cube_write_complete") is True else "resume"
@@ -1106,7 +1109,7 @@ def write_reconstruction(
         for name, value in values.items():
             group[name][...] = value  # type: ignore[index]
     names = [str(name) for name in result.data_vars if name not in values]
-    graph_values = _as_graph_values(result, values)
+    graph_values = _as_graph_values(result, {str(name): value for name, value in values.items()})
     result = result[names]
     result = result.chunk({dim: -1 for dim in result.dims if dim not in ("y", "x")})
     y_chunks, x_chunks = result.chunks["y"], result.chunks["x"]

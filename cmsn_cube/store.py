@@ -358,7 +358,7 @@ def _roll_back_append(path: str) -> None:
         if "time" in dims:
             axis = list(dims).index("time")
             shape = list(array.shape)
-            shape[axis] = min(shape[axis], int(n_dates))  # type: ignore[call-overload]
+            shape[axis] = min(shape[axis], int(n_dates))  # type: ignore[arg-type]
             array.resize(tuple(shape))
     _set_attrs(path, **{_APPEND_ATTR: None, _COMPLETE_ATTR: True})
 

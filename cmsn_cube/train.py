@@ -478,7 +478,7 @@ def train(
     started = time.monotonic()
     _seed_everything(seed)
     model = _resolve_model(model_or_config)
-    device = torch.device(default_device(device))
+    device = torch.device(default_device(None if device is None else str(device)))
     model.to(device)
     use_amp = (device.type == "cuda") if amp is None else (amp and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16

@@ -136,9 +136,9 @@ class RegressionFill(torch.nn.Module):
         from cmsn_cube.model.cmsn import CMSNOutput
 
         bands, mask = inputs[:, :, :-1], inputs[:, :, -1:].clamp(0, 1)
+        mean, std = torch.as_tensor(self.band_mean), torch.as_tensor(self.band_std)
         clear = 1 - mask
-        normalised = (bands - self.band_mean) / self.band_std * clear
-        filled = local_regression_fill(normalised, clear, radius=self.radius, factor=self.factor).float()
-        filled = filled * self.band_std + self.band_mean
+        normalised = (bands - mean) / std * clear
+        filled = local_regression_fill(normalised, clear, radius=self.radius, factor=self.factor).float() * std + mean
         output = torch.where(mask > 0.5, filled, bands.to(filled.dtype))
         return CMSNOutput(coarse=filled, refined=filled, output=output)
