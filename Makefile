@@ -14,7 +14,7 @@ TORCH_INDEX_URL ?=
 export GLIBC_TUNABLES := glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-quality clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ bench: install
 	$(PY) benchmarks/bench_samples.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_selfcheck.py
+
+# every gap-filler on the real stacks of ../shared/data (the yardstick of quality claims)
+bench-quality: install
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

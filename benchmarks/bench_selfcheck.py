@@ -9,17 +9,7 @@ Usage: ``python benchmarks/bench_selfcheck.py [--size 2048] [--repeat 2]``
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
-
-
-def best_of(repeat: int, run) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
@@ -27,15 +17,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="scene side in pixels")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
+    from bench_model import time_it  # beside this script
+
     from cmsn_cube.inference import reconstruct
     from cmsn_cube.sources.synthetic import synthetic_scene
 
     warnings.simplefilter("ignore")
     cube = synthetic_scene(height=args.size, width=args.size, seed=7).drop_vars("truth")
     reconstruct(cube.isel(y=slice(0, 256), x=slice(0, 256))).compute()  # warm-up: model built, torch started
-    check = best_of(args.repeat, lambda: reconstruct(cube)["quality"].compute())
-    auto = best_of(args.repeat, lambda: reconstruct(cube).compute())
-    network = best_of(args.repeat, lambda: reconstruct(cube, method="cmsn").compute())
+    check = time_it(lambda: reconstruct(cube)["quality"].compute(), repeats=args.repeat, warmup=0)
+    auto = time_it(lambda: reconstruct(cube).compute(), repeats=args.repeat, warmup=0)
+    network = time_it(lambda: reconstruct(cube, method="cmsn").compute(), repeats=args.repeat, warmup=0)
     print(f"scene {args.size}² px x 3 dates, best of {args.repeat}:")
     print(f"  self-check alone            {check:7.2f} s")
     print(f"  reconstruct, method='auto'  {auto:7.2f} s")

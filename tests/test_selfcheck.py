@@ -40,6 +40,11 @@ def chosen(result: xr.Dataset) -> list[str]:
     return [METHODS[int(i)] for i in result["method_used"].values]
 
 
+def at(values: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """``(band, n)``: the bands of ``values(time, band, y, x)`` at the ``pixels(time, y, x)``."""
+    return values.transpose(1, 0, 2, 3)[:, pixels]
+
+
 def test_the_check_picks_the_regression_when_the_network_fails(scene, scrambled):
     result = reconstruct(scene, model=scrambled).compute()
     assert set(chosen(result)) <= set(CLASSICAL)
@@ -65,34 +70,18 @@ def test_forced_methods_are_obeyed_and_clear_pixels_stay_on_every_path(scene, sc
     with torch.no_grad():
         filler = RegressionFill.like(load_model(scrambled))
         expected = filler(torch.from_numpy(channels.values[None])).output[0].numpy()
-    np.testing.assert_allclose(
-        weighted.reconstructed.values.transpose(1, 0, 2, 3)[:, seen],
-        expected.transpose(1, 0, 2, 3)[:, seen],
-        rtol=0,
-        atol=1e-6,
-    )
+    np.testing.assert_allclose(at(weighted.reconstructed.values, seen), at(expected, seen), rtol=0, atol=1e-6)
     regression = reconstruct(scene, model=scrambled, method="regression").compute()
     assert chosen(regression) == ["regression"] * 3
     baseline = baselines.regression(scene).values  # the classical baseline itself
-    np.testing.assert_allclose(
-        regression.reconstructed.values.transpose(1, 0, 2, 3)[:, seen],
-        baseline.transpose(1, 0, 2, 3)[:, seen],
-        rtol=0,
-        atol=1e-6,
-    )
+    np.testing.assert_allclose(at(regression.reconstructed.values, seen), at(baseline, seen), rtol=0, atol=1e-6)
     network = reconstruct(scene, model=scrambled, method="cmsn").compute()
     assert chosen(network) == ["cmsn"] * 3
-    assert not np.allclose(
-        network.reconstructed.values.transpose(1, 0, 2, 3)[:, seen],
-        regression.reconstructed.values.transpose(1, 0, 2, 3)[:, seen],
-    )
+    assert not np.allclose(at(network.reconstructed.values, seen), at(regression.reconstructed.values, seen))
     auto = reconstruct(scene, model=scrambled).compute()
     clear = scene.cloud_mask.values == 0
     for result in (weighted, regression, network, auto):
-        np.testing.assert_array_equal(
-            result.reconstructed.values.transpose(1, 0, 2, 3)[:, clear],
-            scene.reflectance.values.transpose(1, 0, 2, 3)[:, clear],
-        )
+        np.testing.assert_array_equal(at(result.reconstructed.values, clear), at(scene.reflectance.values, clear))
     with pytest.raises(ArgumentError, match="method must be"):
         reconstruct(scene, method="magic")
 
