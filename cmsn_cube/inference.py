@@ -808,10 +808,10 @@ def check_observed(observed_dates: np.ndarray, *, what: str) -> None:
     """Raise :class:`NoDataError` when no pixel was ever observed clear; warn with the share never observed."""
     if observed_dates.size == 0 or not observed_dates.any():
         raise NoDataError(f"{what} has no clear pixel on any date (all cloud or no data): nothing to reconstruct from")
-    never = float((observed_dates == 0).mean())
+    never = int((observed_dates == 0).sum())
     if never > 0:
         warnings.warn(
-            f"{100 * never:.2f} % of the pixels of {what} are observed on no date: they stay NaN "
+            f"{never} pixels ({100 * never / observed_dates.size:.2f} %) of {what} are observed on no date: they stay NaN "
             "(flagged 2 in 'filled'), or are the network's guess with fill_unobserved=True (flagged 3)",
             CMSNCubeWarning,
             stacklevel=3,

@@ -67,10 +67,11 @@ def test_demo_writes_report_tables_and_figures(tmp_path, tiny_checkpoint):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["cloudy_summary"]) == {"cmsn", "nearest", "linear", "median", "regression"}
+    assert set(summary["cloudy_summary"]) == {"auto", "nearest", "linear", "median", "regression"}
     for method, row in summary["cloudy_summary"].items():
         assert 15 < row["psnr"] < 80, (method, row)
     report = (out / "report.md").read_text()
+    assert "## Scene self-check" in report and "weighted-regression" in report
     for figure in summary["figures"]:
         assert_real_png(figure)
         assert f"({Path(figure).name})" in report, f"report does not link {figure}"
