@@ -129,16 +129,21 @@ def run_filler(
     device: str,
     days: list[float],
     targets: list[int] | None = None,
+    weighted: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fill ``windows(batch, dates, bands + mask, y, x)`` as ``(batch, dates, bands, y, x)`` with the network
     (``"cmsn"``), the local regression weighted by fit (``"weighted-regression"``: the network's prior on its
     own, :class:`cmsn_cube.model.prior.RegressionFill`) or the classical local regression (``"regression"``:
     :func:`cmsn_cube.baselines.fill_regression` itself, nearest clear date first; where it has no answer, the
-    weighted one). ``targets``: the dates wanted (default all; the others may be left unfilled).
+    weighted one). ``targets``: the dates wanted (default all; the others may be left unfilled); ``weighted``:
+    the weighted regression of these windows when already run.
     """
     from cmsn_cube.baselines import fill_regression
 
-    output = _run_model(_filler_on_worker(method, spec, device), windows, device)
+    if method == "regression" and weighted is not None:
+        output = weighted.copy()
+    else:
+        output = _run_model(_filler_on_worker(method, spec, device), windows, device)
     if method != "regression":
         return output
     for k, window in enumerate(windows):
@@ -774,11 +779,16 @@ def _run_check_sample(
     """One sample of the scene self-check (see :func:`cmsn_cube.selfcheck.check_sample`)."""
     from cmsn_cube.selfcheck import check_sample
 
+    weighted: dict[str, np.ndarray] = {}  # the two regressions share it: run once per sample
+
     def fill(method: str, channels: np.ndarray, triplet: tuple[int, ...]) -> np.ndarray:
+        options = {"spec": spec, "device": device, "days": [days[d] for d in triplet]}
+        if method != "cmsn" and "output" not in weighted:
+            weighted["output"] = run_filler("weighted-regression", channels[None], **options)  # type: ignore[arg-type]
+        if method == "weighted-regression":
+            return weighted["output"][0]
         wanted = [triplet.index(date)]  # only the hidden date is scored
-        return run_filler(
-            method, channels[None], spec=spec, device=device, days=[days[d] for d in triplet], targets=wanted
-        )[0]
+        return run_filler(method, channels[None], targets=wanted, weighted=weighted.get("output"), **options)[0]  # type: ignore[arg-type]
 
     return check_sample(
         *read,
