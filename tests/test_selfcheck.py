@@ -98,9 +98,9 @@ def test_the_estimate_is_near_the_psnr_measured_against_the_truth(scene):
         measured.append(np.mean([psnr(values[b][filled], truth[b][filled]) for b in bands]))
         used = int(result.method_used.values[date])
         estimates.append(float(result.quality.values[date, used, METRICS.index("psnr_db")]))
-    # measured: 1.25 dB here, 0.86 dB over three other embedded scenes (the estimate's own sampling noise is
-    # about 1 dB per date with the check's 9 samples)
-    assert np.mean(np.abs(np.subtract(estimates, measured))) < 1.5, (estimates, measured)
+    # within 1 dB of the PSNR the fill scores against the truth (0.85 dB mean over three other embedded scenes)
+    error = np.mean(np.abs(np.subtract(estimates, measured)))
+    assert error < 1.0, (estimates, measured)
 
 
 def test_a_small_scene_gets_a_usable_sample_and_a_cloudy_one_says_so():
