@@ -28,9 +28,9 @@ METRICS: tuple[str, ...] = ("psnr_db", "mae", "sam_deg", "pixels")
 #: Fewest hidden pixels per date for a score (fewer: NaN, and the date keeps the classical method).
 MIN_PIXELS = 400
 #: Side of the sample windows (px) and how many; each sample hides one date of one window and runs as its own
-#: task. 192 px: the six samples of a 2048² scene cost 1.3 s (15 % of the network path) and their estimate is
-#: 0.85 dB from the measured PSNR on embedded scenes; 256 px cost 2.4 s for the same choices.
-WINDOW = 192
+#: task. 160 px: the six samples of a 2048² scene cost about 1 s (9 % of the network path) and their estimate is
+#: 0.8 dB from the measured PSNR on embedded scenes; 256 px cost 2.4 s for the same choices.
+WINDOW = 160
 N_WINDOWS = 6
 
 Fill = Callable[[str, np.ndarray, tuple[int, ...]], np.ndarray]
@@ -207,8 +207,9 @@ def samples_needed(n_dates: int) -> int:
 
 
 #: A date keeps its own best filler only when it beats the scene's best by this much (dB); below it, a date's
-#: score is mostly sampling noise (a few hundred hidden pixels) and the scene's pooled choice is safer.
-DATE_MARGIN_DB = 0.5
+#: score is mostly sampling noise (a few hundred hidden pixels) and the scene's pooled choice is safer (on the
+#: CBERS stack a 0.5 dB margin lost 0.11 dB to the best classical filler, 1 dB lost nothing).
+DATE_MARGIN_DB = 1.0
 
 
 def choose(scores: np.ndarray) -> tuple[str, ...]:
