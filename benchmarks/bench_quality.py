@@ -13,7 +13,8 @@ Stacks (none was used to train the packaged checkpoint, which saw the embedded g
 - ``cbers``: CBERS-4 AWFI, 24 dates, 50 × 50 px at 64 m, TOA-like reflectance, its own CMASK clouds;
 - ``s2-sr``: Sentinel-2 L3A surface reflectance, Bouconne forest, 7 dates, 246 × 227 px at 10 m;
 - ``naip-30m``: NAIP aerial, 10 summers, aggregated from 5 m to 30 m (120 × 155 px), uint8 / 255;
-- ``embedded``: the embedded scene at an unseen seed (4321), 256 × 256 px (the generator the network knows).
+- ``embedded``: the embedded scene at an unseen seed (4321), 256 × 256 px (the generator the network knows),
+  scored on its own clouds against the truth beneath them (the draws vary only the self-check's shapes).
 
 Also: the self-check's PSNR estimate per date against the PSNR measured on the pasted truth (``auto`` rows).
 
@@ -85,7 +86,7 @@ def naip_30m() -> xr.Dataset:
 def embedded() -> xr.Dataset:
     from cmsn_cube.sources.synthetic import synthetic_scene
 
-    return synthetic_scene(height=256, width=256, seed=4321, sensor="LANDSAT_5").drop_vars("truth")
+    return synthetic_scene(height=256, width=256, seed=4321, sensor="LANDSAT_5")  # its truth is known
 
 
 SETS = {"cbers": cbers, "s2-sr": s2_sr, "naip-30m": naip_30m, "embedded": embedded}
@@ -100,7 +101,10 @@ def score_draw(cube: xr.Dataset, seed: int) -> tuple[dict[str, dict[str, float]]
     from cmsn_cube.samples import make_scoring_cube
 
     masks = DATA / "cloud_masks_ukis"
-    observed, truth, scored = make_scoring_cube(cube, seed=seed, reference_masks=masks if masks.is_dir() else None)
+    if "truth" in cube:  # the embedded scene: its own clouds, scored against the truth beneath them
+        observed, truth, scored = cube.drop_vars("truth"), cube["truth"].where(cube["cloud_mask"]), cube["cloud_mask"]
+    else:
+        observed, truth, scored = make_scoring_cube(cube, seed=seed, reference_masks=masks if masks.is_dir() else None)
     results: dict[str, xr.DataArray] = {name: BASELINES[name](observed) for name in METHODS[:4]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
