@@ -137,3 +137,10 @@ def test_the_check_runs_once_when_a_reconstruction_is_written(scene, tmp_path, m
     monkeypatch.setattr(inference, "_run_check_sample", lambda *a, **k: runs.append(1) or run_sample(*a, **k))
     write_reconstruction(reconstruct(scene), tmp_path / "out.zarr", progress=False)
     assert len(runs) == samples_needed(3), "each sample of the check runs once"
+
+
+def test_the_check_stays_lazy_until_computed(scene_store, no_compute):
+    from cmsn_cube.store import open_cube
+
+    result = reconstruct(open_cube(scene_store))  # the check is part of the graph, not run here
+    assert result["quality"].chunks is not None and result["method_used"].chunks is not None
