@@ -343,6 +343,20 @@ def reconstruct(
         click.echo(format_quality(quality_table(open_reconstruction(out))))
 
 
+@main.command("export")
+@click.argument("reconstruction", type=str)
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace GeoTIFFs of the same names in FOLDER.")
+def export_command(reconstruction: str, folder: Path, overwrite: bool) -> None:
+    """Write a RECONSTRUCTION store (from `reconstruct`) as cloud-optimised GeoTIFFs in FOLDER: per date the
+    reconstructed bands, NDVI and the filled flags."""
+    from cmsn_cube.export import to_cogs
+    from cmsn_cube.store import open_reconstruction
+
+    paths = to_cogs(open_reconstruction(reconstruction), folder, overwrite=overwrite)
+    click.echo(f"wrote {len(paths)} GeoTIFFs to {folder}")
+
+
 @main.command("train")
 @click.argument("stores", nargs=-1, required=True, type=str)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder (best.pt, last.pt).")

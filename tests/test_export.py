@@ -1,0 +1,63 @@
+"""GeoTIFF/COG export: one file per date and layer that rasterio (and so QGIS, GDAL) reads back exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from cmsn_cube.cli import main
+from cmsn_cube.exceptions import CubeValidationError, StoreError
+from cmsn_cube.export import to_cogs
+from cmsn_cube.inference import reconstruct, write_reconstruction
+from cmsn_cube.sources.synthetic import synthetic_scene
+from cmsn_cube.store import open_reconstruction
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> str:
+    scene = synthetic_scene(height=300, width=280, seed=3)
+    path = str(tmp_path_factory.mktemp("out") / "out.zarr")
+    write_reconstruction(reconstruct(scene, method="regression"), path, progress=False)
+    return path
+
+
+def test_cogs_read_back_with_values_grid_names_and_overviews(written, tmp_path):
+    result = open_reconstruction(written).load()
+    paths = to_cogs(result, tmp_path / "cogs", progress=False)
+    assert len(paths) == 3 * 3
+    day = str(result.time.values[1])[:10]
+    with rasterio.open(tmp_path / "cogs" / f"{day}_reflectance.tif") as cog:
+        assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and cog.overviews(1)
+        assert cog.descriptions == ("blue", "green", "red", "nir") and np.isnan(cog.nodata)
+        assert cog.crs == result.rio.crs
+        np.testing.assert_array_equal(cog.read(), result.reconstructed.values[1])
+        # pixel centres of the cube are the centres of the GeoTIFF's pixels
+        assert cog.xy(0, 0) == (pytest.approx(float(result.x[0])), pytest.approx(float(result.y[0])))
+        assert cog.tags()["model"] == result.attrs["model"]
+    with rasterio.open(tmp_path / "cogs" / f"{day}_filled.tif") as cog:
+        np.testing.assert_array_equal(cog.read(1), result.filled.values[1])
+        assert "unobserved_left_nan" in cog.tags()["flag_meanings"]
+    with rasterio.open(tmp_path / "cogs" / f"{day}_ndvi.tif") as cog:
+        np.testing.assert_array_equal(cog.read(1), result.ndvi.values[1])
+
+
+def test_existing_files_are_kept_unless_overwrite(written, tmp_path):
+    result = open_reconstruction(written)
+    to_cogs(result, tmp_path, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tif")}
+    with pytest.raises(StoreError, match="exist"):
+        to_cogs(result, tmp_path, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tif")} == before
+    to_cogs(result, tmp_path, overwrite=True, progress=False)
+    assert not list(tmp_path.glob(".*")), "no temporary file is left"
+    with pytest.raises(CubeValidationError, match="not a reconstruction"):
+        to_cogs(synthetic_scene(height=32, width=32), tmp_path / "x", progress=False)
+
+
+def test_cli_export(written, tmp_path):
+    run = CliRunner().invoke(main, ["export", written, str(tmp_path / "cogs")])
+    assert run.exit_code == 0 and "wrote 9 GeoTIFFs" in run.output, run.output
+    run = CliRunner().invoke(main, ["export", str(tmp_path / "missing.zarr"), str(tmp_path / "cogs")])
+    assert run.exit_code == 1 and run.stderr.startswith("error: no store at")
