@@ -43,6 +43,18 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _is_embedded_scene(path: str) -> bool:
+    """Whether ``path`` holds an embedded synthetic scene (what the demo may replace); False when it holds nothing."""
+    import zarr
+
+    from cmsn_cube.sources import synthetic
+    from cmsn_cube.store import writable_kind
+
+    if writable_kind(path) != "zarr":
+        return False
+    return str(zarr.open_group(path, mode="r").attrs.get("source", "")).startswith(synthetic.__name__)
+
+
 def _cloudiest_window(mask: np.ndarray, size: int) -> tuple[slice, slice]:
     """The ``size`` window (on a coarse grid) where date 1 is cloudiest, for the panel figure."""
     height, width = mask.shape
@@ -104,7 +116,7 @@ def run_demo(
 
     started = time.perf_counter()
     scene = synthetic_scene(height=size, width=size, seed=seed)
-    write_cube(scene, store_path, overwrite=True)
+    write_cube(scene, store_path, overwrite=_is_embedded_scene(store_path))  # never replaces a user's cube
     # decode the cloud mask afresh from the QA bits in the store, as for real Landsat
     cube = add_cloud_mask(open_cube(store_path).drop_vars("cloud_mask"))
     fractions = cloud_fraction(cube).compute()

@@ -116,3 +116,18 @@ def test_accessor_plot_draws_the_panel_with_truth(tmp_path, tiny_checkpoint):
     with pytest.raises(CMSNCubeError, match="at least 3"):
         scene.isel(time=[0, 1]).cmsn.plot(tmp_path / "two.png", model=tiny_checkpoint)
     assert not (tmp_path / "other.png").exists() and not (tmp_path / "two.png").exists()
+
+
+def test_demo_never_replaces_a_users_cube(tmp_path):
+    from cmsn_cube.demo import _is_embedded_scene
+    from cmsn_cube.sources.synthetic import synthetic_scene
+    from cmsn_cube.store import open_cube, write_cube
+
+    users = synthetic_scene(height=32, width=32, seed=1)
+    users.attrs["source"] = "my own Landsat pull"
+    path = write_cube(users, tmp_path / "mine.zarr")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--store", path, "--size", "64"])
+    assert result.exit_code == 1 and "exists; pass overwrite=True" in result.output, result.output
+    assert open_cube(path).attrs["source"] == "my own Landsat pull"
+    assert _is_embedded_scene(write_cube(synthetic_scene(height=32, width=32), tmp_path / "demo.zarr"))
+    assert not _is_embedded_scene(str(tmp_path / "nothing.zarr"))
