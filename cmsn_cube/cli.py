@@ -15,6 +15,7 @@ from typing import NoReturn
 import click
 
 from cmsn_cube.exceptions import CMSNCubeError
+from cmsn_cube.selfcheck import METHODS  # numpy only: --help stays instant
 
 
 class _Group(click.Group):
@@ -282,7 +283,7 @@ def evaluate_command(
 )
 @click.option(
     "--method",
-    type=click.Choice(["auto", "cmsn", "regression", "weighted-regression"]),
+    type=click.Choice(["auto", *METHODS]),
     default="auto",
     help="Filler of the gaps: per date the best of the network and two classical local regressions in the "
     "scene self-check (auto), or one of them.",

@@ -368,6 +368,16 @@ def _join(region: Any) -> np.ndarray:
     return out
 
 
+def _checked_reflectance(region: Any, origin: tuple[int, int]) -> np.ndarray:
+    """The reflectance of a :meth:`_Chunks.region` starting at scene pixel ``origin``, checked as it is read
+    (±inf, digital numbers); the error names the rows and columns."""
+    values = _join(region)
+    rows, cols = values.shape[-2:]
+    where = f"reflectance in rows {origin[0]}:{origin[0] + rows}, columns {origin[1]}:{origin[1] + cols}"
+    check_reflectance_values(values, where=where)
+    return values
+
+
 def _block_sums(
     reflectance: Any,
     cloud_mask: Any,
@@ -390,15 +400,11 @@ def _block_sums(
 
     ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (:meth:`_Chunks.region`), and
     ``sources`` index them per axis (:meth:`AxisTiling.block_source`, relative to the region that starts at
-    scene pixel ``origin``), mirroring them past the scene's end. The reflectance is checked as it is read
-    (±inf, digital numbers): the error names the rows and columns. Returns the weighted sums and weights over the extent, and the observed bands and
-    fill mask of the block's core (what :func:`_finish_block` needs).
+    scene pixel ``origin``), mirroring them past the scene's end; the reflectance is checked as it is read
+    (:func:`_checked_reflectance`). Returns the weighted sums and weights over the extent, and the observed
+    bands and fill mask of the block's core (what :func:`_finish_block` needs).
     """
-    joined = _join(reflectance)
-    rows, cols = (slice(int(o), int(o) + n) for o, n in zip(origin, joined.shape[-2:], strict=True))
-    check_reflectance_values(
-        joined, where=f"reflectance in rows {rows.start}:{rows.stop}, columns {cols.start}:{cols.stop}"
-    )
+    joined = _checked_reflectance(reflectance, origin)
     observed, cloudy = (_take(_take(a, sources[0], -2), sources[1], -1) for a in (joined, _join(cloud_mask)))
     channels, to_fill = model_channels(observed, cloudy)
     n_dates, height, width = to_fill.shape
@@ -619,6 +625,7 @@ def reconstruct(
     NoDataError
         An in-memory cube with no clear pixel on any date (lazy cubes: when written).
     """
+    from cmsn_cube.baselines import days_of
     from cmsn_cube.samples import date_triplets  # each date with its two nearest dates
     from cmsn_cube.selfcheck import METHODS, METRICS
 
@@ -649,10 +656,11 @@ def reconstruct(
         AxisTiling.plan(cube.sizes["x"], tile=tile, overlap=overlap, chunk=chunk),
     )
     triplets = tuple(date_triplets(cube))
+    days = tuple(days_of(cube).tolist())  # the regression takes helper dates nearest first
     n_dates = cube.sizes["time"]
     quality = None
     if method == "auto":
-        scores = _check_graph(cube, spec, triplets, device=device, seed=check_seed)
+        scores = _check_graph(cube, spec, triplets, days=days, device=device, seed=check_seed)
         quality = da.from_delayed(scores, shape=(n_dates, len(METHODS), len(METRICS)), dtype=np.float64)
         method_used = quality.map_blocks(_choice, drop_axis=[1, 2], dtype=np.uint8)
         methods: Any = method_used.to_delayed(optimize_graph=False)[0]  # every block waits for the choice
@@ -668,6 +676,7 @@ def reconstruct(
         device=device,
         fill_unobserved=fill_unobserved,
         methods=methods,
+        days=days,
     )
     # each chunk is one item of its block's outputs (no copy: da.from_delayed + da.block copied every chunk)
     token = dask.base.tokenize(*(block.key for block in finished.values()))
@@ -712,11 +721,14 @@ def reconstruct(
 
 
 def _check_graph(
-    cube: xr.Dataset, spec: ModelSpec, triplets: tuple[tuple[int, int, int], ...], *, device: str, seed: int
+    cube: xr.Dataset,
+    spec: ModelSpec,
+    triplets: tuple[tuple[int, int, int], ...],
+    *,
+    days: tuple[float, ...],
+    device: str,
+    seed: int,
 ) -> Any:
-    from cmsn_cube.baselines import days_of
-
-    days = tuple(days_of(cube).tolist())
     """The Delayed scores of the scene self-check: one task per sample (a window read from the store's chunks,
     one date hidden, filled by every method), and one that pools them."""
     from cmsn_cube.selfcheck import combine_samples, plan_samples, sample_windows, samples_needed
@@ -757,11 +769,7 @@ def _check_graph(
 
 def _read_window(reflectance: Any, cloud_mask: Any, *, origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """A sample window of the self-check, its reflectance checked as it is read."""
-    values = _join(reflectance)
-    rows, cols = values.shape[-2:]
-    where = f"reflectance in rows {origin[0]}:{origin[0] + rows}, columns {origin[1]}:{origin[1] + cols}"
-    check_reflectance_values(values, where=where)
-    return values, np.asarray(_join(cloud_mask), dtype=bool)
+    return _checked_reflectance(reflectance, origin), np.asarray(_join(cloud_mask), dtype=bool)
 
 
 def _run_check_sample(
@@ -857,6 +865,7 @@ def _block_graph(
     device: str,
     fill_unobserved: bool,
     methods: Any,
+    days: tuple[float, ...],
 ) -> dict[tuple[int, int], Any]:
     """One Delayed dict of outputs per block ``(i, j)`` of ``tilings``; ``methods``: the filler index per date
     (an array, or the Delayed choice of the scene self-check, which every block then waits for).
@@ -865,9 +874,6 @@ def _block_graph(
     and is finished with the strips that blocks ``(i-1, j)``, ``(i, j-1)`` and ``(i-1, j-1)`` spilled over its
     start, ``overlap`` pixels wide: the only data that moves between blocks, and only forward.
     """
-    from cmsn_cube.baselines import days_of
-
-    days = tuple(days_of(cube).tolist())
     reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
     cloud_mask = cube["cloud_mask"].transpose("time", "y", "x").data
     model = dask.delayed(spec, pure=True, traverse=False)  # one graph key: shipped once to each worker
@@ -1004,17 +1010,14 @@ def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, ov
     """
     import zarr
 
-    from cmsn_cube.store import same_store, store_kind, store_path
+    from cmsn_cube.store import COMPLETE_ATTR, same_store, store_path, writable_kind
 
     path = store_path(path)
     source = result.attrs.get("input_store")
     if source and same_store(source, path):
         raise StoreError(f"{path} is the input of this reconstruction: write it to another path")
-    kind = store_kind(path)
-    if kind in ("missing", "empty"):
+    if writable_kind(path) != "zarr":
         return "new"
-    if kind == "other":
-        raise StoreError(f"{path} exists and is not a Zarr store; it is left alone: remove it yourself or pick another")
     try:
         group = zarr.open_group(path, mode="r")
         attrs, members = dict(group.attrs), set(group.array_keys())
@@ -1024,7 +1027,7 @@ def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, ov
     stored = json.loads(text) if isinstance(text, str) else None
     record = json.loads(json.dumps(_record(result)))
     if stored == record:
-        return "complete" if attrs.get("cmsn_cube_write_complete") is True else "resume"
+        return "complete" if attrs.get(COMPLETE_ATTR) is True else "resume"
     if overwrite:
         return "replace"
     if stored is None:

@@ -1,11 +1,12 @@
 """The scene self-check: how well each method fills this scene, measured on the scene itself.
 
 A user has no truth under the clouds of their own scene, but the scene has clear pixels. The check takes a
-bounded sample of windows spread over the scene, pastes real cloud shapes (the cube's own cloud masks, from
-other windows and dates, turned and flipped) over clear pixels of every date at once, fills them with each
-method, and scores the fill against the pixels it hid: PSNR (dB, band mean), MAE (reflectance) and SAM (°) per
-date and method. :func:`choose` then picks, per date, the method that measured better (ties: the classical
-regression), which is what :func:`cmsn_cube.inference.reconstruct` uses with ``method="auto"``.
+bounded sample of windows spread over the scene; each sample (:func:`check_sample`) hides clear pixels of one
+date under a real cloud shape (the cube's own cloud masks, from other windows and dates, turned, flipped and
+shifted), fills them with each method, and keeps the fill beside the pixels it hid. :func:`combine_samples`
+scores them: PSNR (dB, band mean), MAE (reflectance) and SAM (°) per date and method, and :func:`choose` picks
+the filler of each date, which is what :func:`cmsn_cube.inference.reconstruct` uses with ``method="auto"`` (it
+runs the samples as parallel tasks).
 
 Pure numpy here; the fills come in as a callable, so this module knows nothing of torch or Dask.
 """
@@ -133,50 +134,6 @@ def combine_samples(samples: Sequence[Sample | None], n_dates: int) -> np.ndarra
             predicted.setdefault((date, method), []).append(values)
         truth.setdefault(date, []).append(reference)
     return _scores(predicted, truth, n_dates)
-
-
-def self_check(
-    windows: Sequence[tuple[np.ndarray, np.ndarray]],
-    *,
-    triplets: Sequence[tuple[int, int, int]],
-    fill: Fill,
-    seed: int = 0,
-    samples: int = N_WINDOWS,
-    model_channels: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
-) -> np.ndarray:
-    """Scores ``(time, method, metric)`` (:data:`METHODS`, :data:`METRICS`) of filling hidden clear pixels, all
-    samples in this process (:func:`cmsn_cube.inference.reconstruct` runs them as parallel tasks instead).
-
-    Parameters
-    ----------
-    windows : sequence of (reflectance, cloud_mask)
-        ``(T, 4, h, w)`` and ``(T, h, w)`` arrays of the sample windows.
-    triplets : sequence of tuple
-        The dates each date is reconstructed from (:func:`cmsn_cube.samples.date_triplets`).
-    fill : callable
-        ``fill(method, channels, triplet)`` returns the ``(3, 4, h, w)`` reconstruction of ``channels``
-        (``(3, 5, h, w)``: the triplet's bands, zero where hidden, then the mask) by ``method``.
-    seed, samples : int
-        Random shapes (sample ``k`` draws from ``default_rng([seed, k])``); samples (see :func:`plan_samples`
-        and :func:`samples_needed`).
-    model_channels : callable
-        :func:`cmsn_cube.inference.model_channels`.
-    """
-    masks = [cloud for _, cloud in windows]
-    parts = [
-        check_sample(
-            *windows[window],
-            masks,
-            date=date,
-            window=window,
-            triplets=triplets,
-            fill=fill,
-            rng=np.random.default_rng([seed, k]),
-            model_channels=model_channels,
-        )
-        for k, (date, window) in enumerate(plan_samples(len(windows), len(triplets), samples))
-    ]
-    return combine_samples(parts, len(triplets))
 
 
 def _scores(

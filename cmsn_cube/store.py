@@ -33,7 +33,7 @@ from cmsn_cube.exceptions import CMSNCubeWarning, CubeValidationError, StoreErro
 DEFAULT_CHUNKS: dict[str, int] = {"time": 1, "band": len(BANDS), "y": 512, "x": 512}
 
 #: Attribute written last into a store; a store without it was interrupted while being written.
-_COMPLETE_ATTR = "cmsn_cube_write_complete"
+COMPLETE_ATTR = "cmsn_cube_write_complete"
 
 #: Stores of this format have every chunk on disk (``write_empty_chunks``), so a missing chunk file is damage,
 #: not a chunk of fill values: :func:`open_store` refuses it instead of reading NaN or "clear".
@@ -54,7 +54,7 @@ REGIONS_FOLDER = "_cmsn_regions"
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
 
 #: Bookkeeping attributes that readers never see.
-_PRIVATE_ATTRS = (_COMPLETE_ATTR, _FORMAT_ATTR, _APPEND_ATTR)
+_PRIVATE_ATTRS = (COMPLETE_ATTR, _FORMAT_ATTR, _APPEND_ATTR)
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -109,12 +109,18 @@ def store_kind(path: str) -> Literal["missing", "empty", "zarr", "other"]:
     return "empty" if not fs.ls(root) else "other"
 
 
-def remove_store(path: str) -> None:
-    """Delete the Zarr store at ``path``; refuses anything that is not one (never deletes a user's files)."""
+def writable_kind(path: str) -> Literal["missing", "empty", "zarr"]:
+    """:func:`store_kind` of a path this package may write to; anything that is not a Zarr store (a user's
+    files) is refused, ``overwrite`` or not."""
     kind = store_kind(path)
     if kind == "other":
         raise StoreError(f"{path} exists and is not a Zarr store; it is left alone: remove it yourself or pick another")
-    if kind == "zarr":
+    return kind
+
+
+def remove_store(path: str) -> None:
+    """Delete the Zarr store at ``path``; refuses anything that is not one (never deletes a user's files)."""
+    if writable_kind(path) == "zarr":
         fs, root = filesystem(path)
         fs.rm(root, recursive=True)
 
@@ -166,7 +172,7 @@ def _plain_string_coords(ds: xr.Dataset) -> xr.Dataset:
 
 def _store_attrs(ds: xr.Dataset) -> dict[str, Any]:
     """Attributes every store starts with: flagged incomplete, of this format, with a new write id."""
-    return {**ds.attrs, _COMPLETE_ATTR: False, _FORMAT_ATTR: STORE_FORMAT, WRITE_ID_ATTR: uuid.uuid4().hex}
+    return {**ds.attrs, COMPLETE_ATTR: False, _FORMAT_ATTR: STORE_FORMAT, WRITE_ID_ATTR: uuid.uuid4().hex}
 
 
 def write_template(ds: xr.Dataset, path: str) -> None:
@@ -238,11 +244,8 @@ def write_cube(
     """
     validate_cube(ds)
     path = store_path(path)
-    kind = store_kind(path)
-    if kind == "zarr" and not overwrite:
+    if writable_kind(path) == "zarr" and not overwrite:
         raise StoreError(f"store {path} exists; pass overwrite=True to replace it or append_cube() to add dates")
-    if kind == "other":
-        raise StoreError(f"{path} exists and is not a Zarr store; it is left alone: remove it yourself or pick another")
     in_memory = not any(_is_lazy(variable) for variable in ds.data_vars.values())
     encodable = _encodable(ds, chunks or DEFAULT_CHUNKS)
     for variable in encodable.data_vars.values():
@@ -312,7 +315,7 @@ def _root_attrs(path: str) -> dict[str, Any]:
 
 def mark_store_complete(path: str, complete: bool = True) -> None:
     """Set the flag :func:`open_store` checks (written last, after all data)."""
-    _set_attrs(path, **{_COMPLETE_ATTR: complete})
+    _set_attrs(path, **{COMPLETE_ATTR: complete})
 
 
 def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool = False) -> str:
@@ -338,10 +341,10 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
     in_memory = not any(_is_lazy(variable) for variable in ds.data_vars.values())
     encodable = _encodable(ds, {**DEFAULT_CHUNKS, **_disk_chunks(existing)})
     encodable = encodable.drop_vars([v for v in encodable.variables if "time" not in encodable[v].dims])
-    _set_attrs(path, **{_COMPLETE_ATTR: False, _APPEND_ATTR: int(existing.sizes["time"])})
+    _set_attrs(path, **{COMPLETE_ATTR: False, _APPEND_ATTR: int(existing.sizes["time"])})
     encodable.attrs = _root_attrs(path)  # xarray writes these back: the flags above must survive the append
     _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress, in_memory=in_memory)
-    _set_attrs(path, **{_APPEND_ATTR: None, WRITE_ID_ATTR: uuid.uuid4().hex, _COMPLETE_ATTR: True})
+    _set_attrs(path, **{_APPEND_ATTR: None, WRITE_ID_ATTR: uuid.uuid4().hex, COMPLETE_ATTR: True})
     return path
 
 
@@ -351,7 +354,7 @@ def _roll_back_append(path: str) -> None:
 
     group = zarr.open_group(path, mode="r+")
     n_dates = group.attrs.get(_APPEND_ATTR)
-    if n_dates is None or group.attrs.get(_COMPLETE_ATTR) is True:
+    if n_dates is None or group.attrs.get(COMPLETE_ATTR) is True:
         return
     for _, array in group.arrays():
         dims = array.metadata.dimension_names or ()  # type: ignore[union-attr]
@@ -360,7 +363,7 @@ def _roll_back_append(path: str) -> None:
             shape = list(array.shape)
             shape[axis] = min(shape[axis], int(n_dates))  # type: ignore[arg-type]
             array.resize(tuple(shape))
-    _set_attrs(path, **{_APPEND_ATTR: None, _COMPLETE_ATTR: True})
+    _set_attrs(path, **{_APPEND_ATTR: None, COMPLETE_ATTR: True})
 
 
 def _disk_chunks(ds: xr.Dataset) -> dict[str, int]:
@@ -392,8 +395,8 @@ def open_store(
         )
     except Exception as error:  # zarr/xarray raise many types for a damaged store
         raise StoreError(f"cannot read the Zarr store at {path}: {type(error).__name__}: {error}") from error
-    interrupted_append = ds.attrs.get(_COMPLETE_ATTR) is not True and ds.attrs.get(_APPEND_ATTR) is not None
-    if ds.attrs.get(_COMPLETE_ATTR) is not True:
+    interrupted_append = ds.attrs.get(COMPLETE_ATTR) is not True and ds.attrs.get(_APPEND_ATTR) is not None
+    if ds.attrs.get(COMPLETE_ATTR) is not True:
         if interrupted_append:
             n_dates = int(ds.attrs[_APPEND_ATTR])
             warnings.warn(
