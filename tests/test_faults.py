@@ -445,3 +445,11 @@ def test_real_cloud_shapes_are_read_only_from_a_folder_the_user_names(monkeypatc
     (tmp_path / "cloud_masks_ukis").mkdir()
     monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path))
     assert default_reference_masks() == tmp_path / "cloud_masks_ukis"
+
+
+def test_a_cube_and_a_reconstruction_are_not_opened_as_each_other(store, checkpoint, tmp_path):
+    out = write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), tmp_path / "o.zarr")
+    with pytest.raises(StoreError, match="not a reconstruction"):
+        open_reconstruction(store)
+    with pytest.raises(StoreError, match="is a reconstruction, not a cube"):
+        open_cube(out)
