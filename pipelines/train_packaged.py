@@ -105,6 +105,90 @@ def run_training() -> None:
     main(args, standalone_mode=False)
 
 
+#: Fine-tuning on real data: where it writes, and its settings (windows of 48 px fit the smallest real stack).
+FINETUNE_DIR = ROOT / "outputs" / "train" / f"{NAME}-real"
+FINETUNE: dict[str, Any] = {
+    "patch_size": 48,
+    "overlap": 24,
+    "batch_size": 8,
+    "levels": (0.30, 0.20, 0.15),
+    "steps": 13000,
+    "lr": 1e-3,
+    "schedule": "cosine",
+    "time_budget": 3300,
+    "seed": 0,
+}
+#: synthetic scenes kept in the fine-tuning mix (a third of the windows with the real stacks' four)
+FINETUNE_SCENES = 2
+#: rows of the NAIP 5 m training part held out to pick the best fine-tuning step
+FINETUNE_VALIDATION_ROWS = (312, 360)
+
+
+def run_finetuning(init: Path) -> None:
+    """Fine-tune the synthetic-data checkpoint ``init`` on the training parts of the real stacks and two
+    synthetic scenes: clear-pixel normalisation, full-resolution regression prior, radiometric augmentation,
+    every source the same share of each epoch."""
+    import sys
+
+    import torch
+
+    from cmsn_cube.model.checkpoint import build_model, load_model
+    from cmsn_cube.samples import TripletWindowDataset
+    from cmsn_cube.store import open_cube
+    from cmsn_cube.testing import SHARED_DATA_ENV, shared_data_dir
+    from cmsn_cube.train import epoch_loader, train
+
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    from real_stacks import STACKS, training_part
+
+    if shared_data_dir() is None:
+        raise SystemExit("fine-tuning needs the real stacks of ../shared/data (or $CMSN_SHARED_DATA)")
+    os.environ.setdefault(SHARED_DATA_ENV, str(shared_data_dir()))
+    torch.set_num_threads(2)
+    settings = dict(FINETUNE)
+    size, overlap, levels = settings.pop("patch_size"), settings.pop("overlap"), settings.pop("levels")
+    batch_size, seed = settings.pop("batch_size"), settings.pop("seed")
+
+    def windows(cube: Any, offset: int, **options: Any) -> TripletWindowDataset:
+        return TripletWindowDataset(cube, size=size, overlap=overlap, levels=levels, seed=seed + offset, **options)
+
+    parts = {name: training_part(name) for name in STACKS}
+    train_sets = [
+        windows(cube, k, rows=(0, FINETUNE_VALIDATION_ROWS[0] - overlap))
+        if name == "naip-5m" else windows(cube, k)
+        for k, (name, cube) in enumerate(parts.items())
+    ]  # fmt: skip
+    scenes = [open_cube(path).load() for path in store_paths()[:FINETUNE_SCENES]]
+    train_sets += [windows(scene, 10 + k, truth="cube") for k, scene in enumerate(scenes)]
+    val_sets = [windows(parts["naip-5m"], 99, rows=FINETUNE_VALIDATION_ROWS)]
+    for name, dataset in zip([*parts, *(f"synthetic {k}" for k in range(len(scenes)))], train_sets, strict=True):
+        print(f"{name}: {dataset.summary()}")
+    loader = epoch_loader(train_sets, batch_size=batch_size, seed=seed, radiometric=True, balance=True)
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(val_sets), batch_size=batch_size)
+    pretrained = load_model(init)
+    # same weights, new input handling: clear-pixel normalisation and the full-resolution regression prior
+    model = build_model({**pretrained.config, "normalisation": "clear-pixels", "prior_factor": 1})
+    model.load_state_dict(pretrained.state_dict())
+    description = {
+        "pretrained": {"checkpoint": str(init), "sha256": _sha256(init)},
+        "real_stacks": {
+            name: {"part": str(STACKS[name][1]), "windows": len(d)} for name, d in zip(parts, train_sets, strict=False)
+        },
+        "synthetic_stores": [str(p.relative_to(ROOT)) for p in store_paths()[:FINETUNE_SCENES]],
+        "validation": f"naip-5m training part, rows {FINETUNE_VALIDATION_ROWS}",
+        **FINETUNE,
+        "radiometric": True,
+        "balance": True,
+    }
+    train(model, loader, val_loader, checkpoint_dir=FINETUNE_DIR, device="cpu", training_data=description, **settings)
+
+
+def _sha256(path: Path) -> str:
+    from cmsn_cube.model.checkpoint import file_sha256
+
+    return file_sha256(path)
+
+
 def _records(table: Any) -> dict[str, dict[str, float]]:
     """Band-mean metrics per method and region, rounded, for the JSON card."""
     means = table.xs("mean", level="band")
@@ -320,13 +404,19 @@ spectral responses, so these numbers measure transfer, not fit.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["all", "stores", "train", "package"], default="all")
-    stage = parser.parse_args().stage
+    parser.add_argument("--stage", choices=["all", "stores", "train", "finetune", "package"], default="all")
+    parser.add_argument("--init", type=Path, default=RUN_DIR / "best.pt", help="checkpoint the fine-tuning starts from")
+    parser.add_argument("--finetune-steps", type=int, default=FINETUNE["steps"], help="fine-tuning steps")
+    args = parser.parse_args()
+    stage = args.stage
+    FINETUNE["steps"] = args.finetune_steps
     started = time.monotonic()
-    if stage in ("all", "stores", "train"):
+    if stage in ("all", "stores", "train", "finetune"):
         write_stores()
     if stage in ("all", "train"):
         run_training()
+    if stage in ("all", "finetune"):
+        run_finetuning(args.init)
     if stage in ("all", "package"):
         package()
     print(f"done in {(time.monotonic() - started) / 60:.1f} min")

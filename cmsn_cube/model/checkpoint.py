@@ -297,6 +297,9 @@ def build_model(config: Mapping[str, Any]) -> CMSN:
     accepted = set(inspect.signature(CMSN.__init__).parameters) - {"self"}
     options = {key: value for key, value in config.items() if key != "architecture"}
     options.setdefault("prior", "mean")  # configs written before priors were selectable used the temporal mean
+    # configs written before these options: a coarse regression grid and fixed band statistics
+    options.setdefault("prior_factor", 4)
+    options.setdefault("normalisation", "fixed")
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise CheckpointError(f"checkpoint config has options this CMSN does not know: {unknown}")

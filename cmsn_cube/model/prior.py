@@ -35,6 +35,50 @@ def box_sum(images: torch.Tensor, radius: int) -> torch.Tensor:
     )
 
 
+#: Fewest clear pixels a date needs for its own statistics; below it the sample's pooled ones stand in.
+_MIN_CLEAR_PIXELS = 16
+#: Spread floor (reflectance): a uniform date (water, a small tile) is not amplified into noise.
+_MIN_SPREAD = 0.01
+
+
+def clear_pixel_statistics(
+    bands: torch.Tensor, clear: torch.Tensor, *, fallback_mean: torch.Tensor, fallback_std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, date and band: mean and spread of the clear pixels, each ``(B, T, C, 1, 1)``.
+
+    Normalising each date by its own clear pixels takes out what differs between TOA and surface reflectance,
+    sensors, and hazy dates (a gain and an offset per band), so the network sees the same numbers for all of
+    them. A date with fewer than 16 clear pixels takes the statistics of the sample's clear pixels of all
+    dates; a sample with none takes ``fallback_mean`` / ``fallback_std``.
+
+    Parameters
+    ----------
+    bands : torch.Tensor
+        ``(B, T, C, H, W)`` reflectance (any value at cloudy pixels).
+    clear : torch.Tensor
+        ``(B, T, 1, H, W)`` 1 where the date is clear.
+    fallback_mean, fallback_std : torch.Tensor
+        Broadcastable to ``(B, T, C, 1, 1)``.
+    """
+    values, weights = bands.float() * clear, clear.float()
+    count = weights.sum(dim=(-2, -1), keepdim=True)
+    total = values.sum(dim=(-2, -1), keepdim=True)
+    squares = (values * values).sum(dim=(-2, -1), keepdim=True)
+    pooled_count, pooled_total = count.sum(dim=1, keepdim=True), total.sum(dim=1, keepdim=True)
+    pooled_squares = squares.sum(dim=1, keepdim=True)
+    own = count >= _MIN_CLEAR_PIXELS
+    pooled = pooled_count >= _MIN_CLEAR_PIXELS
+    count = torch.where(own, count, pooled_count).clamp(min=1)
+    total = torch.where(own, total, pooled_total)
+    squares = torch.where(own, squares, pooled_squares)
+    mean = total / count
+    spread = (squares / count - mean * mean).clamp(min=0).sqrt().clamp(min=_MIN_SPREAD)
+    usable = own | pooled
+    mean = torch.where(usable, mean, fallback_mean.float())
+    spread = torch.where(usable, spread, fallback_std.float())
+    return mean, spread
+
+
 def temporal_mean_fill(normalised: torch.Tensor, clear: torch.Tensor) -> torch.Tensor:
     """Own value where clear, else the mean of the other dates clear there (else 0 = the band mean).
 
@@ -119,16 +163,22 @@ class RegressionFill(torch.nn.Module):
     """
 
     def __init__(
-        self, band_mean: torch.Tensor, band_std: torch.Tensor, *, radius: int = DEFAULT_RADIUS, factor: int = 1
+        self,
+        band_mean: torch.Tensor,
+        band_std: torch.Tensor,
+        *,
+        radius: int = DEFAULT_RADIUS,
+        factor: int = 1,
+        normalisation: str = "clear-pixels",
     ) -> None:
         super().__init__()
         self.register_buffer("band_mean", band_mean.detach().clone())
         self.register_buffer("band_std", band_std.detach().clone())
-        self.radius, self.factor = radius, factor
+        self.radius, self.factor, self.normalisation = radius, factor, normalisation
 
     @classmethod
     def like(cls, network: torch.nn.Module) -> RegressionFill:
-        """The regression with ``network``'s band statistics (a CMSN's ``band_mean``/``band_std`` buffers)."""
+        """The regression with ``network``'s fallback band statistics (a CMSN's ``band_mean``/``band_std``)."""
         return cls(network.band_mean, network.band_std)  # type: ignore[arg-type]
 
     def forward(self, inputs: torch.Tensor) -> Any:
@@ -138,6 +188,8 @@ class RegressionFill(torch.nn.Module):
         bands, mask = inputs[:, :, :-1], inputs[:, :, -1:].clamp(0, 1)
         mean, std = torch.as_tensor(self.band_mean), torch.as_tensor(self.band_std)
         clear = 1 - mask
+        if self.normalisation == "clear-pixels":
+            mean, std = clear_pixel_statistics(bands, clear, fallback_mean=mean, fallback_std=std)
         normalised = (bands - mean) / std * clear
         filled = local_regression_fill(normalised, clear, radius=self.radius, factor=self.factor).float() * std + mean
         output = torch.where(mask > 0.5, filled, bands.to(filled.dtype))

@@ -306,3 +306,50 @@ def test_the_store_loader_gives_an_epoch_the_same_batches_whatever_came_before()
     assert len(again) == 2 and all(torch.equal(a, b) for a, b in zip(again, epochs[2], strict=True))
     # ...while epochs differ from each other in order and augmentation (the values, less the epoch's offset).
     assert not all(torch.equal(a % 100, b % 100) for a, b in zip(epochs[1], epochs[2], strict=True))
+
+
+class _Windows(torch.utils.data.Dataset):
+    """A window dataset of the sample contract whose items say which dataset they came from."""
+
+    def __init__(self, count: int, tag: float) -> None:
+        self.count, self.tag, self.epoch = count, tag, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        inputs = torch.zeros(3, 5, 8, 8)
+        inputs[:, :4] = self.tag
+        truth = torch.full((3, 4, 8, 8), self.tag)
+        return {"inputs": inputs, "truth": truth, "truth_valid": torch.ones(3, 8, 8, dtype=torch.bool),
+                "sim_mask": torch.zeros(3, 8, 8, dtype=torch.bool)}  # fmt: skip
+
+
+def test_a_balanced_epoch_draws_every_dataset_alike():
+    from cmsn_cube.train import epoch_loader
+
+    small, large = _Windows(4, 0.2), _Windows(60, 0.6)
+    for balance, expected_small in ((False, 4), (True, 32)):
+        loader = epoch_loader([small, large], batch_size=4, seed=3, augment=False, balance=balance)
+        tags = torch.cat([batch["truth"][:, 0, 0, 0, 0] for batch in loader])
+        assert len(tags) == 64
+        drawn = int((tags == 0.2).sum())
+        # balanced: binomial(64, 1/2), sd 4
+        assert abs(drawn - expected_small) <= (0 if not balance else 12), (balance, drawn)
+
+
+def test_radiometric_augmentation_changes_inputs_and_truth_alike(batch_factory):
+    from cmsn_cube.train import radiometric_augmentation
+
+    batch = batch_factory(batch=4, height=16, width=16, seed=2)
+    changed = radiometric_augmentation(batch, torch.Generator().manual_seed(0))
+    mask = batch["inputs"][:, :, 4:]
+    assert torch.equal(changed["inputs"][:, :, 4:], mask)
+    assert (changed["inputs"][:, :, :4] * mask == 0).all()  # hidden pixels stay 0
+    clear = (mask == 0).expand(-1, -1, 4, -1, -1) & batch["truth_valid"].unsqueeze(2).expand(-1, -1, 4, -1, -1)
+    assert torch.allclose(changed["inputs"][:, :, :4][clear], changed["truth"][clear])  # one radiometry per date
+    assert (changed["truth"] >= 0).all() and (changed["truth"] <= 1).all()
+    assert (changed["truth"] - batch["truth"]).abs().mean() > 0.005
