@@ -166,3 +166,201 @@ def select_dates(
         chosen.append(i)
     ordered = [by_level[li] for li in range(len(levels))]
     return sorted(ordered) if keep_order else ordered
+
+
+# ------------------------------------------------------------------------------- Landsat 7 SLC-off stripes
+
+#: Landsat 7's scan line corrector failed on this day. Source: USGS, "Landsat 7 ETM+ SLC-off": every later ETM+
+#: scene misses about 22 % of its pixels in wedge-shaped stripes (Collection 2: QA_PIXEL fill bit, band value 0).
+SLC_FAILURE_DAY = "2003-05-31"
+
+#: The sensor whose scenes after :data:`SLC_FAILURE_DAY` are striped.
+SLC_OFF_SENSOR = "LANDSAT_7"
+
+#: Name of the SLC-off stripes in ``cloud_mask``'s ``flags`` attribute.
+SLC_OFF_FLAG = "slc_off_gap"
+
+
+def slc_off_dates(ds: xr.Dataset) -> xr.DataArray:
+    """True for the Landsat 7 dates after the scan line corrector failed (SLC-off: striped scenes).
+
+    Read from the ``sensor(time)`` coordinate and ``time``; all False for a cube without ``sensor``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``slc_off(time)`` bool.
+    """
+    if "time" not in ds.coords or not np.issubdtype(ds["time"].dtype, np.datetime64):
+        raise CubeValidationError("slc_off_dates needs a datetime64 'time' coordinate (a cube: see make_cube)")
+    days = ds["time"].values.astype("datetime64[D]")
+    if "sensor" in ds.coords:
+        sensors = np.asarray(ds["sensor"].values, dtype=object)
+    else:
+        sensors = np.full(days.shape, "", dtype=object)
+    # failure during 2003-05-31: that day's scenes are still whole, every later one is striped
+    flags = (sensors == SLC_OFF_SENSOR) & (days > np.datetime64(SLC_FAILURE_DAY, "D"))
+    return xr.DataArray(
+        np.asarray(flags, dtype=bool),
+        dims="time",
+        coords={"time": ds["time"].values},
+        name="slc_off",
+        attrs={"long_name": f"Landsat 7 date after the scan line corrector failed on {SLC_FAILURE_DAY} (striped)"},
+    )
+
+
+def slc_off_gaps(ds: xr.Dataset) -> xr.DataArray:
+    """The SLC-off stripes: pixels without data (QA fill bit, or NaN in a band) on Landsat 7 SLC-off dates.
+
+    All False on other dates. The scene's edges on those dates are no data too and are included: both are gaps
+    that other dates can fill. Lazy if the cube is.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube with ``reflectance`` (``qa_pixel`` optional).
+
+    Returns
+    -------
+    xarray.DataArray
+        ``slc_off_gaps(time, y, x)`` bool.
+
+    Notes
+    -----
+    A reconstruction flags the filled stripes ``NO_DATA_FILLED`` (4) in ``filled``, apart from clouds (1)::
+
+        from cmsn_cube.inference import NO_DATA_FILLED
+
+        stripes_filled = result["filled"] == NO_DATA_FILLED
+    """
+    validate_cube(ds, require=("reflectance",), check_values=False)
+    no_data = ds["reflectance"].isnull().any("band")
+    if "qa_pixel" in ds:
+        no_data = no_data | qa_flag(ds["qa_pixel"], "fill")
+    gaps = no_data & slc_off_dates(ds)
+    return (
+        gaps.transpose("time", "y", "x")
+        .rename("slc_off_gaps")
+        .assign_attrs(long_name="no data on a Landsat 7 SLC-off date (stripes)")
+    )
+
+
+def add_slc_off_gaps(ds: xr.Dataset) -> xr.Dataset:
+    """Return ``ds`` with the SLC-off stripes (:func:`slc_off_gaps`) in ``cloud_mask``: gaps to fill like clouds.
+
+    The reconstruction fills ``cloud_mask`` and pixels without data; with the stripes in ``cloud_mask`` every
+    user of the mask sees them as gaps too. Cloud fractions do not change: they count pixels with data only.
+    ``cloud_mask``'s ``flags`` attribute gains :data:`SLC_OFF_FLAG`. A cube without SLC-off dates is returned
+    as it is.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube with ``reflectance`` and ``cloud_mask`` (decode it first with :func:`add_cloud_mask`).
+
+    Returns
+    -------
+    xarray.Dataset
+    """
+    validate_cube(ds, require=("reflectance", "cloud_mask"), check_values=False)
+    if not slc_off_dates(ds).values.any():
+        return ds
+    attrs = dict(ds["cloud_mask"].attrs)
+    flags = [flag for flag in str(attrs.get("flags", "")).split(",") if flag]
+    attrs["flags"] = ",".join(flags if SLC_OFF_FLAG in flags else [*flags, SLC_OFF_FLAG])
+    mask = (ds["cloud_mask"] | slc_off_gaps(ds)).rename("cloud_mask").assign_attrs(attrs)
+    out = ds.assign(cloud_mask=mask)
+    out["cloud_mask"].encoding["grid_mapping"] = "spatial_ref"
+    return out
+
+
+# ------------------------------------------------------------------ pre-collection Landsat 8 BQA (before 2017)
+
+#: Pre-collection Landsat 8 Level-1 ``BQA`` single-bit flags (scene ids ``LC8...LGN00``, processed before
+#: Collection 1 in 2017). Source: Landsat 8 Data Users Handbook v1.0 (2015), section 5.4 "Quality Assessment
+#: Band"; the same layout as mapbox/rio-l8qa's ``qa_pre.py``. Bit 3 is reserved. Not the Collection 1 layout
+#: (bit 4 cloud, 5-6 cloud confidence) nor Collection 2 (:data:`QA_BITS`): decode each with its own function.
+BQA_PRE_COLLECTION_BITS: dict[str, int] = {"fill": 0, "dropped_frame": 1, "terrain_occlusion": 2}
+
+#: Pre-collection ``BQA`` two-bit confidences, given by their lowest bit: 0 not determined (for cloud and cirrus:
+#: the algorithm did not run), 1 no (0-33 %), 2 maybe (34-66 %), 3 yes (67-100 %). Bits 6-7 (cloud shadow) and
+#: 8-9 (vegetation) were reserved: always 0 in pre-collection products.
+BQA_PRE_COLLECTION_CONFIDENCE_BITS: dict[str, int] = {
+    "water_confidence": 4,
+    "cloud_shadow_confidence": 6,
+    "vegetation_confidence": 8,
+    "snow_ice_confidence": 10,
+    "cirrus_confidence": 12,
+    "cloud_confidence": 14,
+}
+
+
+def _as_bqa(bqa: xr.DataArray | np.ndarray) -> xr.DataArray:
+    array = bqa if isinstance(bqa, xr.DataArray) else xr.DataArray(np.asarray(bqa))
+    if not np.issubdtype(array.dtype, np.integer):
+        raise CubeValidationError(f"BQA must hold integer bit flags, got {array.dtype}")
+    return array
+
+
+def decode_bqa_pre_collection(bqa: xr.DataArray | np.ndarray) -> xr.Dataset:
+    """Every flag (bool) and confidence (uint8, 0-3) of a pre-collection Landsat 8 ``BQA`` band.
+
+    Parameters
+    ----------
+    bqa : xarray.DataArray or numpy.ndarray
+        The ``BQA`` words (uint16) of a pre-collection Level-1 product (``LC8...LGN00_BQA.TIF``).
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per entry of :data:`BQA_PRE_COLLECTION_BITS` and :data:`BQA_PRE_COLLECTION_CONFIDENCE_BITS`;
+        lazy if ``bqa`` is.
+
+    Examples
+    --------
+    >>> flags = decode_bqa_pre_collection(np.array([20480, 53248, 1], dtype="uint16"))
+    >>> flags["cloud_confidence"].values.tolist(), flags["fill"].values.tolist()
+    ([1, 3, 0], [False, False, True])
+    """
+    array = _as_bqa(bqa)
+    out = {name: ((array >> bit) & 1).astype(bool).rename(name) for name, bit in BQA_PRE_COLLECTION_BITS.items()}
+    for name, bit in BQA_PRE_COLLECTION_CONFIDENCE_BITS.items():
+        out[name] = ((array >> bit) & 0b11).astype("uint8").rename(name)
+    return xr.Dataset(out)
+
+
+def cloud_mask_from_bqa_pre_collection(
+    bqa: xr.DataArray | np.ndarray, *, min_cloud_confidence: int = 3, min_cirrus_confidence: int | None = None
+) -> xr.DataArray:
+    """Cloud mask of a pre-collection Landsat 8 ``BQA``: cloud confidence at least ``min_cloud_confidence``.
+
+    Parameters
+    ----------
+    bqa : xarray.DataArray or numpy.ndarray
+        The ``BQA`` words (uint16).
+    min_cloud_confidence : int
+        2 (maybe, 34-66 %) or 3 (yes, 67-100 %, the default); 1 would call nearly every pixel cloud.
+    min_cirrus_confidence : int, optional
+        Also count pixels whose cirrus confidence is at least this.
+
+    Returns
+    -------
+    xarray.DataArray
+        Bool, True = cloud; fill pixels are never cloud.
+    """
+    from cmsn_cube.exceptions import ArgumentError
+
+    for name, value in (("min_cloud", min_cloud_confidence), ("min_cirrus", min_cirrus_confidence)):
+        if value is not None and value not in (1, 2, 3):
+            raise ArgumentError(f"{name}_confidence is a BQA confidence 1 (no), 2 (maybe) or 3 (yes), got {value}")
+    flags = decode_bqa_pre_collection(bqa)
+    mask = flags["cloud_confidence"] >= min_cloud_confidence
+    if min_cirrus_confidence is not None:
+        mask = mask | (flags["cirrus_confidence"] >= min_cirrus_confidence)
+    mask = mask & ~flags["fill"]
+    return mask.rename("cloud_mask").assign_attrs(long_name="cloud mask (pre-collection BQA)")
