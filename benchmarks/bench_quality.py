@@ -31,6 +31,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -82,68 +83,77 @@ def score_draw(
     return table, honesty
 
 
+Summary = dict[str, dict[str, tuple[float, float, float]]]
+CLASSICAL = ("nearest", "linear", "median", "regression", "weighted-regression")
+
+
+def score_stacks(sets: list[str], *, draws: int = 5, model: str | None = None, echo: Any = print) -> Summary:
+    """Mean PSNR (dB), SAM (°), NDVI MAE of every method per stack over ``draws`` draws; per-stack tables echoed."""
+    from tqdm import tqdm
+
+    summary: Summary = {}
+    for name in sets:
+        cube = scored_part(name)
+        started = time.perf_counter()
+        tables, honesty = [], []
+        for seed in tqdm(range(draws), desc=name, unit="draw"):
+            table, pairs = score_draw(cube, seed, model)
+            tables.append(table)
+            honesty += pairs
+        errors = [abs(e - m) for e, m in honesty if np.isfinite(e) and np.isfinite(m)]
+        echo(
+            f"\n{name} (scored: {describe_part(name)}): {cube.sizes['time']} dates, {cube.sizes['y']} x "
+            f"{cube.sizes['x']} px, {draws} draws, "
+            f"{time.perf_counter() - started:.0f} s; self-check estimate vs measured PSNR: mean |diff| "
+            f"{np.mean(errors) if errors else float('nan'):.2f} dB over {len(errors)} dates"
+        )
+        echo(f"  {'method':<20} {'PSNR (dB)':>15} {'SAM (°)':>13} {'NDVI MAE':>15}")
+        for method in METHODS:
+            values = {k: np.array([d[method][k] for d in tables]) for k in ("psnr", "sam", "ndvi_mae")}
+            summary.setdefault(name, {})[method] = tuple(float(v.mean()) for v in values.values())  # type: ignore[assignment]
+            echo(
+                f"  {method:<20} {values['psnr'].mean():8.2f} ± {values['psnr'].std():4.2f} "
+                f"{values['sam'].mean():6.2f} ± {values['sam'].std():4.2f} "
+                f"{values['ndvi_mae'].mean():8.4f} ± {values['ndvi_mae'].std():.4f}"
+            )
+    return summary
+
+
+def summary_markdown(summary: Summary) -> str:
+    """The network against the best classical filler per stack (Markdown), and means over the real stacks."""
+    lines = [
+        "| stack (scored part) | best classical | PSNR (dB) | SAM (°) | cmsn PSNR (dB) | cmsn SAM (°) | gap (dB) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    gaps, real = [], [name for name in summary if name in STACKS]
+    for name, rows in summary.items():
+        best = max(CLASSICAL, key=lambda method: rows[method][0])  # noqa: B023
+        gap = rows["cmsn"][0] - rows[best][0]
+        if name in STACKS:
+            gaps.append(gap)
+        lines.append(
+            f"| {name} ({describe_part(name)}) | {best} | {rows[best][0]:.2f} | {rows[best][1]:.2f} | "
+            f"{rows['cmsn'][0]:.2f} | {rows['cmsn'][1]:.2f} | {gap:+.2f} |"
+        )
+    if real:
+        lines += ["", f"Mean over the real stacks ({', '.join(real)}):", "", "| method | PSNR (dB) | SAM (°) |"]
+        lines.append("|---|---:|---:|")
+        for method in METHODS:
+            psnr = np.mean([summary[s][method][0] for s in real])
+            lines.append(f"| {method} | {psnr:.2f} | {np.mean([summary[s][method][1] for s in real]):.2f} |")
+        lines += ["", f"cmsn minus the best classical filler of each real stack: mean {np.mean(gaps):+.2f} dB, "
+                  f"worst {min(gaps):+.2f} dB."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draws", type=int, default=5, help="pasted-cloud draws per stack (seeds 0..draws-1)")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated stacks")
     parser.add_argument("--model", default=None, help="checkpoint to score (default: the packaged one)")
     args = parser.parse_args()
-    from tqdm import tqdm
-
-    summary: dict[str, dict[str, tuple[float, float, float]]] = {}
-    for name in args.sets.split(","):
-        cube = scored_part(name)
-        started = time.perf_counter()
-        draws, honesty = [], []
-        for seed in tqdm(range(args.draws), desc=name, unit="draw"):
-            table, pairs = score_draw(cube, seed, args.model)
-            draws.append(table)
-            honesty += pairs
-        errors = [abs(e - m) for e, m in honesty if np.isfinite(e) and np.isfinite(m)]
-        print(
-            f"\n{name} (scored: {describe_part(name)}): {cube.sizes['time']} dates, {cube.sizes['y']} x "
-            f"{cube.sizes['x']} px, {args.draws} draws, "
-            f"{time.perf_counter() - started:.0f} s; self-check estimate vs measured PSNR: mean |diff| "
-            f"{np.mean(errors) if errors else float('nan'):.2f} dB over {len(errors)} dates"
-        )
-        print(f"  {'method':<11} {'PSNR (dB)':>15} {'SAM (°)':>13} {'NDVI MAE':>15}")
-        for method in METHODS:
-            values = {k: np.array([d[method][k] for d in draws]) for k in ("psnr", "sam", "ndvi_mae")}
-            summary.setdefault(name, {})[method] = tuple(float(v.mean()) for v in values.values())  # type: ignore[assignment]
-            print(
-                f"  {method:<11} {values['psnr'].mean():8.2f} ± {values['psnr'].std():4.2f} "
-                f"{values['sam'].mean():6.2f} ± {values['sam'].std():4.2f} "
-                f"{values['ndvi_mae'].mean():8.4f} ± {values['ndvi_mae'].std():.4f}"
-            )
-    print_summary(summary)
-
-
-CLASSICAL = ("nearest", "linear", "median", "regression", "weighted-regression")
-
-
-def print_summary(summary: dict[str, dict[str, tuple[float, float, float]]]) -> None:
-    """The network against the best classical filler per stack (Markdown), and means over the real stacks."""
-    print("\n| stack (scored part) | best classical | PSNR (dB) | SAM (°) | cmsn PSNR (dB) | cmsn SAM (°) | gap (dB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    gaps, real = [], [name for name in summary if name in STACKS]
-    for name, rows in summary.items():
-        best = max(CLASSICAL, key=lambda method: rows[method][0])
-        gap = rows["cmsn"][0] - rows[best][0]
-        if name in STACKS:
-            gaps.append(gap)
-        print(
-            f"| {name} ({describe_part(name)}) | {best} | {rows[best][0]:.2f} | {rows[best][1]:.2f} | "
-            f"{rows['cmsn'][0]:.2f} | {rows['cmsn'][1]:.2f} | {gap:+.2f} |"
-        )
-    if not real:
-        return
-    print(f"\nmean over the real stacks ({', '.join(real)}), PSNR dB / SAM °:")
-    for method in METHODS:
-        print(
-            f"  {method:<20} {np.mean([summary[s][method][0] for s in real]):7.2f} "
-            f"{np.mean([summary[s][method][1] for s in real]):7.2f}"
-        )
-    print(f"  cmsn minus the best classical of each stack: mean {np.mean(gaps):+.2f} dB, worst {min(gaps):+.2f} dB")
+    summary = score_stacks(args.sets.split(","), draws=args.draws, model=args.model)
+    print("\n" + summary_markdown(summary))
 
 
 if __name__ == "__main__":

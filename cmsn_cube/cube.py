@@ -32,13 +32,16 @@ from cmsn_cube.exceptions import (
 #: Common band names, in the order every array in this package uses.
 BANDS: tuple[str, ...] = ("blue", "green", "red", "nir")
 
-Sensor = Literal["LANDSAT_5", "LANDSAT_8"]
+Sensor = Literal["LANDSAT_5", "LANDSAT_7", "LANDSAT_8", "LANDSAT_9"]
 
 #: Sensor band designations for the common names. Source: USGS Landsat Collection 2 band designations
-#: (Landsat 4-5 TM: B1 blue, B2 green, B3 red, B4 NIR; Landsat 8-9 OLI: B2 blue, B3 green, B4 red, B5 NIR).
+#: (Landsat 4-5 TM and Landsat 7 ETM+: B1 blue, B2 green, B3 red, B4 NIR; Landsat 8-9 OLI: B2 blue, B3 green,
+#: B4 red, B5 NIR).
 SENSOR_BANDS: dict[str, dict[str, str]] = {
     "LANDSAT_5": {"blue": "B1", "green": "B2", "red": "B3", "nir": "B4"},
+    "LANDSAT_7": {"blue": "B1", "green": "B2", "red": "B3", "nir": "B4"},
     "LANDSAT_8": {"blue": "B2", "green": "B3", "red": "B4", "nir": "B5"},
+    "LANDSAT_9": {"blue": "B2", "green": "B3", "red": "B4", "nir": "B5"},
 }
 
 #: Landsat's nominal pixel size for the reflective bands, in metres.

@@ -196,10 +196,10 @@ def run_demo(
             title=f"{str(cube.time.values[0])[:10]}: NDVI before and after cloud removal",
         )
     )
-    from cmsn_cube.inference import FILLED
+    from cmsn_cube.inference import FILLED, NO_DATA_FILLED
     from cmsn_cube.metrics import ndvi
 
-    filled = (result["filled"].values == FILLED) & np.isfinite(scene["truth"].values).all(axis=1)
+    filled = np.isin(result["filled"].values, (FILLED, NO_DATA_FILLED)) & np.isfinite(scene["truth"].values).all(axis=1)
     figures.append(
         plot_ndvi_scatter(result["ndvi"].values[filled], ndvi(scene["truth"]).values[filled], out / "ndvi_scatter.png")
     )

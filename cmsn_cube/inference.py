@@ -310,6 +310,11 @@ def _take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
     return np.take(array, index, axis=axis)
 
 
+#: Run a (triplet, filler) only on the tiles where a date it fills has a gap (False: on every tile with a gap on
+#: any date, as before; kept to test that skipping changes nothing).
+SKIP_CLEAR_DATES = True
+
+
 def tiles_to_run(to_fill: np.ndarray, corners: list[tuple[int, int]], tile: tuple[int, int]) -> list[tuple[int, int]]:
     """The tiles (top-left ``corners`` in ``to_fill(time, y, x)``) with a pixel to fill on some date.
 
@@ -425,27 +430,31 @@ def _block_sums(
         from cmsn_cube.selfcheck import METHODS
 
         chosen = [METHODS[int(m)] for m in methods]
-        needed = sorted({(triplet, chosen[date]) for date, triplet in enumerate(triplets)})
         blend = np.outer(tilings[0].weights(), tilings[1].weights())
         every_date = tuple(range(n_dates))
-        for first in range(0, len(corners), batch_size):
-            batch = corners[first : first + batch_size]
-            windows = np.stack([channels[:, :, y : y + ty, x : x + tx] for y, x in batch])
-            outputs = {
-                (t, m): run_filler(
-                    m,
-                    windows if t == every_date else np.ascontiguousarray(windows[:, list(t)]),
+        for y, x in corners:
+            weight[y : y + ty, x : x + tx] += blend
+        # A date with nothing to fill in a tile keeps its observation there whatever the filler says, so each
+        # (triplet, filler) runs only on the tiles where a date it serves has a gap: on a long series with a
+        # few cloudy dates, a few triplets run instead of one per date.
+        gaps = [[bool(to_fill[d, y : y + ty, x : x + tx].any()) for d in range(n_dates)] for y, x in corners]
+        for triplet, method in sorted({(triplets[d], chosen[d]) for d in range(n_dates)}):
+            served = [d for d in range(n_dates) if (triplets[d], chosen[d]) == (triplet, method)]
+            wanted = [k for k, gap in enumerate(gaps) if not SKIP_CLEAR_DATES or any(gap[d] for d in served)]
+            for first in range(0, len(wanted), batch_size):
+                batch = wanted[first : first + batch_size]
+                windows = np.stack([channels[:, :, y : y + ty, x : x + tx] for y, x in (corners[k] for k in batch)])
+                output = run_filler(
+                    method,
+                    windows if triplet == every_date else np.ascontiguousarray(windows[:, list(triplet)]),
                     spec=spec,
                     device=device,
-                    days=[days[d] for d in t],
+                    days=[days[d] for d in triplet],
                 )
-                for t, m in needed
-            }
-            for k, (y, x) in enumerate(batch):
-                for date, triplet in enumerate(triplets):
-                    output = outputs[triplet, chosen[date]][k, triplet.index(date)]
-                    sums[date, :, y : y + ty, x : x + tx] += output * blend
-                weight[y : y + ty, x : x + tx] += blend
+                for j, k in enumerate(batch):
+                    y, x = corners[k]
+                    for date in served:
+                        sums[date, :, y : y + ty, x : x + tx] += output[j, triplet.index(date)] * blend
     core_rows, core_cols = (slice(0, t.output_chunks[b]) for t, b in zip(tilings, index, strict=True))
     return {
         "sums": sums,
@@ -467,10 +476,15 @@ def _spilled_strip(block: dict[str, np.ndarray], rows: slice, cols: slice) -> tu
 
 
 #: Values of the ``filled`` layer (CF flags): where each pixel of a reconstruction comes from.
-OBSERVED, FILLED, UNOBSERVED, INVENTED = 0, 1, 2, 3
+#: ``NO_DATA_FILLED``: a gap with no observation at all (NaN: Landsat 7 SLC-off stripes, a scene's edge) rather
+#: than a cloud over an observation, filled from other dates.
+OBSERVED, FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED = 0, 1, 2, 3, 4
 FILLED_FLAGS = {
-    "flag_values": [OBSERVED, FILLED, UNOBSERVED, INVENTED],
-    "flag_meanings": "observed filled_from_other_dates unobserved_left_nan unobserved_filled_by_network",
+    "flag_values": [OBSERVED, FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED],
+    "flag_meanings": (
+        "observed filled_from_other_dates unobserved_left_nan unobserved_filled_by_network "
+        "no_data_filled_from_other_dates"
+    ),
 }
 
 
@@ -502,6 +516,7 @@ def _finish_block(
     seen_in_triplet = np.stack([(~to_fill[list(triplet)]).any(axis=0) for triplet in triplets])
     unobserved = to_fill & ~seen_in_triplet
     flags = to_fill.astype(np.uint8)  # FILLED where the network filled, OBSERVED elsewhere
+    flags[to_fill & np.isnan(observed).any(axis=1)] = NO_DATA_FILLED  # stripes and edges, not clouds
     flags[unobserved] = INVENTED if fill_unobserved else UNOBSERVED
     if not fill_unobserved:
         np.copyto(reconstructed, np.float32(np.nan), where=unobserved[:, None])
@@ -606,7 +621,8 @@ def reconstruct(
     -------
     xarray.Dataset
         ``reconstructed(time, band, y, x)`` (clear pixels bit-identical to the input), ``filled(time, y, x)``
-        (:data:`FILLED_FLAGS`: observed, filled from other dates, unobserved), ``ndvi(time, y, x)`` from the
+        (:data:`FILLED_FLAGS`: observed, filled from other dates (under a cloud, or where the date has no data
+        at all: SLC-off stripes), unobserved), ``ndvi(time, y, x)`` from the
         reconstruction, ``ndvi_observed(time, y, x)`` (NaN under clouds) and ``observed_dates(y, x)`` (dates
         with a clear observation), with the input's coordinates and CRS, and attrs naming the checkpoint and
         its sha256 and the input (its store and fingerprint). Each tile runs once, and tiles with no pixel to

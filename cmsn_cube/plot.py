@@ -2,27 +2,54 @@
 
 Loss curves are drawn by :func:`cmsn_cube.train.plot_history`, next to the history they plot.
 
-Every function writes a PNG and returns its path. Figures are drawn without pyplot (no screen needed, and the caller's matplotlib backend is left as it is).
+Given a ``path``, every function writes a PNG there and returns the path; without one it returns the figure,
+which a Jupyter notebook shows inline when it is a cell's last value::
+
+    plot_ndvi_maps(result.ndvi_observed.isel(time=0), result.ndvi.isel(time=0))       # shown in the notebook
+    plot_ndvi_maps(result.ndvi_observed.isel(time=0), result.ndvi.isel(time=0), "ndvi.png")  # written
+
+Figures are :class:`matplotlib.figure.Figure` objects drawn without pyplot: no screen is needed, no backend is
+switched (the caller's ``%matplotlib`` choice or ``MPLBACKEND`` is left as it is) and no global figure is kept.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 import xarray as xr
+from matplotlib.figure import Figure
 
 #: Natural colour: red, green, blue = Landsat 8 B4, B3, B2 (Landsat 5 B3, B2, B1).
 RGB_BANDS: tuple[str, str, str] = ("red", "green", "blue")
 
+#: Resolution of written PNGs and of the figures shown in notebooks.
+DPI = 110
 
-def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float]):  # type: ignore[no-untyped-def]
+PathLike = str | os.PathLike[str]
+
+
+class NotebookFigure(Figure):
+    """A :class:`~matplotlib.figure.Figure` that Jupyter shows inline as a PNG, whatever the matplotlib backend.
+
+    IPython shows a plain Figure as an image only once the inline backend is active (after ``import
+    matplotlib.pyplot`` or ``%matplotlib inline``, and not under ``MPLBACKEND=Agg``); ``_repr_png_`` does not
+    depend on either. Where the inline backend is active its own formatter is used, so the image is shown once.
+    """
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+        return buffer.getvalue()
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float]) -> tuple[NotebookFigure, Any]:
     """A figure and its axes, without pyplot: no backend is switched and no global figure is kept."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
+    fig = NotebookFigure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols)
 
 
@@ -61,21 +88,35 @@ def rgb_array(reflectance: xr.DataArray) -> np.ndarray:
     return np.asarray(reflectance.sel(band=list(RGB_BANDS)).values)
 
 
-def _save(fig, path: str | os.PathLike[str]) -> str:  # type: ignore[no-untyped-def]
+def _save(fig: Figure, path: PathLike | None) -> Any:
+    """The figure itself without ``path``; with one, the PNG's path (the figure is written there)."""
+    if path is None:
+        return fig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return str(path)
 
 
+@overload
+def plot_date_with_mask(
+    cube: xr.Dataset, time_index: int, path: None = None, *, stretch: tuple[np.ndarray, np.ndarray] | None = None
+) -> Figure: ...
+@overload
+def plot_date_with_mask(
+    cube: xr.Dataset, time_index: int, path: PathLike, *, stretch: tuple[np.ndarray, np.ndarray] | None = None
+) -> str: ...
 def plot_date_with_mask(
     cube: xr.Dataset,
     time_index: int,
-    path: str | os.PathLike[str],
+    path: PathLike | None = None,
     *,
     stretch: tuple[np.ndarray, np.ndarray] | None = None,
-) -> str:
-    """One date: natural colour beside its cloud mask (cloud + shadow + dilated), cloud fraction in the title."""
+) -> Figure | str:
+    """One date: natural colour beside its cloud mask (cloud + shadow + dilated), cloud fraction in the title.
+
+    Returns the figure, or with ``path`` writes it there as a PNG and returns the path.
+    """
     date = cube.isel(time=time_index)
     rgb = rgb_array(date["reflectance"])
     low, high = stretch or rgb_stretch([rgb])
@@ -91,8 +132,15 @@ def plot_date_with_mask(
     return _save(fig, path)
 
 
-def plot_dates(cube: xr.Dataset, out_dir: str | os.PathLike[str], *, prefix: str = "date") -> list[str]:
-    """One PNG per date (natural colour + cloud mask), all with the same stretch."""
+@overload
+def plot_dates(cube: xr.Dataset, out_dir: None = None, *, prefix: str = "date") -> list[Figure]: ...
+@overload
+def plot_dates(cube: xr.Dataset, out_dir: PathLike, *, prefix: str = "date") -> list[str]: ...
+def plot_dates(cube: xr.Dataset, out_dir: PathLike | None = None, *, prefix: str = "date") -> list[Figure] | list[str]:
+    """One figure per date (natural colour + cloud mask), all with the same stretch.
+
+    Returns the figures, or with ``out_dir`` writes them there as ``<prefix>_<n>_<day>.png`` and returns the paths.
+    """
     rgbs = (
         [
             rgb_array(cube["reflectance"].isel(time=t).where(~cube["cloud_mask"].isel(time=t)))
@@ -102,6 +150,8 @@ def plot_dates(cube: xr.Dataset, out_dir: str | os.PathLike[str], *, prefix: str
         else [rgb_array(cube["reflectance"].isel(time=t)) for t in range(cube.sizes["time"])]
     )
     stretch = rgb_stretch(rgbs)
+    if out_dir is None:
+        return [plot_date_with_mask(cube, t, stretch=stretch) for t in range(cube.sizes["time"])]
     paths = []
     for t in range(cube.sizes["time"]):
         day = np.datetime_as_string(cube.time.values[t], unit="D")
@@ -114,14 +164,22 @@ def _outline(ax, mask: np.ndarray, color: str = "yellow") -> None:  # type: igno
         ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=0.7)
 
 
+@overload
+def plot_panel(
+    cube: xr.Dataset, stages: xr.Dataset, path: None = None, *, date: int = 0, truth: xr.DataArray | None = None
+) -> Figure: ...
+@overload
+def plot_panel(
+    cube: xr.Dataset, stages: xr.Dataset, path: PathLike, *, date: int = 0, truth: xr.DataArray | None = None
+) -> str: ...
 def plot_panel(
     cube: xr.Dataset,
     stages: xr.Dataset,
-    path: str | os.PathLike[str],
+    path: PathLike | None = None,
     *,
     date: int = 0,
     truth: xr.DataArray | None = None,
-) -> str:
+) -> Figure | str:
     """The seed's panel done right, for one date of a three-date window.
 
     Top: T1, T2, T3 as observed (cloud mask outlined in yellow). Bottom: coarse, refined (clear pixels kept),
@@ -133,12 +191,17 @@ def plot_panel(
         The three-date window (``reflectance``, ``cloud_mask``).
     stages : xarray.Dataset
         :func:`cmsn_cube.inference.predict_window` of that window (``coarse``, ``refined``, ``output``).
-    path : path-like
-        PNG to write.
+    path : path-like, optional
+        PNG to write; without it the figure is returned (shown inline in Jupyter).
     date : int
         Which date's reconstruction is shown.
     truth : xarray.DataArray, optional
         Cloud-free ``(time, band, y, x)`` reference.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or str
+        The figure, or the PNG's path when ``path`` is given.
     """
     observed = [rgb_array(cube["reflectance"].isel(time=t)) for t in range(3)]
     masks = [np.asarray(cube["cloud_mask"].isel(time=t).values) for t in range(3)]
@@ -174,22 +237,30 @@ def plot_panel(
     return _save(fig, path)
 
 
+@overload
+def plot_reconstruction(
+    cube: xr.Dataset, path: None = None, *, date: int = 0, model: object = None, device: str | None = None
+) -> Figure: ...
+@overload
+def plot_reconstruction(
+    cube: xr.Dataset, path: PathLike, *, date: int = 0, model: object = None, device: str | None = None
+) -> str: ...
 def plot_reconstruction(
     cube: xr.Dataset,
-    path: str | os.PathLike[str],
+    path: PathLike | None = None,
     *,
     date: int = 0,
     model: object = None,
     device: str | None = None,
-) -> str:
+) -> Figure | str:
     """Run the network on a three-date window and draw :func:`plot_panel` (with ``truth`` when the cube has it).
 
     Parameters
     ----------
     cube : xarray.Dataset
         Exactly three dates; a window small enough to look at (e.g. ``cube.isel(y=slice(0, 256), ...)``).
-    path : path-like
-        PNG to write.
+    path : path-like, optional
+        PNG to write; without it the figure is returned (shown inline in Jupyter).
     date : int
         Which date's reconstruction is shown (0, 1 or 2).
     model : None, str, path or CMSN
@@ -199,8 +270,8 @@ def plot_reconstruction(
 
     Returns
     -------
-    str
-        The PNG's path.
+    matplotlib.figure.Figure or str
+        The figure, or the PNG's path when ``path`` is given.
     """
     from cmsn_cube.inference import predict_window
 
@@ -212,10 +283,19 @@ def plot_reconstruction(
     return plot_panel(window, stages, path, date=date, truth=truth)
 
 
+@overload
 def plot_ndvi_maps(
-    observed: xr.DataArray, reconstructed: xr.DataArray, path: str | os.PathLike[str], *, title: str = ""
-) -> str:
-    """NDVI observed (NaN under clouds, grey) beside NDVI reconstructed; diverging colours fixed to [-1, 1]."""
+    observed: xr.DataArray, reconstructed: xr.DataArray, path: None = None, *, title: str = ""
+) -> Figure: ...
+@overload
+def plot_ndvi_maps(observed: xr.DataArray, reconstructed: xr.DataArray, path: PathLike, *, title: str = "") -> str: ...
+def plot_ndvi_maps(
+    observed: xr.DataArray, reconstructed: xr.DataArray, path: PathLike | None = None, *, title: str = ""
+) -> Figure | str:
+    """NDVI observed (NaN under clouds, grey) beside NDVI reconstructed; diverging colours fixed to [-1, 1].
+
+    Returns the figure, or with ``path`` writes it there as a PNG and returns the path.
+    """
     fig, axes = _subplots(1, 2, figsize=(12, 5.6))
     import matplotlib
 
@@ -232,10 +312,21 @@ def plot_ndvi_maps(
     return _save(fig, path)
 
 
+@overload
 def plot_ndvi_scatter(
-    reconstructed: np.ndarray, truth: np.ndarray, path: str | os.PathLike[str], *, label: str = "cloudy pixels"
-) -> str:
-    """2-D histogram of reconstructed vs true NDVI (log counts) with the 1:1 line, MAE and bias in the title."""
+    reconstructed: np.ndarray, truth: np.ndarray, path: None = None, *, label: str = "cloudy pixels"
+) -> Figure: ...
+@overload
+def plot_ndvi_scatter(
+    reconstructed: np.ndarray, truth: np.ndarray, path: PathLike, *, label: str = "cloudy pixels"
+) -> str: ...
+def plot_ndvi_scatter(
+    reconstructed: np.ndarray, truth: np.ndarray, path: PathLike | None = None, *, label: str = "cloudy pixels"
+) -> Figure | str:
+    """2-D histogram of reconstructed vs true NDVI (log counts) with the 1:1 line, MAE and bias in the title.
+
+    Returns the figure, or with ``path`` writes it there as a PNG and returns the path.
+    """
     from matplotlib.colors import LogNorm
 
     valid = np.isfinite(reconstructed) & np.isfinite(truth)
@@ -250,10 +341,19 @@ def plot_ndvi_scatter(
     return _save(fig, path)
 
 
+@overload
 def plot_method_bars(
-    summary: dict[str, dict[str, float]], path: str | os.PathLike[str], *, label: str = "cloudy pixels"
-) -> str:
-    """Bar charts of PSNR (dB), SSIM and SAM (degrees) in cloudy pixels, one bar per method."""
+    summary: dict[str, dict[str, float]], path: None = None, *, label: str = "cloudy pixels"
+) -> Figure: ...
+@overload
+def plot_method_bars(summary: dict[str, dict[str, float]], path: PathLike, *, label: str = "cloudy pixels") -> str: ...
+def plot_method_bars(
+    summary: dict[str, dict[str, float]], path: PathLike | None = None, *, label: str = "cloudy pixels"
+) -> Figure | str:
+    """Bar charts of PSNR (dB), SSIM and SAM (degrees) in cloudy pixels, one bar per method.
+
+    Returns the figure, or with ``path`` writes it there as a PNG and returns the path.
+    """
     methods = list(summary)
     fig, axes = _subplots(1, 3, figsize=(14, 4.2))
     for ax, (metric, unit) in zip(axes, (("psnr", "dB"), ("ssim", "unitless"), ("sam", "degrees")), strict=True):

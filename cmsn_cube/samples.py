@@ -120,7 +120,9 @@ def window_origins(
     >>> sorted({y for y, _ in origins}), sorted({x for _, x in origins})
     ([0, 24, 48, 68], [0, 24, 38])
     """
-    import xbatcher
+    from cmsn_cube.extras import require
+
+    xbatcher = require("xbatcher", "train")
 
     first, stop = rows if rows is not None else (0, height)
     if not 0 <= first < stop <= height:

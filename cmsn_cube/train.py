@@ -832,7 +832,7 @@ def epoch_loader(
     generator = torch.Generator().manual_seed(seed)
     drop_last = len(pooled) > batch_size  # no tiny last batch, unless that is all there is
     if balance:
-        shares = torch.cat([torch.full((len(d),), 1.0 / len(d), dtype=torch.float64) for d in datasets])
+        shares = [1.0 / len(d) for d in datasets for _ in range(len(d))]
         # the sampler shares the loader's generator, so reseeding it per epoch reseeds the draw
         sampler = WeightedRandomSampler(shares, num_samples=len(pooled), generator=generator)
         loader = DataLoader(

@@ -1,7 +1,7 @@
 """Pull the seed's regions from Earth Engine into ``stores/<region>.zarr``, with progress.
 
     python pipelines/pull_regions.py --dry-run              # print every plan, offline
-    python pipelines/pull_regions.py --project MY_PROJECT   # pull all regions of pipelines/regions.yaml
+    python pipelines/pull_regions.py --project MY_PROJECT   # pull all regions of cmsn_cube/data/regions.yaml
     python pipelines/pull_regions.py --region wuhan --seed-dates --overwrite
 
 Needs Earth Engine credentials (``earthengine authenticate`` or a service-account key in
@@ -17,14 +17,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cmsn_cube.exceptions import CMSNCubeError
-from cmsn_cube.sources.earthengine import initialize_earthengine, load_regions, plan_region, pull_region
-
-HERE = Path(__file__).resolve().parent
+from cmsn_cube.sources.earthengine import (
+    REGIONS_FILE,
+    initialize_earthengine,
+    load_regions,
+    plan_region,
+    pull_region,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=HERE / "regions.yaml", help="regions file")
+    parser.add_argument("--config", type=Path, default=REGIONS_FILE, help="regions file (default: the packaged one)")
     parser.add_argument("--region", action="append", help="pull only this region (repeatable); default all")
     parser.add_argument("--stores", type=Path, default=Path("stores"), help="folder for <region>.zarr")
     parser.add_argument("--project", help="Earth Engine Cloud project")

@@ -2,10 +2,13 @@
 
 1. ``stores``: write the training scenes (the embedded synthetic scene at several seeds, sizes, land-cover
    mixes and cloud levels; never the evaluation seed) to ``stores/train/``.
-2. ``train``: ``cmsn-cube train`` on those stores (the project's own command; arguments in :data:`TRAIN_ARGS`).
-3. ``package``: score the best checkpoint on an unseen embedded scene (seed :data:`EVAL_SEED`) and on the
-   CBERS-4 series with pasted real cloud shapes, then write the checkpoint with ``save_checkpoint`` (so its
-   card's sha256 matches) and the human model card ``cmsn-small.md``.
+2. ``train``: pretraining, ``cmsn-cube train`` on those stores (arguments in :data:`TRAIN_ARGS`), 55 min.
+3. ``finetune``: from that checkpoint (``--init``), training on the training parts of the real stacks of
+   ../shared/data (``pipelines/real_stacks.py``) and two synthetic scenes, with clear-pixel normalisation,
+   the full-resolution regression prior, radiometric augmentation and balanced sources (:data:`FINETUNE`).
+4. ``package``: score the best fine-tuned checkpoint on an unseen embedded scene (seed :data:`EVAL_SEED`) and
+   on the scored parts of the real stacks (``benchmarks/bench_quality.py``), then write the checkpoint with
+   ``save_checkpoint`` (so its card's sha256 matches) and the human model card ``cmsn-small.md``.
 
 Run (2 CPU threads, tuned allocator as in DEVELOPERS.md)::
 
@@ -25,13 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 STORES = ROOT / "stores" / "train"
 RUN_DIR = ROOT / "outputs" / "train" / "cmsn-small"
 EVAL_STORE = ROOT / "stores" / "eval-1234.zarr"
-CBERS = ROOT.parent / "shared" / "data" / "cbers_timeseries"
 NAME = "cmsn-small"
 #: Never a training seed: the scene the quality bar is measured on.
 EVAL_SEED = 1234
@@ -227,104 +227,57 @@ def evaluate_embedded(checkpoint: Path) -> Any:
     return evaluate(open_cube(EVAL_STORE).load(), methods=methods, echo=print)
 
 
-def cbers_triplets(cube: Any) -> list[tuple[int, int, int]]:
-    """Consecutive, non-overlapping triplets of dates without real cloud or missing data."""
-    masked = (cube["cloud_mask"] | cube["reflectance"].isnull().any("band")).mean(("y", "x")).values
-    clear = [bool(v == 0) for v in masked]
-    triplets, start = [], 0
-    while start + 3 <= len(clear):
-        if all(clear[start : start + 3]):
-            triplets.append((start, start + 1, start + 2))
-            start += 3
-        else:
-            start += 1
-    return triplets
+def evaluate_real(checkpoint: Path) -> tuple[Any, str]:
+    """The real-data yardstick (``benchmarks/bench_quality.py``, 5 draws) on the scored parts of every stack."""
+    import sys
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_quality import SETS, score_stacks, summary_markdown
 
-def evaluate_cbers(checkpoint: Path) -> tuple[Any, list[Any], list[tuple[int, int, int]]]:
-    """cmsn vs the baselines on CBERS-4 AWFI (64 m): pasted real cloud shapes on clear date triplets."""
-    from cmsn_cube.evaluate import cmsn_method, evaluate
-    from cmsn_cube.sources.cbers import open_cbers_series
-
-    cube = open_cbers_series(CBERS).load()
-    triplets = cbers_triplets(cube)
-    methods = [cmsn_method(checkpoint), *BASELINES]
-    tables = [evaluate(cube.isel(time=list(t)), methods=methods, truth="pasted", seed=0, echo=None) for t in triplets]
-    first = tables[0]
-    print(f"CBERS triplet {triplets[0]}:")
-    from cmsn_cube.evaluate import format_table
-
-    print(format_table(first))
-    return first, tables, triplets
-
-
-def _pooled_cbers(tables: list[Any]) -> str:
-    """Mean over triplets of the cloudy band-mean PSNR/SSIM/SAM per method (Markdown)."""
-    rows: dict[str, list[tuple[float, float, float]]] = {}
-    for table in tables:
-        means = table.xs(("common", "mean"), level=("region", "band"))
-        for method, row in means.iterrows():
-            rows.setdefault(method, []).append((row["psnr"], row["ssim"], row["sam"]))
-    lines = [
-        "| method | mean PSNR (dB) | mean SSIM | mean SAM (°) | triplets won (PSNR) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    best_per_triplet = [
-        max(rows, key=lambda m: rows[m][i][0])
-        for i in range(len(tables))  # noqa: B023
-    ]
-    for method, values in rows.items():
-        array = np.array(values)
-        wins = sum(1 for winner in best_per_triplet if winner == method)
-        lines.append(
-            f"| {method} | {array[:, 0].mean():.2f} | {array[:, 1].mean():.4f} | {array[:, 2].mean():.3f} | "
-            f"{wins}/{len(tables)} |"
-        )
-    return "\n".join(lines)
+    summary = score_stacks(list(SETS), draws=5, model=str(checkpoint))
+    return summary, summary_markdown(summary)
 
 
 def package() -> Path:
-    """Score ``RUN_DIR/best.pt``, then write the packaged checkpoint, its JSON card and the Markdown card."""
+    """Score ``FINETUNE_DIR/best.pt``, then write the packaged checkpoint, its JSON card and the Markdown card."""
 
     from cmsn_cube.model.checkpoint import WEIGHTS_DIR, file_sha256, load_checkpoint, load_model, save_checkpoint
 
-    best = RUN_DIR / "best.pt"
+    best = FINETUNE_DIR / "best.pt"
     payload = load_checkpoint(best)
     metadata = dict(payload["metadata"])
     embedded = evaluate_embedded(best)
-    cbers_first, cbers_tables, triplets = evaluate_cbers(best)
-    from cmsn_cube.sources.cbers import open_cbers_series
-
-    times = open_cbers_series(CBERS)["time"].values
-    cbers_dates = [str(times[i])[:10] for i in triplets[0]]
-    train_command = "cmsn-cube " + shlex.join(
+    real, real_table = evaluate_real(best)
+    pretrain_command = "cmsn-cube " + shlex.join(
         ["train", *[str(p.relative_to(ROOT)) for p in store_paths()], *TRAIN_ARGS]
     )
+    pretrained = metadata["training"]["training_data"]["pretrained"]
     metadata.update(
         recipe={
             "pipeline": "python pipelines/train_packaged.py",
-            "train_command": train_command,
+            "pretrain_command": pretrain_command,
+            "pretrained": pretrained,
+            "finetune": {key: list(v) if isinstance(v, tuple) else v for key, v in FINETUNE.items()},
             "scenes": [
                 {"seed": seed, "size": size, "land_cover": cover, "cloud_fractions": list(clouds)}
                 for seed, size, cover, clouds in TRAIN_SCENES
             ],
-            "hardware": (
-                f"{platform.machine()} CPU ({os.cpu_count()} cores): {TRAIN_ARGS[TRAIN_ARGS.index('--threads') + 1]} "
-                f"torch thread + {TRAIN_ARGS[TRAIN_ARGS.index('--num-workers') + 1]} loader worker"
-            ),
+            "hardware": f"{platform.machine()} CPU ({os.cpu_count()} cores), 2 torch threads",
         },
         evaluation={
             "embedded_unseen": {"scene": f"synthetic_scene(512, 512, seed={EVAL_SEED})", **_records(embedded)},
-            "cbers": {
-                "series": "CBERS-4 AWFI 64 m, ../shared/data/cbers_timeseries",
-                "dates": cbers_dates,
-                "pasted_seed": 0,
-                **_records(cbers_first),
+            "real_stacks": {
+                "benchmark": "python benchmarks/bench_quality.py --draws 5",
+                **{
+                    name: {method: dict(zip(("psnr_db", "sam_deg", "ndvi_mae"), values, strict=True))
+                           for method, values in rows.items()}
+                    for name, rows in real.items()
+                },
             },
         },
-    )
+    )  # fmt: skip
     # the loss history travels in the card, so `cmsn-cube demo` can draw the packaged model's loss curves
-    history = json.loads((RUN_DIR / "history.json").read_text())
+    history = json.loads((FINETUNE_DIR / "history.json").read_text())
     metadata["history"] = {
         part: [{key: round(value, 6) if isinstance(value, float) else value for key, value in record.items()}
                for record in records]
@@ -335,67 +288,64 @@ def package() -> Path:
     save_checkpoint(target, model, metadata=metadata)
     training = metadata["training"]
     size_mb = target.stat().st_size / 1e6
+    config = model.config
     text = f"""# {NAME}: the packaged CMSN checkpoint
 
 `{target.name}` ({size_mb:.2f} MB, sha256 `{file_sha256(target)}`), {model.num_parameters:,} parameters,
-architecture `{model.config["architecture"]}` (width {model.config["width"]}, depth {model.config["depth"]},
-fusion depth {model.config["fusion_depth"]}, skip width {model.config["skip_width"]}), bands
-{", ".join(model.config["bands"])} (TOA reflectance in [0, 1]). Load it with `load_model("{NAME}")`; it is the
-default of `cmsn-cube reconstruct` and `cmsn-cube evaluate --methods cmsn`.
+architecture `{config["architecture"]}` (width {config["width"]}, depth {config["depth"]}, fusion depth
+{config["fusion_depth"]}, skip width {config["skip_width"]}), bands {", ".join(config["bands"])} (reflectance in
+[0, 1], TOA or surface reflectance). Load it with `load_model("{NAME}")`; it is the default of
+`cmsn-cube reconstruct` and `cmsn-cube evaluate --methods cmsn`.
+
+## What it is
+
+The network's output is a classical local regression plus a learned residual. For each cloudy pixel of a date,
+every other date predicts it through a gain and an offset fitted per band in a 31 × 31 px window (on pixels clear
+in both dates), and the predictions are averaged, weighted by how well each fit explains its window: that is
+the `weighted-regression` filler, computed at full resolution inside the network. The coarse decoder adds a
+residual to it, and the refinement stage adds another. There is no output activation (no tanh). Each date of a
+tile is standardised by its own clear pixels, band by band ({config["normalisation"]} normalisation), and the
+output is brought back with the same statistics, so a gain and an offset per date and band (TOA against
+surface reflectance, another sensor, haze) change nothing.
 
 ## How it was trained
 
-Recipe: `python pipelines/train_packaged.py` (writes the stores, trains, scores, packages). The training call:
+Recipe: `python pipelines/train_packaged.py` (stages `stores`, `train`, `finetune`, `package`).
 
-```
-{train_command}
-```
+1. Pretraining on the embedded synthetic scene (stage `train`, 55 min on 2 CPU cores, fixed band statistics
+   and a coarse regression prior at the time), checkpoint sha256 `{pretrained["sha256"]}`:
 
-- Data: the embedded synthetic scene at seeds {", ".join(str(s) for s, *_ in TRAIN_SCENES)} (sizes
-  {", ".join(f"{z}²" for _, z, *_ in TRAIN_SCENES)}), four land-cover mixes and different cloud levels; the
-  evaluation seed {EVAL_SEED} is not among them. Truth is each scene's cloud-free `truth`; the model sees
-  the scene's own clouds plus clouds pasted onto clear pixels (shapes from the other dates' real masks, the
-  UKIS Landsat reference masks, or fractal noise) up to 30 %, 20 %, 15 % masked for T1, T2, T3. Windows of
-  128 px, batch 8, random flips and quarter turns, new pasted clouds every epoch; the last 20 % of rows of
-  every scene is the validation hold-out.
-- Optimisation: AdamW, peak lr {training["lr"]}, {training["schedule"]} schedule, gradient clipping
-  {training["grad_clip"]}, loss weights {json.dumps(training["loss_weights"])} (λ on cloudy pixels, δ on the
-  frequency loss, ξ on the refinement loss).
-- Steps: {training["steps"]} ({training["epochs"]} epochs), wall time {training["train_seconds"] / 60:.1f} min
-  on {metadata["recipe"]["hardware"]}, torch {training["torch"]}; no GPU.
-- Best validation (held-out rows, pasted + real clouds): PSNR cloudy
-  {metadata["metrics"].get("psnr_cloudy", float("nan")):.2f} dB, SSIM cloudy
-  {metadata["metrics"].get("ssim_cloudy", float("nan")):.4f} at step {metadata["metrics"].get("step")}.
+   ```
+   {pretrain_command}
+   ```
 
-## Evaluation
+2. Fine-tuning (stage `finetune`) from those weights with clear-pixel normalisation and the full-resolution
+   prior, on the **training parts** of the real stacks of ../shared/data (`pipelines/real_stacks.py`: CBERS-4
+   dates 1-12, the north half of the Sentinel-2 surface-reflectance stack, the north half of NAIP at 30 m and
+   at 5 m) and two synthetic scenes (seeds {", ".join(str(s) for s, *_ in TRAIN_SCENES[:FINETUNE_SCENES])}),
+   every source the same share of each epoch; windows of {FINETUNE["patch_size"]} px, batch
+   {FINETUNE["batch_size"]}, real cloud shapes (UKIS Landsat masks, CBERS' own) pasted up to 30 %, 20 %, 15 %
+   for T1, T2, T3, random flips and quarter turns, and per-date, per-band gain/offset/haze changes; AdamW,
+   peak lr {training["lr"]}, {training["schedule"]} schedule, {training["steps"]} steps
+   ({training["train_seconds"] / 60:.1f} min on {metadata["recipe"]["hardware"]}, torch {training["torch"]});
+   the best step on held-out NAIP rows (PSNR cloudy {metadata["metrics"].get("psnr_cloudy", float("nan")):.2f} dB
+   at step {metadata["metrics"].get("step")}).
+
+## Evaluation on real data
+
+`python benchmarks/bench_quality.py --draws 5`: real cloud shapes pasted at 25 %, 15 %, 10 % on the **scored
+parts** of the stacks (never seen in training), 5 draws, every method scored on the pasted pixels all of them
+filled; band-mean PSNR and SAM:
+
+{real_table}
 
 ### Embedded scene, unseen seed {EVAL_SEED} (512 × 512, its own clouds 25 %, 15 %, 10 %)
 
 `cmsn-cube synth stores/eval-1234.zarr --seed {EVAL_SEED}` then
 `cmsn-cube evaluate stores/eval-1234.zarr --methods cmsn,{",".join(BASELINES)}`; band means over the cloudy
-pixels that every method filled (the `common` region of the table: the classical fillers leave pixels that are
-cloudy on all three dates empty, the network fills them too, last column):
+pixels every method filled:
 
 {_markdown(embedded)}
-
-The same, scored on every cloudy pixel each method filled (`cloudy` region; the network's row includes the
-pixels cloudy on every date, which no clear observation helps with):
-
-{_markdown(embedded, "cloudy")}
-
-### Real data: CBERS-4 AWFI series (64 m, another sensor)
-
-Dates {", ".join(cbers_dates)} of the series (positions {triplets[0]}), clear, with real cloud shapes
-pasted at 25 %, 15 %, 10 % (`make_scoring_cube`, seed 0), 50 × 50 px:
-
-{_markdown(cbers_first)}
-
-All {len(triplets)} clear consecutive triplets of the series, same pasting:
-
-{_pooled_cbers(cbers_tables)}
-
-The model was trained only on the synthetic 30 m Landsat-like scene; CBERS is 64 m, 50 × 50 px, with other
-spectral responses, so these numbers measure transfer, not fit.
 """
     (WEIGHTS_DIR / f"{NAME}.md").write_text(text)
     print(f"wrote {target} ({size_mb:.2f} MB), {target.with_suffix('.json')}, {WEIGHTS_DIR / (NAME + '.md')}")

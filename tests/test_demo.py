@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -25,8 +27,8 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return str(save_checkpoint(path, CMSN(width=8, depth=1, skip_width=4)))
 
 
-def assert_real_png(path: str | Path) -> None:
-    image = imread(path)
+def assert_real_png(path: str | Path | io.BytesIO) -> None:
+    image = imread(path, format="png")
     assert image.ndim == 3 and min(image.shape[:2]) >= 200, f"{path} is too small: {image.shape}"
     assert float(image[..., :3].std()) > 0.02, f"{path} is (nearly) uniform"
 
@@ -92,6 +94,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CMSN_NOTEBOOK_STORE", str(tmp_path / "nb.zarr"))
     monkeypatch.setenv("CMSN_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
+    # headless, as `make test` runs it: the kernel inherits MPLBACKEND=Agg and must still embed its figures
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(REPO / "notebooks" / "cloud_removal_analysis.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         "commit notebooks without outputs"
@@ -103,6 +107,16 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert not errors
     for name in ("clouds_per_date.png", "before_after.png", "ndvi_T1.png", "methods_psnr.png"):
         assert_real_png(tmp_path / "figures" / name)
+    # every figure is embedded in the notebook as a PNG, the one cmsn_cube.plot returns included
+    embedded = {
+        i: [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        for i, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+    }
+    drawing = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code" and "savefig" in cell.source]
+    assert len(drawing) == 4 and all(len(embedded[i]) == 1 for i in drawing), {i: len(embedded[i]) for i in drawing}
+    for i in drawing:
+        assert_real_png(io.BytesIO(base64.b64decode(embedded[i][0]["data"]["image/png"])))
 
 
 def test_accessor_plot_draws_the_panel_with_truth(tmp_path, tiny_checkpoint):

@@ -244,6 +244,42 @@ def test_more_dates_use_nearest_neighbours(tiny_model):
     np.testing.assert_allclose(result.reconstructed.values[3], first[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["cmsn", "regression"])
+def test_triplets_run_only_where_their_dates_have_gaps_and_change_nothing(tiny_model, windows_run, monkeypatch, method):
+    import cmsn_cube.inference as inference
+
+    # 8 dates, clouds on two of them only, in different tiles: the other dates' triplets have nothing to fill
+    cube = synthetic_scene(height=160, width=160, n_dates=8, seed=5)
+    mask = np.zeros(cube.cloud_mask.shape, dtype=bool)
+    mask[2, 10:40, 20:60] = True
+    mask[6, 110:150, 100:140] = True
+    cube = cube.assign(cloud_mask=(cube.cloud_mask.dims, mask))
+    options = {"model": tiny_model, "method": method, "tile": 96, "overlap": 16, "chunk": 160}
+    skipped = reconstruct(cube, **options).compute()
+    runs_skipping = len(windows_run)
+    windows_run.clear()
+    monkeypatch.setattr(inference, "SKIP_CLEAR_DATES", False)
+    every = reconstruct(cube, **options).compute()
+    assert len(windows_run) > runs_skipping
+    for name in ("reconstructed", "filled", "ndvi"):
+        np.testing.assert_array_equal(skipped[name].values, every[name].values, err_msg=name)
+
+
+def test_no_data_stripes_are_flagged_apart_from_clouds(tiny_model):
+    from cmsn_cube.inference import FILLED, NO_DATA_FILLED, OBSERVED
+
+    cube = synthetic_scene(height=64, width=64, seed=4)
+    reflectance = cube.reflectance.values.copy()
+    reflectance[1, :, :, 30:33] = np.nan  # an SLC-off-like stripe on date 1
+    mask = np.zeros(cube.cloud_mask.shape, dtype=bool)
+    mask[1, 5:15, 5:15] = True
+    cube = cube.assign(reflectance=(cube.reflectance.dims, reflectance), cloud_mask=(cube.cloud_mask.dims, mask))
+    flags = reconstruct(cube, model=tiny_model, method="cmsn").filled.values
+    assert (flags[1][:, 30:33] == NO_DATA_FILLED).all()
+    assert (flags[1][5:15, 5:15] == FILLED).all()
+    assert (flags[[0, 2]] == OBSERVED).all()
+
+
 def test_ndvi_of_known_cube(tiny_model):
     reflectance = np.full((3, 4, 16, 16), 0.1, dtype="float32")
     reflectance[:, 3] = 0.4  # NIR 0.4, red 0.1: NDVI = 0.3 / 0.5 = 0.6

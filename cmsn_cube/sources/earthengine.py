@@ -3,7 +3,7 @@
 The flow is plan -> collection -> xee -> cube -> chosen dates -> Zarr::
 
     plan = plan_pull(sensor="LANDSAT_8", start="2013-04-15", end="2013-08-31", bbox=(114.17, 30.48, 114.33, 30.62),
-                     wrs_path=123, wrs_row=39)
+                     wrs_path=123, wrs_row=39)  # product="sr" for Collection 2 Level-2 surface reflectance
     print(plan.describe())                 # offline: CRS, grid, pixel count, expected store size
     pull_region(plan, "stores/wuhan.zarr")  # needs Earth Engine credentials
 
@@ -17,6 +17,12 @@ pixels become NaN); ``time`` is datetime64 from ``system:time_start``; ``y``/``x
 ``crs_transform`` (``y`` decreasing for a north-up grid); each variable's attrs carry the band's Earth Engine
 info plus ``crs``; its *encoding* carries ``scale_factor`` = the pixel size (not a CF scale: it must not reach
 the store); the dataset attrs are the collection's properties.
+
+Two products per sensor (Landsat 5 TM, 7 ETM+, 8 OLI, 9 OLI-2): ``"toa"``, Collection 2 Tier 1 TOA reflectance
+(already scaled by Earth Engine), and ``"sr"``, Collection 2 Tier 1 Level-2 surface reflectance, whose digital
+numbers are scaled here (:data:`SR_SCALE`, :data:`SR_OFFSET`). Landsat 7 scenes after the scan line corrector
+failed (:data:`cmsn_cube.qa.SLC_FAILURE_DAY`) have stripes without data: they become gaps the reconstruction fills
+like clouds (see :func:`cmsn_cube.qa.add_slc_off_gaps`).
 """
 
 from __future__ import annotations
@@ -45,13 +51,26 @@ from cmsn_cube.exceptions import (
     RegionError,
     TimeAxisError,
 )
-from cmsn_cube.qa import DEFAULT_CLOUD_LEVELS, QA_BITS, add_cloud_mask, cloud_fraction, select_dates
+from cmsn_cube.extras import require
+from cmsn_cube.qa import (
+    DEFAULT_CLOUD_LEVELS,
+    QA_BITS,
+    SLC_FAILURE_DAY,
+    add_cloud_mask,
+    add_slc_off_gaps,
+    cloud_fraction,
+    select_dates,
+    slc_off_dates,
+)
 from cmsn_cube.store import write_cube
 
 if TYPE_CHECKING:  # pragma: no cover
     import ee
 
-Sensor = Literal["LANDSAT_5", "LANDSAT_8"]
+Sensor = Literal["LANDSAT_5", "LANDSAT_7", "LANDSAT_8", "LANDSAT_9"]
+
+#: ``"toa"``: top-of-atmosphere reflectance; ``"sr"``: Level-2 surface reflectance.
+Product = Literal["toa", "sr"]
 
 #: ``(west, south, east, north)`` in degrees (EPSG:4326).
 BBox = tuple[float, float, float, float]
@@ -60,14 +79,35 @@ BBox = tuple[float, float, float, float]
 #: column rotation, y scale (negative: north up), y origin (top edge). The order xee's ``crs_transform`` takes.
 Transform = tuple[float, float, float, float, float, float]
 
-#: Earth Engine collection per sensor. Source: Earth Engine data catalog, "USGS Landsat 5 TM Collection 2 Tier 1
-#: TOA Reflectance" and "USGS Landsat 8 Collection 2 Tier 1 TOA Reflectance" (bands already scaled to reflectance).
+#: TOA collection per sensor. Source: Earth Engine data catalog, "USGS Landsat 5 TM / 7 ETM+ / 8 / 9 Collection 2
+#: Tier 1 TOA Reflectance" (bands already scaled to reflectance).
 COLLECTIONS: dict[str, str] = {
     "LANDSAT_5": "LANDSAT/LT05/C02/T1_TOA",
+    "LANDSAT_7": "LANDSAT/LE07/C02/T1_TOA",
     "LANDSAT_8": "LANDSAT/LC08/C02/T1_TOA",
+    "LANDSAT_9": "LANDSAT/LC09/C02/T1_TOA",
 }
 
-#: Collection 2 pixel quality band (same name in both collections; bits in :data:`cmsn_cube.qa.QA_BITS`).
+#: Surface reflectance collection per sensor. Source: Earth Engine data catalog, "USGS Landsat 5 / 7 / 8 / 9 Level 2,
+#: Collection 2, Tier 1" (bands ``SR_B*`` as digital numbers: scale with :data:`SR_SCALE` and :data:`SR_OFFSET`).
+SR_COLLECTIONS: dict[str, str] = {
+    "LANDSAT_5": "LANDSAT/LT05/C02/T1_L2",
+    "LANDSAT_7": "LANDSAT/LE07/C02/T1_L2",
+    "LANDSAT_8": "LANDSAT/LC08/C02/T1_L2",
+    "LANDSAT_9": "LANDSAT/LC09/C02/T1_L2",
+}
+
+#: Collections per product.
+PRODUCT_COLLECTIONS: dict[str, dict[str, str]] = {"toa": COLLECTIONS, "sr": SR_COLLECTIONS}
+
+#: Collection 2 Level-2 surface reflectance = DN * SR_SCALE + SR_OFFSET, and DN 0 is fill. Source: USGS Landsat
+#: Collection 2 Level-2 Science Product Guide (the same for TM, ETM+, OLI and OLI-2).
+SR_SCALE, SR_OFFSET, SR_FILL_DN = 2.75e-05, -0.2, 0
+
+#: Prefix of the Level-2 surface reflectance bands (``SR_B2`` for Landsat 8's blue).
+SR_BAND_PREFIX = "SR_"
+
+#: Collection 2 pixel quality band (same name in every collection; bits in :data:`cmsn_cube.qa.QA_BITS`).
 QA_BAND = "QA_PIXEL"
 
 #: Image properties holding the WRS-2 path and row. Source: Earth Engine catalog image properties of the
@@ -114,10 +154,10 @@ class PullPlan:
     ----------
     name : str
         Region name (also the default store name).
-    sensor : {"LANDSAT_5", "LANDSAT_8"}
-        The sensor; fixes the collection and the band names.
+    sensor : {"LANDSAT_5", "LANDSAT_7", "LANDSAT_8", "LANDSAT_9"}
+        The sensor; with ``product``, fixes the collection and the band names.
     collection_id : str
-        Earth Engine collection id (:data:`COLLECTIONS`).
+        Earth Engine collection id (:func:`collection_id`).
     bands : tuple of str
         Sensor band names in :data:`cmsn_cube.cube.BANDS` order, then ``QA_PIXEL``.
     start, end : str
@@ -136,6 +176,10 @@ class PullPlan:
         Target cloud fraction per kept date (ignored when ``dates`` is given).
     dates : tuple of str or None
         Days to keep instead of choosing by cloud level.
+    scale_m : float
+        Pixel size in metres.
+    product : {"toa", "sr"}
+        TOA reflectance or Level-2 surface reflectance.
     """
 
     name: str
@@ -153,6 +197,12 @@ class PullPlan:
     levels: tuple[float, ...] = DEFAULT_CLOUD_LEVELS
     dates: tuple[str, ...] | None = None
     scale_m: float = LANDSAT_SCALE_M
+    product: Product = "toa"
+
+    @property
+    def slc_off(self) -> bool:
+        """Whether some dates of the window are Landsat 7 SLC-off (striped: the stripes become gaps to fill)."""
+        return self.sensor == "LANDSAT_7" and self.end > SLC_FAILURE_DAY
 
     @property
     def pixel_count(self) -> int:
@@ -197,11 +247,18 @@ class PullPlan:
         wrs = f"{self.wrs_path:03d}/{self.wrs_row:03d}" if self.wrs_path and self.wrs_row else "any"
         keep = f"dates {', '.join(self.dates)}" if self.dates else f"cloud levels {', '.join(map(str, self.levels))}"
         west, south, east, north = self.bbox
+        scaling = f" (DN * {SR_SCALE:g} - {-SR_OFFSET:g}, clipped to [0, 1])" if self.product == "sr" else ""
+        slc = (
+            [f"slc-off     Landsat 7 after {SLC_FAILURE_DAY}: no-data stripes become gaps, filled like clouds"]
+            if self.slc_off
+            else []
+        )
         return "\n".join(
             [
                 f"region      {self.name}",
-                f"collection  {self.collection_id} ({self.sensor})",
-                f"bands       {', '.join(self.bands)} -> {', '.join(BANDS)} + qa_pixel",
+                f"collection  {self.collection_id} ({self.sensor}, {_PRODUCT_NAMES[self.product]})",
+                f"bands       {', '.join(self.bands)} -> {', '.join(BANDS)}{scaling} + qa_pixel",
+                *slc,
                 f"dates       {self.start} .. {self.end} (~{self.expected_acquisitions} acquisitions), keep {keep}",
                 f"bbox        W {west} S {south} E {east} N {north} (WRS-2 path/row {wrs})",
                 f"crs         {self.crs}, {self.scale_m:g} m, transform {tuple(round(v, 3) for v in self.crs_transform)}",
@@ -210,6 +267,31 @@ class PullPlan:
                 f"~{self.expected_transfer_mb:.1f} MB fetched from Earth Engine",
             ]
         )
+
+
+#: How :meth:`PullPlan.describe` and the cube's attrs name the products.
+_PRODUCT_NAMES: dict[str, str] = {"toa": "TOA reflectance", "sr": "surface reflectance"}
+
+
+def _check_sensor_product(sensor: str, product: str) -> None:
+    if product not in PRODUCT_COLLECTIONS:
+        raise RegionError(
+            f"product must be one of {sorted(PRODUCT_COLLECTIONS)} (TOA or surface reflectance), got {product!r}"
+        )
+    if sensor not in PRODUCT_COLLECTIONS[product]:
+        raise RegionError(f"sensor must be one of {sorted(PRODUCT_COLLECTIONS[product])}, got {sensor!r}")
+
+
+def collection_id(sensor: str, product: str = "toa") -> str:
+    """The Earth Engine collection of a sensor and product.
+
+    Examples
+    --------
+    >>> collection_id("LANDSAT_7", "sr"), collection_id("LANDSAT_9")
+    ('LANDSAT/LE07/C02/T1_L2', 'LANDSAT/LC09/C02/T1_TOA')
+    """
+    _check_sensor_product(sensor, product)
+    return PRODUCT_COLLECTIONS[product][sensor]
 
 
 def utm_crs(lon: float, lat: float) -> str:
@@ -258,8 +340,8 @@ def grid_for_bbox(bbox: Sequence[float], *, crs: str | None = None, scale: float
     scale : float
         Pixel size in metres.
     """
-    import shapely
-    import xee
+    shapely = require("shapely", "ee")
+    xee = require("xee", "ee")
 
     west, south, east, north = _check_bbox(bbox)
     crs = crs or utm_crs((west + east) / 2, (south + north) / 2)
@@ -289,12 +371,13 @@ def plan_pull(
     dates: Sequence[str | dt.date] | None = None,
     crs: str | None = None,
     scale: float = LANDSAT_SCALE_M,
+    product: Product = "toa",
 ) -> PullPlan:
     """Describe a pull fully offline: collection, bands, window, grid, pixel count and expected size.
 
     Parameters
     ----------
-    sensor : {"LANDSAT_5", "LANDSAT_8"}
+    sensor : {"LANDSAT_5", "LANDSAT_7", "LANDSAT_8", "LANDSAT_9"}
         Which Landsat.
     start, end : str or datetime.date
         First and last day of the window, both included.
@@ -312,6 +395,8 @@ def plan_pull(
         Grid CRS; default the UTM zone of the bbox centre.
     scale : float
         Pixel size in metres.
+    product : {"toa", "sr"}
+        TOA reflectance (``LANDSAT/L*/C02/T1_TOA``) or Level-2 surface reflectance (``LANDSAT/L*/C02/T1_L2``).
 
     Returns
     -------
@@ -320,16 +405,18 @@ def plan_pull(
     Raises
     ------
     RegionError
-        Unknown sensor, bad bbox, window or dates.
+        Unknown sensor or product, bad bbox, window or dates.
 
     Examples
     --------
     >>> plan = plan_pull(sensor="LANDSAT_8", start="2013-05-01", end="2013-05-31", bbox=(114.2, 30.5, 114.3, 30.6))
     >>> plan.crs, plan.bands
     ('EPSG:32650', ('B2', 'B3', 'B4', 'B5', 'QA_PIXEL'))
+    >>> plan_pull(sensor="LANDSAT_9", start="2022-05-01", end="2022-05-31", bbox=(114.2, 30.5, 114.3, 30.6),
+    ...           product="sr").bands
+    ('SR_B2', 'SR_B3', 'SR_B4', 'SR_B5', 'QA_PIXEL')
     """
-    if sensor not in COLLECTIONS:
-        raise RegionError(f"sensor must be one of {sorted(COLLECTIONS)}, got {sensor!r}")
+    _check_sensor_product(sensor, product)
     start_day, end_day = _iso_day(start, "start"), _iso_day(end, "end")
     if end_day < start_day:
         raise RegionError(f"end {end_day} comes before start {start_day}")
@@ -342,8 +429,8 @@ def plan_pull(
     return PullPlan(
         name=name,
         sensor=sensor,
-        collection_id=COLLECTIONS[sensor],
-        bands=sensor_band_names(sensor) + (QA_BAND,),
+        collection_id=collection_id(sensor, product),
+        bands=sensor_band_names(sensor, product) + (QA_BAND,),
         start=start_day,
         end=end_day,
         bbox=_check_bbox(bbox),
@@ -355,29 +442,42 @@ def plan_pull(
         levels=tuple(float(v) for v in levels),
         dates=kept,
         scale_m=float(scale),
+        product=product,
     )
 
 
-def sensor_band_names(sensor: str) -> tuple[str, ...]:
-    """The sensor's band names for :data:`cmsn_cube.cube.BANDS`, in that order.
+def sensor_band_names(sensor: str, product: str = "toa") -> tuple[str, ...]:
+    """The sensor's band names for :data:`cmsn_cube.cube.BANDS`, in that order, in the product's collection.
+
+    Landsat 5 TM and 7 ETM+ share one band map, Landsat 8 OLI and 9 OLI-2 another
+    (:data:`cmsn_cube.cube.SENSOR_BANDS`); the surface reflectance bands carry the prefix ``SR_``.
 
     Examples
     --------
-    >>> sensor_band_names("LANDSAT_5"), sensor_band_names("LANDSAT_8")
+    >>> sensor_band_names("LANDSAT_7"), sensor_band_names("LANDSAT_9")
     (('B1', 'B2', 'B3', 'B4'), ('B2', 'B3', 'B4', 'B5'))
+    >>> sensor_band_names("LANDSAT_5", "sr")
+    ('SR_B1', 'SR_B2', 'SR_B3', 'SR_B4')
     """
     if sensor not in SENSOR_BANDS:
         raise RegionError(f"no band map for sensor {sensor!r}; known: {sorted(SENSOR_BANDS)}")
-    return tuple(SENSOR_BANDS[sensor][band] for band in BANDS)
+    if product not in PRODUCT_COLLECTIONS:
+        raise RegionError(f"product must be one of {sorted(PRODUCT_COLLECTIONS)}, got {product!r}")
+    prefix = SR_BAND_PREFIX if product == "sr" else ""
+    return tuple(prefix + SENSOR_BANDS[sensor][band] for band in BANDS)
 
 
-def load_regions(config: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """Read a regions file (``pipelines/regions.yaml``): region name -> keyword arguments of :func:`plan_pull`."""
+#: The regions of the seed study, shipped inside the package (the default of ``--config``).
+REGIONS_FILE = Path(__file__).resolve().parents[1] / "data" / "regions.yaml"
+
+
+def load_regions(config: str | os.PathLike[str] = REGIONS_FILE) -> dict[str, dict[str, Any]]:
+    """Read a regions file (default the packaged :data:`REGIONS_FILE`): region name -> :func:`plan_pull` arguments."""
     import yaml
 
     path = Path(config)
     if not path.exists():
-        raise RegionError(f"no regions file at {path}; pass --config pipelines/regions.yaml or --bbox/--start/--end")
+        raise RegionError(f"no regions file at {path}; pass --config FILE.yaml or --bbox/--start/--end")
     document = yaml.safe_load(path.read_text()) or {}
     regions = document.get("regions", document)
     if not isinstance(regions, Mapping) or not regions:
@@ -386,10 +486,16 @@ def load_regions(config: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 
 
 #: Keys of a region entry that :func:`plan_pull` takes (others, such as ``description``, are documentation).
-_PLAN_KEYS = ("sensor", "start", "end", "bbox", "wrs_path", "wrs_row", "levels", "dates", "crs", "scale")
+_PLAN_KEYS = ("sensor", "product", "start", "end", "bbox", "wrs_path", "wrs_row", "levels", "dates", "crs", "scale")
 
 
-def plan_region(name: str, *, config: str | os.PathLike[str], use_dates: bool = False) -> PullPlan:
+def plan_region(
+    name: str,
+    *,
+    config: str | os.PathLike[str] = REGIONS_FILE,
+    use_dates: bool = False,
+    product: Product | None = None,
+) -> PullPlan:
     """The :class:`PullPlan` of region ``name`` in a regions file.
 
     Parameters
@@ -397,9 +503,11 @@ def plan_region(name: str, *, config: str | os.PathLike[str], use_dates: bool = 
     name : str
         Region name in the file.
     config : path-like
-        The regions file.
+        The regions file; default the packaged one (:data:`REGIONS_FILE`).
     use_dates : bool
         Keep the region's listed ``dates`` (the seed's) instead of choosing dates by cloud level.
+    product : {"toa", "sr"}, optional
+        Overrides the region's ``product`` (default ``"toa"``).
     """
     regions = load_regions(config)
     if name not in regions:
@@ -407,6 +515,8 @@ def plan_region(name: str, *, config: str | os.PathLike[str], use_dates: bool = 
     spec = {key: regions[name][key] for key in _PLAN_KEYS if key in regions[name]}
     if not use_dates:
         spec.pop("dates", None)
+    if product is not None:
+        spec["product"] = product
     missing = [key for key in ("sensor", "start", "end", "bbox") if key not in spec]
     if missing:
         raise RegionError(f"region {name!r} in {config} lacks {missing}")
@@ -419,6 +529,7 @@ def plan_region(name: str, *, config: str | os.PathLike[str], use_dates: bool = 
 def build_collection(
     sensor: Sensor,
     *,
+    product: Product = "toa",
     start: str | dt.date,
     end: str | dt.date,
     bbox: Sequence[float] | None = None,
@@ -426,15 +537,18 @@ def build_collection(
     wrs_row: int | None = None,
     mosaic: bool = True,
 ) -> ee.ImageCollection:
-    """The Landsat TOA collection of a region and window: sensor bands + QA_PIXEL, one image per day.
+    """The Landsat collection of a region and window: sensor bands + QA_PIXEL, one image per day.
 
     Builds the expression only (no request): ``ee`` must be initialized (``initialize_earthengine``) because
-    the client library needs the algorithm list to build it.
+    the client library needs the algorithm list to build it. Surface reflectance stays in digital numbers here
+    and :func:`xee_to_cube` scales it, so that fill (DN 0) is still told apart from dark ground after scaling.
 
     Parameters
     ----------
-    sensor : {"LANDSAT_5", "LANDSAT_8"}
-        Which Landsat; fixes the collection and band names.
+    sensor : {"LANDSAT_5", "LANDSAT_7", "LANDSAT_8", "LANDSAT_9"}
+        Which Landsat; with ``product``, fixes the collection and band names.
+    product : {"toa", "sr"}
+        TOA reflectance or Level-2 surface reflectance (:func:`collection_id`).
     start, end : str or datetime.date
         First and last day, both included.
     bbox : sequence of float, optional
@@ -452,30 +566,29 @@ def build_collection(
         carries ``system:time_start`` (its first scene's), ``system:id``/``system:index`` (the day) and
         ``n_scenes``.
     """
-    import ee
+    ee = require("ee", "ee", package="earthengine-api")
 
-    if sensor not in COLLECTIONS:
-        raise RegionError(f"sensor must be one of {sorted(COLLECTIONS)}, got {sensor!r}")
+    source_id = collection_id(sensor, product)
     if bbox is None and wrs_path is None:
         raise RegionError("give a bbox or a WRS-2 path (and row) so the collection is not the whole archive")
     start_day = _iso_day(start, "start")
     # filterDate's end is exclusive: advance one day so `end` is included
     end_next = (dt.date.fromisoformat(_iso_day(end, "end")) + dt.timedelta(days=1)).isoformat()
-    collection = ee.ImageCollection(COLLECTIONS[sensor]).filterDate(start_day, end_next)
+    collection = ee.ImageCollection(source_id).filterDate(start_day, end_next)
     if wrs_path is not None:
         collection = collection.filter(ee.Filter.eq(WRS_PATH_PROPERTY, int(wrs_path)))
     if wrs_row is not None:
         collection = collection.filter(ee.Filter.eq(WRS_ROW_PROPERTY, int(wrs_row)))
     if bbox is not None:
         collection = collection.filterBounds(ee.Geometry.Rectangle(list(_check_bbox(bbox)), "EPSG:4326", False))
-    bands = list(sensor_band_names(sensor)) + [QA_BAND]
+    bands = list(sensor_band_names(sensor, product)) + [QA_BAND]
     collection = collection.select(bands)
     if not mosaic:
         return collection.sort("system:time_start")
 
     days = collection.aggregate_array("system:time_start").map(lambda t: ee.Date(t).format("YYYY-MM-dd")).distinct()
 
-    def mosaic_day(day: Any) -> ee.Image:
+    def mosaic_day(day: Any) -> Any:  # an ee.Image
         start_of_day = ee.Date.parse("YYYY-MM-dd", day)
         scenes = collection.filterDate(start_of_day, start_of_day.advance(1, "day"))
         first = scenes.sort("system:time_start").first()
@@ -486,7 +599,7 @@ def build_collection(
             .set(
                 {
                     "system:time_start": first.get("system:time_start"),
-                    "system:id": ee.String(COLLECTIONS[sensor] + "/").cat(day),
+                    "system:id": ee.String(source_id + "/").cat(day),
                     "system:index": day,
                     "n_scenes": scenes.size(),
                 }
@@ -499,7 +612,13 @@ def build_collection(
 def collection_for_plan(plan: PullPlan) -> ee.ImageCollection:
     """:func:`build_collection` for a :class:`PullPlan`."""
     return build_collection(
-        plan.sensor, start=plan.start, end=plan.end, bbox=plan.bbox, wrs_path=plan.wrs_path, wrs_row=plan.wrs_row
+        plan.sensor,
+        product=plan.product,
+        start=plan.start,
+        end=plan.end,
+        bbox=plan.bbox,
+        wrs_path=plan.wrs_path,
+        wrs_row=plan.wrs_row,
     )
 
 
@@ -528,7 +647,7 @@ def open_xee(
     xarray.Dataset
         xee's layout (see the module docstring); convert with :func:`xee_to_cube`.
     """
-    import ee
+    ee = require("ee", "ee", package="earthengine-api")
 
     collection = collection if collection is not None else collection_for_plan(plan)
     chunks = dict(chunks or DEFAULT_XEE_CHUNKS)
@@ -567,6 +686,7 @@ def xee_to_cube(
     ds: xr.Dataset,
     *,
     sensor: Sensor,
+    product: Product = "toa",
     crs: str | None = None,
     source: str | None = None,
     qa_band: str = QA_BAND,
@@ -576,10 +696,13 @@ def xee_to_cube(
     Parameters
     ----------
     ds : xarray.Dataset
-        xee's dataset: one ``(time, y, x)`` float32 variable per band named by its sensor band id (common names
-        ``blue``... are accepted too), NaN where Earth Engine masked the pixel.
-    sensor : {"LANDSAT_5", "LANDSAT_8"}
-        The sensor, whose band names (:data:`cmsn_cube.cube.SENSOR_BANDS`) are looked up.
+        xee's dataset: one ``(time, y, x)`` float32 variable per band named by its band id in the product's
+        collection (common names ``blue``... are accepted too), NaN where Earth Engine masked the pixel.
+    sensor : {"LANDSAT_5", "LANDSAT_7", "LANDSAT_8", "LANDSAT_9"}
+        The sensor, whose band names (:func:`sensor_band_names`) are looked up.
+    product : {"toa", "sr"}
+        ``"toa"``: the bands are TOA reflectance already. ``"sr"``: they are Level-2 digital numbers, scaled here
+        to ``DN * SR_SCALE + SR_OFFSET`` clipped to [0, 1]; DN 0 is fill.
     crs : str, optional
         The grid's CRS; default the ``crs`` attr xee puts on every variable.
     source : str, optional
@@ -590,27 +713,32 @@ def xee_to_cube(
     Returns
     -------
     xarray.Dataset
-        A valid cube with ``cloud_mask`` decoded from QA; pixels without data (masked, or QA fill bit) are
-        NaN in ``reflectance``, have the fill bit set in ``qa_pixel`` and are False in ``cloud_mask``.
+        A valid cube with ``cloud_mask`` decoded from QA; pixels without data (masked, QA fill bit, or SR DN 0)
+        are NaN in ``reflectance`` and have the fill bit set in ``qa_pixel``. They are False in ``cloud_mask``,
+        except on Landsat 7 SLC-off dates, where they are the stripes and count as gaps to fill
+        (:func:`cmsn_cube.qa.add_slc_off_gaps`). ``attrs["product"]`` records the product, the ``sensor(time)``
+        and ``slc_off(time)`` coordinates the sensor and the SLC-off dates.
 
     Raises
     ------
     BandMismatchError
-        A band of the sensor is missing (wrong ``sensor``?).
+        A band of the sensor is missing (wrong ``sensor`` or ``product``?).
     DimensionError, TimeAxisError, MissingCRSError
         The dataset is not laid out as xee lays it out.
+    RegionError
+        Unknown sensor or product.
     """
-    if sensor not in COLLECTIONS:
-        raise RegionError(f"sensor must be one of {sorted(COLLECTIONS)}, got {sensor!r}")
+    source_id = collection_id(sensor, product)
     ds = _normalise_dims(ds)
-    sensor_names = sensor_band_names(sensor)
+    sensor_names = sensor_band_names(sensor, product)
     arrays = []
     for common, sensor_name in zip(BANDS, sensor_names, strict=True):
         array = _xee_variable(ds, (sensor_name, common))
         if array is None:
             raise BandMismatchError(
-                f"the xee dataset has no band {sensor_name!r} ({common} of {sensor}); it has {sorted(map(str, ds.data_vars))}"
-                " - is sensor right? (Landsat 5 TM: B1-B4, Landsat 8 OLI: B2-B5)"
+                f"the xee dataset has no band {sensor_name!r} ({common} of {sensor} {product}); it has"
+                f" {sorted(map(str, ds.data_vars))} - are sensor and product right? (Landsat 5/7 TM/ETM+: B1-B4,"
+                f" Landsat 8/9 OLI: B2-B5; surface reflectance: {SR_BAND_PREFIX}B*)"
             )
         arrays.append(array)
     qa = _xee_variable(ds, (qa_band, "qa_pixel"))
@@ -641,6 +769,11 @@ def xee_to_cube(
     no_data = np.isnan(qa_values)
     # masked QA means no data: set the fill bit so decoding calls it fill, not clear
     qa_words = np.where(no_data, 1 << QA_BITS["fill"], np.nan_to_num(qa_values)).astype("uint16")
+    if product == "sr":
+        # DN 0 is Level-2 fill (SLC-off stripes among them) where Earth Engine did not mask it: not -0.2 clipped
+        qa_words = np.where((reflectance == SR_FILL_DN).any(axis=1), qa_words | (1 << QA_BITS["fill"]), qa_words)
+        scaled = reflectance * np.float32(SR_SCALE) + np.float32(SR_OFFSET)
+        reflectance = np.clip(scaled, np.float32(0), np.float32(1)).astype("float32")
     fill = (qa_words & (1 << QA_BITS["fill"])) != 0
     reflectance = np.where(fill[:, None], np.float32("nan"), reflectance)
 
@@ -652,10 +785,13 @@ def xee_to_cube(
         crs=crs,
         sensor=sensor,
         qa_pixel=qa_words,
-        source=source or f"Google Earth Engine {COLLECTIONS[sensor]} via xee",
-        attrs={"collection_id": COLLECTIONS[sensor], "reflectance": "TOA"},
+        source=source or f"Google Earth Engine {source_id} via xee",
+        attrs={"collection_id": source_id, "reflectance": product.upper(), "product": product},
     )
-    return add_cloud_mask(cube)
+    cube["reflectance"].attrs["long_name"] = _PRODUCT_NAMES[product]
+    # a per-date flag that travels into the reconstruction (its coords come from the cube's)
+    cube = cube.assign_coords(slc_off=slc_off_dates(cube))
+    return add_slc_off_gaps(add_cloud_mask(cube))
 
 
 # -------------------------------------------------------------------------------------- choosing dates
@@ -732,7 +868,7 @@ def _credentials_source() -> tuple[str, str | None]:
         if not Path(value).expanduser().is_file():
             raise EarthEngineError(f"{variable}={value} names no file; point it at a service-account JSON key")
         return variable, str(Path(value).expanduser())
-    from ee import oauth
+    oauth = require("ee.oauth", "ee", package="earthengine-api")
 
     persistent = Path(oauth.get_credentials_path())
     if persistent.is_file():
@@ -746,7 +882,7 @@ def _credentials_source() -> tuple[str, str | None]:
 
 
 def _service_account_credentials(key_file: str) -> Any:
-    import ee
+    ee = require("ee", "ee", package="earthengine-api")
 
     try:
         email = json.loads(Path(key_file).read_text())["client_email"]
@@ -776,7 +912,7 @@ def initialize_earthengine(project: str | None = None, *, timeout_s: float = INI
     EarthEngineError
         No credentials, bad credentials, no project, or Earth Engine unreachable; the message says what to do.
     """
-    import ee
+    ee = require("ee", "ee", package="earthengine-api")
 
     if ee.data.is_initialized():
         return
@@ -851,7 +987,7 @@ def pull_region(
     """
     initialize_earthengine(project)
     ds = open_xee(plan, chunks=chunks, collection=collection)
-    cube = xee_to_cube(ds, sensor=plan.sensor)
+    cube = xee_to_cube(ds, sensor=plan.sensor, product=plan.product)
     cube = choose_dates(cube, levels=plan.levels, dates=plan.dates, progress=progress)
     cube.attrs.update(region=plan.name, bbox=list(plan.bbox), window=f"{plan.start}/{plan.end}")
     if plan.wrs_path is not None and plan.wrs_row is not None:
@@ -861,11 +997,18 @@ def pull_region(
 
 __all__ = [
     "COLLECTIONS",
+    "PRODUCT_COLLECTIONS",
+    "SR_COLLECTIONS",
+    "SR_OFFSET",
+    "SR_SCALE",
+    "Product",
     "PullPlan",
     "RegionError",
+    "Sensor",
     "build_collection",
     "choose_dates",
     "collection_for_plan",
+    "collection_id",
     "grid_for_bbox",
     "initialize_earthengine",
     "load_regions",

@@ -15,15 +15,19 @@ from click.testing import CliRunner
 
 from cmsn_cube.cli import main
 from cmsn_cube.cube import BANDS, validate_cube
-from cmsn_cube.exceptions import BandMismatchError, EarthEngineError, MissingDateError
-from cmsn_cube.qa import QA_BITS, encode_qa
+from cmsn_cube.exceptions import BandMismatchError, EarthEngineError, MissingDateError, RegionError
+from cmsn_cube.qa import QA_BITS, encode_qa, slc_off_gaps
 from cmsn_cube.sources import earthengine as eee
 from cmsn_cube.store import open_cube, write_cube
 
-REGIONS = Path(__file__).resolve().parents[2] / "pipelines" / "regions.yaml"
+REGIONS = Path(__file__).resolve().parents[2] / "cmsn_cube" / "data" / "regions.yaml"
 L8 = ("B2", "B3", "B4", "B5")
 L5 = ("B1", "B2", "B3", "B4")
+SR_L8 = tuple(f"SR_{b}" for b in L8)
+SR_L5 = tuple(f"SR_{b}" for b in L5)
 DAYS = ["2013-05-12", "2013-05-28", "2013-06-13", "2013-06-29"]
+#: Landsat 7 around the scan line corrector failure (2003-05-31): whole, then three striped dates.
+L7_DAYS = ["2003-05-15", "2003-06-16", "2003-07-02", "2003-07-18"]
 #: Cloud fraction per date (as cloudy rows; fill pixels and a shadow change it a little).
 CLOUD_FRACTIONS = [0.30, 0.13, 0.03, 0.23]
 
@@ -77,15 +81,50 @@ def expected_fractions(bands: dict[str, np.ndarray]) -> np.ndarray:
     return cloudy.sum((1, 2)) / valid.sum((1, 2))
 
 
-def xee_like(bands: dict[str, np.ndarray], *, crs="EPSG:32650", transform=(30.0, 0, 228300.0, 0, -30.0, 3390930.0)):
+def sr_scene(height: int, width: int, *, bands=SR_L8) -> dict[str, np.ndarray]:
+    """:func:`scene` as Level-2 digital numbers: DN 10000 + 1000 per band + 100 per date + the pixel index."""
+    out = scene(height, width, bands=bands)
+    rows, cols = np.mgrid[0:height, 0:width]
+    for b, name in enumerate(bands):
+        masked = np.isnan(out[name])
+        out[name] = np.stack([10000.0 + 1000 * b + 100 * t + rows * width + cols for t in range(4)])
+        out[name][masked] = np.nan
+    return out
+
+
+def expected_sr(dn: np.ndarray) -> np.ndarray:
+    """Collection 2 Level-2 scaling, written out independently of the code under test."""
+    return np.clip(dn * 0.0000275 - 0.2, 0.0, 1.0)
+
+
+def stripes(height: int, width: int) -> np.ndarray:
+    """SLC-off gaps per date: none on the first (before the failure), slanted 2-px stripes on the others."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    out = np.zeros((4, height, width), dtype=bool)
+    for t in range(1, 4):
+        out[t] = (cols + rows // 3 + t) % 7 < 2
+    return out
+
+
+def int_types(names) -> dict[str, dict]:
+    return {name: {"type": "PixelType", "precision": "int", "min": 0, "max": 65535} for name in names}
+
+
+def xee_like(
+    bands: dict[str, np.ndarray],
+    *,
+    crs="EPSG:32650",
+    transform=(30.0, 0, 228300.0, 0, -30.0, 3390930.0),
+    days=DAYS,
+):
     """A Dataset laid out exactly as xee 0.1.2 returns it (see cmsn_cube.sources.earthengine's docstring)."""
     n, height, width = next(iter(bands.values())).shape
-    times = pd.to_datetime([pd.Timestamp(d) + pd.Timedelta(hours=2, minutes=55) for d in DAYS[:n]]).as_unit("us")
+    times = pd.to_datetime([pd.Timestamp(d) + pd.Timedelta(hours=2, minutes=55) for d in days[:n]]).as_unit("us")
     x = transform[2] + transform[0] / 2 + np.arange(width) * transform[0]
     y = transform[5] + transform[4] / 2 + np.arange(height) * transform[4]
     data_vars = {}
     for name, values in bands.items():
-        precision = "int" if name == "QA_PIXEL" else "float"
+        precision = "int" if name == "QA_PIXEL" or name.startswith("SR_") else "float"
         attrs = {
             "id": name,
             "data_type": str({"type": "PixelType", "precision": precision}),
@@ -102,22 +141,58 @@ def xee_like(bands: dict[str, np.ndarray], *, crs="EPSG:32650", transform=(30.0,
 # ------------------------------------------------------------------------------------------- band maps
 
 
-def test_band_maps_for_l5_and_l8():
-    assert eee.sensor_band_names("LANDSAT_5") == L5
-    assert eee.sensor_band_names("LANDSAT_8") == L8
-    assert eee.COLLECTIONS == {"LANDSAT_5": "LANDSAT/LT05/C02/T1_TOA", "LANDSAT_8": "LANDSAT/LC08/C02/T1_TOA"}
+def test_band_maps_and_collections_for_every_sensor_and_product():
+    assert eee.sensor_band_names("LANDSAT_5") == eee.sensor_band_names("LANDSAT_7") == L5
+    assert eee.sensor_band_names("LANDSAT_8") == eee.sensor_band_names("LANDSAT_9") == L8
+    assert eee.sensor_band_names("LANDSAT_7", "sr") == SR_L5
+    assert eee.sensor_band_names("LANDSAT_9", "sr") == SR_L8
+    assert eee.COLLECTIONS == {
+        "LANDSAT_5": "LANDSAT/LT05/C02/T1_TOA",
+        "LANDSAT_7": "LANDSAT/LE07/C02/T1_TOA",
+        "LANDSAT_8": "LANDSAT/LC08/C02/T1_TOA",
+        "LANDSAT_9": "LANDSAT/LC09/C02/T1_TOA",
+    }
+    assert eee.SR_COLLECTIONS == {
+        "LANDSAT_5": "LANDSAT/LT05/C02/T1_L2",
+        "LANDSAT_7": "LANDSAT/LE07/C02/T1_L2",
+        "LANDSAT_8": "LANDSAT/LC08/C02/T1_L2",
+        "LANDSAT_9": "LANDSAT/LC09/C02/T1_L2",
+    }
+    with pytest.raises(RegionError, match="product must be one of.*'boa'"):
+        eee.collection_id("LANDSAT_8", "boa")
+    with pytest.raises(RegionError, match="sensor must be one of.*LANDSAT_4"):
+        eee.plan_pull(sensor="LANDSAT_4", start="2013-05-01", end="2013-05-31", bbox=(114.2, 30.5, 114.3, 30.6))
 
 
-@pytest.mark.parametrize("sensor, bands", [("LANDSAT_5", L5), ("LANDSAT_8", L8)])
-def test_collection_is_built_and_serialized_for_each_sensor(ee_offline, ee_fake, sensor, bands):
+@pytest.mark.parametrize(
+    "sensor, product, bands",
+    [
+        ("LANDSAT_5", "toa", L5),
+        ("LANDSAT_7", "toa", L5),
+        ("LANDSAT_8", "toa", L8),
+        ("LANDSAT_9", "toa", L8),
+        ("LANDSAT_5", "sr", SR_L5),
+        ("LANDSAT_7", "sr", SR_L5),
+        ("LANDSAT_8", "sr", SR_L8),
+        ("LANDSAT_9", "sr", SR_L8),
+    ],
+)
+def test_collection_is_built_and_serialized_for_each_sensor(ee_offline, ee_fake, sensor, product, bands):
     from ee import serializer
 
     resolve, invocations, constant = ee_fake.resolve, ee_fake.invocations, ee_fake.constant
     collection = eee.build_collection(
-        sensor, start="2013-05-01", end="2013-05-31", bbox=(114.2, 30.5, 114.3, 30.6), wrs_path=123, wrs_row=39
+        sensor,
+        product=product,
+        start="2013-05-01",
+        end="2013-05-31",
+        bbox=(114.2, 30.5, 114.3, 30.6),
+        wrs_path=123,
+        wrs_row=39,
     )
     tree = resolve(serializer.encode(collection, for_cloud_api=True))
-    assert {constant(load["id"]) for load in invocations(tree, "ImageCollection.load")} == {eee.COLLECTIONS[sensor]}
+    expected_id = (eee.SR_COLLECTIONS if product == "sr" else eee.COLLECTIONS)[sensor]
+    assert {constant(load["id"]) for load in invocations(tree, "ImageCollection.load")} == {expected_id}
     selections = [constant(args["bandSelectors"]) for args in invocations(tree, "Image.select")]
     assert [*bands, "QA_PIXEL"] in selections
     filters = {(constant(a["leftField"]), constant(a["rightValue"])) for a in invocations(tree, "Filter.equals")}
@@ -160,6 +235,48 @@ def test_xee_to_cube_l5_band_map_and_wrong_sensor():
     np.testing.assert_array_equal(cube["reflectance"].sel(band="nir").values, bands["B4"])
     with pytest.raises(BandMismatchError, match="B5"):
         eee.xee_to_cube(xee_like(bands), sensor="LANDSAT_8")
+
+
+def test_xee_to_cube_l9_band_map():
+    days = ["2022-05-04", "2022-05-20", "2022-06-05", "2022-06-21"]
+    bands = scene(8, 10)
+    bands["B1"] = np.full_like(bands["B2"], 0.9)  # OLI-2 coastal aerosol: not blue
+    cube = eee.xee_to_cube(xee_like(bands, days=days), sensor="LANDSAT_9")
+    for common, name in zip(BANDS, L8, strict=True):
+        np.testing.assert_array_equal(cube["reflectance"].sel(band=common).values, bands[name])
+    assert list(cube["sensor"].values) == ["LANDSAT_9"] * 4 and not cube["slc_off"].values.any()
+    assert (cube.attrs["collection_id"], cube.attrs["product"]) == ("LANDSAT/LC09/C02/T1_TOA", "toa")
+    assert "slc_off_gap" not in cube["cloud_mask"].attrs["flags"]
+
+
+def test_sr_scaling_stays_lazy_and_needs_sr_bands():
+    bands = sr_scene(8, 10)
+    ds = xee_like(bands).chunk({"time": 1, "y": 4, "x": 4})
+    with dask.config.set(scheduler=_raise_on_compute):
+        cube = eee.xee_to_cube(ds, sensor="LANDSAT_8", product="sr")
+    assert cube["reflectance"].chunks is not None
+    cube = cube.compute()
+    np.testing.assert_allclose(cube["reflectance"].sel(band="nir").values, expected_sr(bands["SR_B5"]), atol=1e-6)
+    with pytest.raises(BandMismatchError, match="SR_B"):
+        eee.xee_to_cube(xee_like(scene(8, 10)), sensor="LANDSAT_8", product="sr")
+
+
+def test_landsat7_toa_stripes_become_gaps_only_after_the_slc_failure():
+    days = ["2003-05-15", "2003-05-31", "2003-06-01", "2003-07-18"]
+    bands = scene(9, 14, bands=L5)
+    gaps = stripes(9, 14)  # on dates 1-3; date 1 is the failure day itself, its scene still whole
+    for name in L5:
+        bands[name][gaps] = np.nan  # the TOA collection masks the stripes; QA_PIXEL flags them fill
+    bands["QA_PIXEL"][gaps] = 1.0
+    cube = eee.xee_to_cube(xee_like(bands, days=days), sensor="LANDSAT_7").compute()
+    assert list(cube["slc_off"].values) == [False, False, True, True]
+    mask = cube["cloud_mask"].values
+    assert mask[2:][gaps[2:]].all() and not mask[1][gaps[1]].any()
+    np.testing.assert_array_equal(slc_off_gaps(cube).values, gaps & np.array([0, 0, 1, 1], bool)[:, None, None])
+    assert cube["cloud_mask"].attrs["flags"].endswith(",slc_off_gap")
+    # the same pixels from Landsat 5 are plain no data, not gaps in the mask
+    l5 = eee.xee_to_cube(xee_like(bands, days=days), sensor="LANDSAT_5")
+    assert not l5["slc_off"].values.any() and not l5["cloud_mask"].values[gaps].any()
 
 
 def test_xee_encoding_does_not_scale_the_store(tmp_path):
@@ -256,6 +373,35 @@ def test_dry_run_through_the_cli():
     assert "EPSG:32755" in result.output and "LANDSAT/LT05/C02/T1_TOA" in result.output
     result = CliRunner().invoke(main, ["pull", "--bbox", "1,2,3", "--start", "2004-11-01", "--end", "2005-01-31"])
     assert result.exit_code != 0 and "W,S,E,N" in result.output
+
+
+@pytest.mark.parametrize(
+    "sensor, product, collection, bands",
+    [
+        ("LANDSAT_9", "sr", "LANDSAT/LC09/C02/T1_L2", "SR_B2, SR_B3, SR_B4, SR_B5, QA_PIXEL"),
+        ("LANDSAT_9", "toa", "LANDSAT/LC09/C02/T1_TOA", "B2, B3, B4, B5, QA_PIXEL"),
+        ("LANDSAT_7", "sr", "LANDSAT/LE07/C02/T1_L2", "SR_B1, SR_B2, SR_B3, SR_B4, QA_PIXEL"),
+        ("LANDSAT_7", "toa", "LANDSAT/LE07/C02/T1_TOA", "B1, B2, B3, B4, QA_PIXEL"),
+    ],
+)
+def test_dry_run_prints_the_collection_of_sensor_and_product(sensor, product, collection, bands):
+    args = ["pull", "--bbox", "114.2,30.5,114.3,30.6", "--start", "2022-05-01", "--end", "2022-05-31"]
+    result = CliRunner().invoke(main, [*args, "--sensor", sensor, "--product", product, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert collection in result.output and bands in result.output
+    assert ("DN * 2.75e-05 - 0.2, clipped to [0, 1]" in result.output) == (product == "sr")
+    assert ("slc-off" in result.output) == (sensor == "LANDSAT_7")
+
+
+def test_dry_run_product_for_a_region_and_a_bad_product():
+    result = CliRunner().invoke(
+        main, ["pull", "--region", "wuhan", "--config", str(REGIONS), "--product", "sr", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "LANDSAT/LC08/C02/T1_L2 (LANDSAT_8, surface reflectance)" in result.output and "SR_B2" in result.output
+    assert eee.plan_region("wuhan", config=REGIONS, product="sr").product == "sr"
+    result = CliRunner().invoke(main, ["pull", "--region", "wuhan", "--config", str(REGIONS), "--product", "boa"])
+    assert result.exit_code == 2 and "'boa' is not one of 'toa', 'sr'" in result.output
 
 
 # -------------------------------------------------------------------------------------- credentials
@@ -364,6 +510,111 @@ def test_pull_region_through_the_real_xee_backend(ee_offline, ee_fake, monkeypat
         assert request["grid"]["dimensions"]["width"] <= 16 and request["grid"]["dimensions"]["height"] <= 16
     requested = {constant(invocations(r["tree"], "Image.addBands")[0]["names"])[0] for r in server.pixel_requests}
     assert requested == {*L8, "QA_PIXEL"}
+
+
+def test_sr_pull_scales_digital_numbers(ee_offline, ee_fake, monkeypatch, tmp_path):
+    invocations, constant = ee_fake.invocations, ee_fake.constant
+    plan = eee.plan_pull(
+        sensor="LANDSAT_8",
+        product="sr",
+        start="2013-05-01",
+        end="2013-07-15",
+        bbox=(114.25, 30.55, 114.26, 30.56),
+        name="tiny_sr",
+        dates=DAYS[1:],
+    )
+    assert plan.collection_id == "LANDSAT/LC08/C02/T1_L2" and plan.bands == (*SR_L8, "QA_PIXEL")
+    width, height = plan.shape_2d
+    bands = sr_scene(height, width)
+    bands["SR_B2"][:, 5, 0] = 5000.0  # 5000 * 2.75e-5 - 0.2 = -0.0625: clipped to 0
+    bands["SR_B5"][:, 5, 1] = 45000.0  # 1.0375: clipped to 1
+    bands["SR_B4"][:, 6, 2] = 0.0  # Level-2 fill in one band, left unmasked by the server
+    server = ee_fake.Server(
+        crs=plan.crs,
+        crs_transform=plan.crs_transform,
+        times_ms=[int(pd.Timestamp(d + "T02:55:00").value // 10**6) for d in DAYS],
+        bands=bands,
+        band_types=int_types([*SR_L8, "QA_PIXEL"]),
+    ).install(monkeypatch)
+
+    path = eee.pull_region(plan, tmp_path / "sr.zarr", chunks={"time": 1, "y": 16, "x": 16}, progress=False)
+    assert constant(invocations(server.value_requests[0], "ImageCollection.load")[0]["id"]) == plan.collection_id
+    requested = {constant(invocations(r["tree"], "Image.addBands")[0]["names"])[0] for r in server.pixel_requests}
+    assert requested == {*SR_L8, "QA_PIXEL"}  # digital numbers on the wire, scaled here
+    cube = open_cube(path).compute()
+    assert [str(t)[:10] for t in cube["time"].values] == DAYS[1:]
+    assert (cube.attrs["product"], cube.attrs["reflectance"]) == ("sr", "SR")
+    assert cube.attrs["collection_id"] == "LANDSAT/LC08/C02/T1_L2" and "T1_L2" in cube.attrs["source"]
+    assert cube["reflectance"].attrs["long_name"] == "surface reflectance"
+    # the numbers: blue of pixel (0, 0) on 2013-05-28 is DN 10100, green 11100, nir on 2013-06-29 13300
+    blue, green, nir = (cube["reflectance"].sel(band=b).values for b in ("blue", "green", "nir"))
+    assert blue[0, 0, 0] == pytest.approx(10100 * 2.75e-5 - 0.2, abs=1e-6) == pytest.approx(0.07775, abs=1e-6)
+    assert green[0, 0, 0] == pytest.approx(0.10525, abs=1e-6) and nir[2, 0, 0] == pytest.approx(0.16575, abs=1e-6)
+    assert (blue[:, 5, 0] == 0).all() and (nir[:, 5, 1] == 1).all()
+    fill = np.zeros((3, height, width), dtype=bool)
+    fill[:, 6, 2] = True
+    for common, name in zip(BANDS, SR_L8, strict=True):
+        expected = np.where(fill, np.nan, expected_sr(bands[name][1:]))
+        np.testing.assert_allclose(cube["reflectance"].sel(band=common).values, expected, rtol=0, atol=1e-6)
+    assert (cube["qa_pixel"].values[fill] & 1).all() and not cube["cloud_mask"].values[fill].any()
+    assert float(cube["reflectance"].min()) == 0 and float(cube["reflectance"].max()) == 1
+
+
+def test_landsat7_sr_slc_off_stripes_are_masked_gaps(ee_offline, ee_fake, monkeypatch, tmp_path):
+    from cmsn_cube.inference import model_channels
+    from cmsn_cube.qa import cloud_fraction
+
+    plan = eee.plan_pull(
+        sensor="LANDSAT_7",
+        product="sr",
+        start="2003-05-01",
+        end="2003-07-31",
+        bbox=(145.25, -34.45, 145.26, -34.44),
+        dates=L7_DAYS,
+    )
+    assert plan.collection_id == "LANDSAT/LE07/C02/T1_L2" and plan.bands == (*SR_L5, "QA_PIXEL")
+    assert plan.slc_off and "slc-off" in plan.describe()
+    width, height = plan.shape_2d
+    bands = sr_scene(height, width, bands=SR_L5)
+    gaps = stripes(height, width)
+    # as Collection 2 Level-2 has them: DN 0 and QA_PIXEL fill (1); on the last date masked by the server instead
+    for name in SR_L5:
+        bands[name][1:3][gaps[1:3]] = 0.0
+        bands[name][3][gaps[3]] = np.nan
+    bands["QA_PIXEL"][1:3][gaps[1:3]] = 1.0
+    bands["QA_PIXEL"][3][gaps[3]] = np.nan
+    ee_fake.Server(
+        crs=plan.crs,
+        crs_transform=plan.crs_transform,
+        times_ms=[int(pd.Timestamp(d + "T23:40:00").value // 10**6) for d in L7_DAYS],
+        bands=bands,
+        band_types=int_types([*SR_L5, "QA_PIXEL"]),
+    ).install(monkeypatch)
+
+    cube = eee.xee_to_cube(eee.open_xee(plan, chunks={"time": 1, "y": 16, "x": 16}), sensor="LANDSAT_7", product="sr")
+    cube = cube.compute()
+    assert list(cube["slc_off"].values) == [False, True, True, True]
+    assert list(cube["sensor"].values) == ["LANDSAT_7"] * 4 and cube.attrs["product"] == "sr"
+    corner = np.zeros_like(gaps)
+    corner[0, -3:, -4:] = True  # outside the footprint before the failure: no data, not a gap of the mask
+    no_data = gaps | corner
+    reflectance = cube["reflectance"].values
+    np.testing.assert_array_equal(np.isnan(reflectance).all(axis=1), no_data)
+    assert np.isfinite(reflectance[~np.broadcast_to(no_data[:, None], reflectance.shape)]).all()
+    np.testing.assert_array_equal((cube["qa_pixel"].values & 1) != 0, no_data)
+    cloudy = np.isin(bands["QA_PIXEL"], [_CLOUD, _SHADOW]) & ~no_data
+    np.testing.assert_array_equal(cube["cloud_mask"].values, cloudy | gaps)
+    np.testing.assert_array_equal(slc_off_gaps(cube).values, gaps)
+    # the stripes do not count as cloud: fractions are of the pixels with data
+    valid = ~no_data
+    np.testing.assert_allclose(cloud_fraction(cube).values, (cloudy & valid).sum((1, 2)) / valid.sum((1, 2)))
+    # and the reconstruction fills them: its input zeroes them and flags them in the mask channel
+    channels, to_fill = model_channels(reflectance, cube["cloud_mask"].values)
+    assert to_fill[gaps].all() and (channels[:, -1][gaps] == 1).all()
+    assert (channels[:, :-1].transpose(1, 0, 2, 3)[:, gaps] == 0).all()
+    back = open_cube(write_cube(cube, tmp_path / "l7.zarr"))
+    assert list(back["slc_off"].values) == [False, True, True, True] and back.attrs["product"] == "sr"
+    np.testing.assert_array_equal(back["cloud_mask"].values, cloudy | gaps)
 
 
 def test_masked_pixels_from_the_server_become_fill(ee_offline, ee_fake, monkeypatch):
