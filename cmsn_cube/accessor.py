@@ -69,8 +69,11 @@ class CMSNAccessor:
             reflectance = reflectance.where(~self.cloud_mask())
         return ndvi(reflectance).rename("ndvi")
 
-    def plot(self, path: str | os.PathLike[str], *, date: int = 0, model: Any = None, device: str | None = None) -> str:
-        """The cloudy dates, coarse and refined reconstruction, truth and error as a PNG panel.
+    def plot(
+        self, path: str | os.PathLike[str] | None = None, *, date: int = 0, model: Any = None, device: str | None = None
+    ) -> Any:
+        """The cloudy dates, coarse and refined reconstruction, truth and error: a Figure (shown inline in a
+        notebook), or a PNG panel written to ``path``.
 
         The cube must have three dates; select a window first for a readable picture. See
         :func:`cmsn_cube.plot.plot_reconstruction`.

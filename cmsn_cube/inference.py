@@ -1114,6 +1114,10 @@ def write_reconstruction(
 
     check_positive(max_regions=max_regions)
     path = store_path(path)
+    # per-date coordinates of a pulled store (cloud fraction, sensor, SLC-off) come lazily, a date a chunk: they
+    # are a few bytes, and the template writes only what is in memory
+    lazy = [name for name, coord in result.coords.items() if name not in result.dims and coord.chunks is not None]
+    result = result.assign_coords({name: result[name].variable.compute() for name in lazy})
     state = reconstruction_state(result, path, overwrite=overwrite)
     if state == "complete":
         return path
@@ -1208,9 +1212,15 @@ def _naming_damaged_chunks(source: str | None) -> Iterator[None]:
 
 
 def _store_chunks(result: xr.Dataset, name: Any) -> tuple[int, ...]:
-    """The Zarr chunks of variable ``name``: one date, and the Dask chunks along y/x (one region each)."""
+    """The Zarr chunks of variable ``name``: one date, and the Dask chunks along y/x (one region each).
+
+    Read from the variable itself: the dataset's ``chunks`` also count coordinates, and a store's per-date
+    coordinates (``cloud_fraction``, ``sensor``, ``slc_off``) come back in chunks of one date.
+    """
+    chunks = result[name].variable.chunksizes
     return tuple(
-        1 if d == "time" else result.chunks[d][0] if d in ("y", "x") else result.sizes[d] for d in result[name].dims
+        1 if d == "time" else chunks[d][0] if d in chunks and d in ("y", "x") else result.sizes[d]
+        for d in result[name].dims
     )
 
 

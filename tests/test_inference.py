@@ -330,6 +330,19 @@ def test_region_writes_resume_and_match_memory(tiny_model, scene, tmp_path):
     assert "lz4" in str(reopened.reconstructed.encoding["compressors"]), reopened.reconstructed.encoding
 
 
+def test_a_store_with_per_date_coordinates_is_written(tiny_model, scene, tmp_path):
+    # what Earth Engine and STAC pulls store: per-date coordinates, which reopen in chunks of one date
+    per_date = scene.assign_coords(
+        cloud_fraction=("time", [0.1, 0.2, 0.3]), slc_off=("time", [False, True, False]), sensor=("time", ["L8"] * 3)
+    )
+    write_cube(per_date, tmp_path / "pulled.zarr")
+    cube = open_cube(tmp_path / "pulled.zarr")
+    result = reconstruct(cube, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128)
+    write_reconstruction(result, str(tmp_path / "out.zarr"), progress=False)
+    written = open_store(str(tmp_path / "out.zarr"))
+    np.testing.assert_array_equal(written.reconstructed.values, result.reconstructed.values)
+
+
 def test_a_store_cut_into_other_chunks_is_rewritten_not_resumed(tiny_model, scene, tmp_path):
     # the same model and grid, but blocks of 80 px then 240 px along x: the region markers of the first run
     # name other regions of the second, which is refused, then starts afresh with overwrite, never skips them

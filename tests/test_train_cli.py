@@ -46,6 +46,7 @@ def test_train_command_writes_a_loadable_checkpoint_and_plot(store, tmp_path):
         "2",
     ]
     args += ["--width", "8", "--depth", "1", "--fusion-depth", "0", "--skip-width", "4", "--lambda-cloudy", "3"]
+    args += ["--radiometric", "--balance"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "3 steps" in result.output
@@ -60,6 +61,7 @@ def test_train_command_writes_a_loadable_checkpoint_and_plot(store, tmp_path):
     data = card["training"]["training_data"]
     assert data["stores"][0]["store"] == str(store) and data["stores"][0]["truth"] == "cube"
     assert data["patch_size"] == 32
+    assert data["radiometric"] is True and data["balance"] is True
     history = json.loads((out / "history.json").read_text())
     assert history["train"] and history["val"]
 

@@ -597,13 +597,38 @@ def _grid(
         native = odc_stac.output_geobox(parsed, bands=list(assets))  # the items' most common grid, or None
         if crs is None:
             crs = str(native.crs) if native is not None else utm_crs((bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2)
-        anchor: Any = "default"
+        grid = odc_stac.output_geobox(parsed, bands=list(assets), crs=crs, resolution=resolution, bbox=tuple(bbox))
         if native is not None and native.crs == crs and np.isclose(abs(native.resolution.x), resolution):
-            # keep the scenes' pixel edges (Landsat's sit at 15 m offsets): no half-pixel resampling
-            anchor = native.anchor
-        return odc_stac.output_geobox(
-            parsed, bands=list(assets), crs=crs, resolution=resolution, anchor=anchor, bbox=tuple(bbox)
-        )
+            # keep the scenes' pixel edges (Landsat's sit at 15 m offsets): no sub-pixel resampling
+            grid = snap_to_grid(grid, native)
+        return grid
+
+
+def snap_to_grid(grid: Any, reference: Any) -> Any:
+    """``grid`` (an odc-geo GeoBox) moved by less than half a pixel so its pixel edges fall on ``reference``'s.
+
+    Done on the transforms, not with odc-geo's ``anchor`` (whose value read from one GeoBox and passed to
+    ``output_geobox`` moved edges off by a third of a pixel for a 5 m offset).
+
+    Examples
+    --------
+    >>> from odc.geo.geobox import GeoBox
+    >>> from affine import Affine
+    >>> native = GeoBox((10, 10), Affine(30, 0, 500005, 0, -30, 100025), "EPSG:32650")
+    >>> snapped = snap_to_grid(GeoBox((4, 4), Affine(30, 0, 500090, 0, -30, 99990), "EPSG:32650"), native)
+    >>> snapped.transform.c, snapped.transform.f
+    (500095.0, 99995.0)
+    """
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    def shift(origin: float, target: float, step: float) -> float:
+        offset = (target - origin) % abs(step)
+        return offset - abs(step) if offset > abs(step) / 2 else offset
+
+    t, r = grid.transform, reference.transform
+    moved = Affine(t.a, t.b, t.c + shift(t.c, r.c, t.a), t.d, t.e, t.f + shift(t.f, r.f, t.e))
+    return GeoBox(grid.shape, moved, grid.crs)
 
 
 def _product(product: str, assets: Mapping[str, str] | Sequence[str] | None = None) -> StacProduct:
