@@ -12,6 +12,8 @@ Each path runs ``--repeat`` times and its fastest run is reported (the machine's
 run). Prints wall times, throughput in megapixels of output per second (dates × H × W), the ratio of throughputs
 (target ≥ 0.95), and the Dask path's memory during the write (all workers): idle RSS after warm-up, peak RSS,
 and peak bytes of task results held (the target: no growth with the scene at a fixed chunk size). ``--full`` adds a Landsat-size 7,700² scene.
+Also the classical weighted regression (``method="weighted-regression"``) computed the same way, and the network's
+compute time as a multiple of it (what the network costs over the filler a user would pick instead).
 
 Run::
 
@@ -164,7 +166,7 @@ def main() -> None:
     print(
         f"{'scene':>11} {'tiles':>6} {'loop s':>7} {'compute s':>9} {'write s':>8} {'loop Mpx/s':>10} "
         f"{'cmp Mpx/s':>9} {'wr Mpx/s':>8} {'ratio cmp':>9} {'ratio wr':>8} {'idle MiB':>8} {'peak MiB':>8} "
-        f"{'held MiB':>8}"
+        f"{'held MiB':>8} {'classical s':>11} {'cmp/classical':>13}"
     )
     rows = []
     for size in sizes:
@@ -174,7 +176,7 @@ def main() -> None:
         megapixels = 3 * size * size / 1e6
         torch.set_num_threads(os.cpu_count() or 1)
         out = str(workdir / f"out{size}.zarr")
-        loop_s = write_s = compute_s = float("inf")
+        loop_s = write_s = compute_s = classical_s = float("inf")
         tiles: int | str = "-"
         # a fresh cluster per size: with the tuned allocator a worker's RSS is its high-water mark
         with get_client(workers=args.workers, threads_per_worker=args.threads_per_worker) as client:
@@ -210,6 +212,19 @@ def main() -> None:
                 client.cancel(persisted)
                 while client.run_on_scheduler(_tasks_held):  # else the next run finds the results in memory
                     time.sleep(0.1)
+            # what a user would run instead: the classical weighted regression over the same tiles, same path
+            classical = reconstruct(
+                open_cube(store), model=model, method="weighted-regression", tile=args.tile, overlap=args.overlap,
+                chunk=args.chunk, batch_size=args.batch_size,
+            )  # fmt: skip
+            for _ in range(0 if args.write_only else args.repeat):
+                start = time.perf_counter()
+                persisted = client.persist([classical[name].data for name in classical.data_vars])
+                wait(persisted)
+                classical_s = min(classical_s, time.perf_counter() - start)
+                client.cancel(persisted)
+                while client.run_on_scheduler(_tasks_held):
+                    time.sleep(0.1)
         rows.append((size, memory.peak, memory.peak_managed))
 
         def figure(value: float, width: int, digits: int) -> str:  # "-" for a path that did not run
@@ -219,7 +234,8 @@ def main() -> None:
             f"{size:>5}x{size:<5} {tiles:>6} {figure(loop_s, 7, 1)} {figure(compute_s, 9, 1)} {write_s:8.1f} "
             f"{figure(megapixels / loop_s, 10, 2)} {figure(megapixels / compute_s, 9, 2)} {megapixels / write_s:8.2f} "
             f"{figure(loop_s / compute_s, 9, 2)} {figure(loop_s / write_s, 8, 2)} {idle / 2**20:8.0f} "
-            f"{memory.peak / 2**20:8.0f} {memory.peak_managed / 2**20:8.0f}",
+            f"{memory.peak / 2**20:8.0f} {memory.peak_managed / 2**20:8.0f} {figure(classical_s, 11, 1)} "
+            f"{figure(compute_s / classical_s, 13, 2)}",
             flush=True,
         )
         shutil.rmtree(out, ignore_errors=True)

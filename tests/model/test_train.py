@@ -308,7 +308,7 @@ def test_the_store_loader_gives_an_epoch_the_same_batches_whatever_came_before()
     assert not all(torch.equal(a % 100, b % 100) for a, b in zip(epochs[1], epochs[2], strict=True))
 
 
-class _Windows(torch.utils.data.Dataset):
+class _TaggedWindows(torch.utils.data.Dataset):
     """A window dataset of the sample contract whose items say which dataset they came from."""
 
     def __init__(self, count: int, tag: float) -> None:
@@ -331,7 +331,7 @@ class _Windows(torch.utils.data.Dataset):
 def test_a_balanced_epoch_draws_every_dataset_alike():
     from cmsn_cube.train import epoch_loader
 
-    small, large = _Windows(4, 0.2), _Windows(60, 0.6)
+    small, large = _TaggedWindows(4, 0.2), _TaggedWindows(60, 0.6)
     for balance, expected_small in ((False, 4), (True, 32)):
         loader = epoch_loader([small, large], batch_size=4, seed=3, augment=False, balance=balance)
         tags = torch.cat([batch["truth"][:, 0, 0, 0, 0] for batch in loader])
