@@ -321,7 +321,15 @@ def tiles_to_run(to_fill: np.ndarray, corners: list[tuple[int, int]], tile: tupl
     A tile with nothing to fill blends only into clear pixels, which keep their observed value: running it
     would change nothing.
     """
-    return [(y, x) for y, x in corners if to_fill[:, y : y + tile[0], x : x + tile[1]].any()]
+    return [corner for corner, gaps in zip(corners, tile_gaps(to_fill, corners, tile), strict=True) if gaps.any()]
+
+
+def tile_gaps(to_fill: np.ndarray, corners: list[tuple[int, int]], tile: tuple[int, int]) -> np.ndarray:
+    """``(tiles, dates)`` bool: whether each date has a pixel to fill in each tile (``corners`` as above)."""
+    gaps = np.zeros((len(corners), to_fill.shape[0]), dtype=bool)
+    for k, (y, x) in enumerate(corners):
+        gaps[k] = to_fill[:, y : y + tile[0], x : x + tile[1]].any(axis=(1, 2))
+    return gaps
 
 
 class _Chunks:
@@ -417,15 +425,16 @@ def _block_sums(
     weight = np.zeros((height, width), dtype=np.float32)
     origins = [t.block_extent(b)[0] for t, b in zip(tilings, index, strict=True)]
     ty, tx = tilings[0].tile, tilings[1].tile
-    corners = tiles_to_run(
-        to_fill,
-        [
-            (int(tilings[0].starts[ky]) - origins[0], int(tilings[1].starts[kx]) - origins[1])
-            for ky in tilings[0].block_tiles(index[0])
-            for kx in tilings[1].block_tiles(index[1])
-        ],
-        (ty, tx),
-    )
+    candidates = [
+        (int(tilings[0].starts[ky]) - origins[0], int(tilings[1].starts[kx]) - origins[1])
+        for ky in tilings[0].block_tiles(index[0])
+        for kx in tilings[1].block_tiles(index[1])
+    ]
+    gaps_of_candidates = tile_gaps(to_fill, candidates, (ty, tx))
+    # a tile with nothing to fill on any date blends only into clear pixels: it is not run (tiles_to_run)
+    keep = np.flatnonzero(gaps_of_candidates.any(axis=1))
+    corners = [candidates[k] for k in keep]
+    gaps = gaps_of_candidates[keep]
     if corners:
         from cmsn_cube.selfcheck import METHODS
 
@@ -437,7 +446,6 @@ def _block_sums(
         # A date with nothing to fill in a tile keeps its observation there whatever the filler says, so each
         # (triplet, filler) runs only on the tiles where a date it serves has a gap: on a long series with a
         # few cloudy dates, a few triplets run instead of one per date.
-        gaps = [[bool(to_fill[d, y : y + ty, x : x + tx].any()) for d in range(n_dates)] for y, x in corners]
         for triplet, method in sorted({(triplets[d], chosen[d]) for d in range(n_dates)}):
             served = [d for d in range(n_dates) if (triplets[d], chosen[d]) == (triplet, method)]
             wanted = [k for k, gap in enumerate(gaps) if not SKIP_CLEAR_DATES or any(gap[d] for d in served)]

@@ -831,19 +831,15 @@ def epoch_loader(
     pooled: ConcatDataset[Any] = ConcatDataset(datasets)
     generator = torch.Generator().manual_seed(seed)
     drop_last = len(pooled) > batch_size  # no tiny last batch, unless that is all there is
+    sampler = None
     if balance:
         shares = [1.0 / len(d) for d in datasets for _ in range(len(d))]
         # the sampler shares the loader's generator, so reseeding it per epoch reseeds the draw
         sampler = WeightedRandomSampler(shares, num_samples=len(pooled), generator=generator)
-        loader = DataLoader(
-            pooled, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=generator,
-            drop_last=drop_last,
-        )  # fmt: skip
-    else:
-        loader = DataLoader(
-            pooled, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=generator,
-            drop_last=drop_last,
-        )  # fmt: skip
+    loader = DataLoader(
+        pooled, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=num_workers,
+        generator=generator, drop_last=drop_last,
+    )  # fmt: skip
     return _EpochLoader(loader, datasets, augment=augment, radiometric=radiometric, seed=seed)
 
 

@@ -40,8 +40,14 @@ except ImportError as error:
 def test_reconstruction_needs_no_extra_and_the_rest_name_theirs():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert 'train: xbatcher is not installed; cutting training windows needs the train extra: pip install "cmsn-cube[train]"' in done.stdout
-    assert 'ee: shapely is not installed; pulling from Earth Engine needs the ee extra: pip install "cmsn-cube[ee]"' in done.stdout
+    assert (
+        'train: xbatcher is not installed; cutting training windows needs the train extra: pip install "cmsn-cube[train]"'
+        in done.stdout
+    )
+    assert (
+        'ee: shapely is not installed; pulling from Earth Engine needs the ee extra: pip install "cmsn-cube[ee]"'
+        in done.stdout
+    )
 
 
 def test_require_imports_or_names_the_extra(monkeypatch):

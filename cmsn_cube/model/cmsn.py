@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmsn_cube.model.mfam import MFAM
-from cmsn_cube.model.prior import clear_pixel_statistics, local_regression_fill, temporal_mean_fill
+from cmsn_cube.model.prior import local_regression_fill, normalising_statistics, temporal_mean_fill
 from cmsn_cube.model.resfft import ResFFTConv
 
 __all__ = ["CMSN", "CMSNOutput", "ARCHITECTURE", "DEFAULT_BAND_MEAN", "DEFAULT_BAND_STD"]
@@ -301,9 +301,9 @@ class CMSN(nn.Module):
 
     def statistics(self, bands: torch.Tensor, clear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(mean, std)`` that normalise ``bands`` (``(B, T, C, H, W)``), broadcastable to them."""
-        if self.normalisation == "fixed":
-            return self.band_mean, self.band_std
-        return clear_pixel_statistics(bands, clear, fallback_mean=self.band_mean, fallback_std=self.band_std)
+        return normalising_statistics(
+            bands, clear, normalisation=self.normalisation, band_mean=self.band_mean, band_std=self.band_std
+        )
 
     @staticmethod
     def _pad(images: torch.Tensor, bottom: int, right: int) -> torch.Tensor:

@@ -83,6 +83,16 @@ def clear_pixel_statistics(
     return mean.float(), spread.float()
 
 
+def normalising_statistics(
+    bands: torch.Tensor, clear: torch.Tensor, *, normalisation: str, band_mean: torch.Tensor, band_std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(mean, std)`` that normalise ``bands``: ``band_mean``/``band_std`` (``"fixed"``), or each date's own
+    clear pixels with them as the fallback (``"clear-pixels"``, :func:`clear_pixel_statistics`)."""
+    if normalisation == "fixed":
+        return band_mean, band_std
+    return clear_pixel_statistics(bands, clear, fallback_mean=band_mean, fallback_std=band_std)
+
+
 def temporal_mean_fill(normalised: torch.Tensor, clear: torch.Tensor) -> torch.Tensor:
     """Own value where clear, else the mean of the other dates clear there (else 0 = the band mean).
 
@@ -190,10 +200,14 @@ class RegressionFill(torch.nn.Module):
         from cmsn_cube.model.cmsn import CMSNOutput
 
         bands, mask = inputs[:, :, :-1], inputs[:, :, -1:].clamp(0, 1)
-        mean, std = torch.as_tensor(self.band_mean), torch.as_tensor(self.band_std)
         clear = 1 - mask
-        if self.normalisation == "clear-pixels":
-            mean, std = clear_pixel_statistics(bands, clear, fallback_mean=mean, fallback_std=std)
+        mean, std = normalising_statistics(
+            bands,
+            clear,
+            normalisation=self.normalisation,
+            band_mean=torch.as_tensor(self.band_mean),
+            band_std=torch.as_tensor(self.band_std),
+        )
         normalised = (bands - mean) / std * clear
         filled = local_regression_fill(normalised, clear, radius=self.radius, factor=self.factor).float() * std + mean
         output = torch.where(mask > 0.5, filled, bands.to(filled.dtype))
