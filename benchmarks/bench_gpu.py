@@ -32,6 +32,7 @@ from cmsn_cube.inference import AxisTiling, model_channels, reconstruct, tiles_t
 from cmsn_cube.model import load_model
 from cmsn_cube.sources.synthetic import synthetic_scene
 from cmsn_cube.store import open_cube, write_cube
+from cmsn_cube.testing import claim_workdir
 
 
 def largest_batch(model: torch.nn.Module, device: str, tile: int, limit: int = 512) -> int:
@@ -96,7 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model("cmsn-small").to(args.device).eval()
     batch = largest_batch(model, args.device, args.tile)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cmsn-gpu-"))
+    # a given folder must be new, empty or this script's: its scene and output stores are replaced
+    workdir = claim_workdir(args.workdir, "bench_gpu") if args.workdir else Path(tempfile.mkdtemp(prefix="cmsn-gpu-"))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"{name}; batch {batch} windows of {args.tile} px; float16 autocast on CUDA (as reconstruct runs it)")
     print(

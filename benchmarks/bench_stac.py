@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cmsn_cube.testing import claim_workdir
+
 #: Seed of the synthetic scene.
 SEED = 7
 #: UTM 50N: the synthetic scene's default CRS. Its central meridian (117 E) is at x = 500 km.
@@ -225,13 +227,13 @@ def main() -> None:
         "--workdir",
         type=Path,
         default=None,
-        help=f"folder for the catalog and outputs (its {', '.join(PARTS)} are replaced); default a temporary one",
+        help=f"a new or empty folder (or one of an earlier run) for the catalog and outputs: its {', '.join(PARTS)} are "
+        "replaced; default a temporary one",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (a --workdir is always kept)")
     args = parser.parse_args()
     if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        run(args.workdir, args.size)
+        run(claim_workdir(args.workdir, "bench_stac"), args.size)  # never replaces what it did not write
         return
     workdir = Path(tempfile.mkdtemp(prefix="bench_stac-"))
     try:

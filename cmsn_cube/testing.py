@@ -52,3 +52,28 @@ def tiny_store(path: str | os.PathLike[str], cube: xr.Dataset | None = None, *, 
 
     cube = tiny_scene(**options) if cube is None else cube
     return write_cube(cube, path, chunks={"time": 1, "band": 4, "y": chunk, "x": chunk}, overwrite=True)
+
+
+#: The file a benchmark leaves in a working folder it made its own (see :func:`claim_workdir`).
+WORKDIR_MARK = ".cmsn-cube-benchmark"
+
+
+def claim_workdir(path: str | os.PathLike[str], owner: str) -> Path:
+    """A working folder that ``owner`` (a benchmark's name) may replace things in: a new or empty folder, or
+    one it claimed before. A folder with other content is refused, so a benchmark never deletes what it did
+    not write.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` holds files and was not claimed by ``owner``.
+    """
+    folder = Path(path)
+    mark = folder / WORKDIR_MARK
+    if folder.exists() and any(folder.iterdir()) and not (mark.is_file() and mark.read_text() == owner):
+        raise FileExistsError(
+            f"{folder} is not empty and was not made by {owner}: give a new or empty folder as --workdir"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.write_text(owner)
+    return folder

@@ -221,3 +221,20 @@ def test_stores_are_written_with_blosc_lz4(scene_store):
     for name in ("reflectance", "cloud_mask", "qa_pixel"):
         (codec,) = group[name].compressors
         assert type(codec).__name__ == "BloscCodec" and codec.cname.value == "lz4", (name, codec)
+
+
+def test_a_benchmark_workdir_is_claimed_never_taken(tmp_path):
+    from cmsn_cube.testing import claim_workdir
+
+    mine = claim_workdir(tmp_path / "new", "bench_x")  # a new folder is made and marked
+    (mine / "cube.zarr").mkdir()
+    assert claim_workdir(mine, "bench_x") == mine  # its own folder again: fine
+    with pytest.raises(FileExistsError, match="not made by bench_y"):
+        claim_workdir(mine, "bench_y")
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "cube.zarr").mkdir()
+    with pytest.raises(FileExistsError, match="not empty"):
+        claim_workdir(users, "bench_x")
+    assert sorted(p.name for p in users.iterdir()) == ["cube.zarr"]  # nothing written into it
+    assert claim_workdir(tmp_path / "empty", "bench_x").is_dir()
