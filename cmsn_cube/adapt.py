@@ -35,6 +35,7 @@ import xarray as xr
 
 from cmsn_cube.device import leaves_global_state
 from cmsn_cube.exceptions import CheckpointError, DimensionError, NoDataError
+from cmsn_cube.qa import ensure_cloud_mask
 
 if TYPE_CHECKING:  # torch loads only when fit runs
     from cmsn_cube.model.cmsn import CMSN
@@ -122,18 +123,13 @@ def fitted_path(store: str | os.PathLike[str]) -> Path:
 
 
 def _open(cube_or_store: xr.Dataset | str | os.PathLike[str]) -> tuple[xr.Dataset, str]:
-    from cmsn_cube.cube import validate_cube
     from cmsn_cube.store import open_cube
 
     if isinstance(cube_or_store, xr.Dataset):
         cube, name = cube_or_store, str(cube_or_store.attrs.get("source", "in-memory cube"))
     else:
         cube, name = open_cube(cube_or_store), os.fspath(cube_or_store)
-    if "cloud_mask" not in cube and "qa_pixel" in cube:
-        from cmsn_cube.qa import add_cloud_mask
-
-        cube = add_cloud_mask(cube)
-    validate_cube(cube, require=("reflectance", "cloud_mask"), min_dates=3)
+    cube = ensure_cloud_mask(cube, min_dates=3)
     # the embedded scene's truth must not leak into a self-supervised fit
     return cube.drop_vars([v for v in ("truth", "land_cover") if v in cube.data_vars]), name
 

@@ -23,8 +23,8 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
-from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CubeValidationError
+from cmsn_cube.qa import ensure_cloud_mask
 
 BaselineName = Literal["nearest", "linear", "median", "regression"]
 Filler = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -38,11 +38,7 @@ _SLOPE_BOUNDS = (0.0, 3.0)
 
 def gaps_of(cube: xr.Dataset) -> xr.DataArray:
     """Pixels to fill, ``(time, y, x)``: the cloud mask or no data (NaN in any band)."""
-    if "cloud_mask" not in cube and "qa_pixel" in cube:
-        from cmsn_cube.qa import add_cloud_mask
-
-        cube = add_cloud_mask(cube)
-    validate_cube(cube, require=("reflectance", "cloud_mask"))
+    cube = ensure_cloud_mask(cube)
     return (cube["cloud_mask"] | cube["reflectance"].isnull().any("band")).rename("gap")
 
 

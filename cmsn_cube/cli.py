@@ -229,7 +229,8 @@ def pull(
 ) -> None:
     """Pull Landsat TOA or surface reflectance from Earth Engine (via xee) into a Zarr cube: a region of --config,
     or --bbox + dates. --dry-run prints the plan, Earth Engine collection included, offline.
-    With --stac URL (or a local catalog.json), Level-2 surface reflectance comes from a STAC catalog via odc-stac."""
+    With --stac URL (or a local catalog.json), Level-2 surface reflectance comes from a STAC catalog via odc-stac.
+    """
     if stac:
         _pull_stac(
             ctx, stac, collection, product, bbox, start, end, levels, n_dates, max_cloud, out, overwrite, dry_run
@@ -452,7 +453,8 @@ def reconstruct(
 @click.option("--overwrite", is_flag=True, help="Replace GeoTIFFs of the same names in FOLDER.")
 def export_command(reconstruction: str, folder: Path, overwrite: bool) -> None:
     """Write a RECONSTRUCTION store (from `reconstruct`) as cloud-optimised GeoTIFFs in FOLDER: per date the
-    reconstructed bands, NDVI and the filled flags."""
+    reconstructed bands, NDVI and the filled flags.
+    """
     from cmsn_cube.export import to_cogs
     from cmsn_cube.store import open_reconstruction
 

@@ -39,7 +39,8 @@ def worker_environment(
     threads_per_worker: int = 1, *, worker_config: Mapping[str, object] = WORKER_CONFIG
 ) -> dict[str, str]:
     """Environment for worker processes: allocator tuning, as many torch/BLAS threads as Dask threads, and
-    ``worker_config`` as ``DASK_*`` variables (start the workers of an existing cluster with it too)."""
+    ``worker_config`` as ``DASK_*`` variables (start the workers of an existing cluster with it too).
+    """
     threads = str(threads_per_worker)
     config = {
         "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in worker_config.items()

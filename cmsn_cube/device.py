@@ -39,7 +39,8 @@ def default_device(device: str | None = None) -> str:
 @contextmanager
 def isolated_global_state() -> Iterator[None]:
     """Run a block that seeds RNGs or sets torch threads, and give the caller its own state back afterwards:
-    the RNGs of ``random``, numpy and torch (CPU and CUDA), torch's intra-op threads and cuDNN flags."""
+    the RNGs of ``random``, numpy and torch (CPU and CUDA), torch's intra-op threads and cuDNN flags.
+    """
     import torch
 
     python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002 - the legacy global RNG

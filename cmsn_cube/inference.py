@@ -40,7 +40,7 @@ import numpy as np
 import xarray as xr
 from dask.highlevelgraph import HighLevelGraph
 
-from cmsn_cube.cube import BANDS, check_reflectance_values, validate_cube
+from cmsn_cube.cube import BANDS, check_reflectance_values
 from cmsn_cube.device import default_device
 from cmsn_cube.exceptions import (
     ArgumentError,
@@ -54,6 +54,7 @@ from cmsn_cube.exceptions import (
     check_non_negative,
     check_positive,
 )
+from cmsn_cube.qa import ensure_cloud_mask
 
 if TYPE_CHECKING:  # torch loads only when a model runs
     import torch
@@ -383,7 +384,8 @@ def _join(region: Any) -> np.ndarray:
 
 def _checked_reflectance(region: Any, origin: tuple[int, int]) -> np.ndarray:
     """The reflectance of a :meth:`_Chunks.region` starting at scene pixel ``origin``, checked as it is read
-    (±inf, digital numbers); the error names the rows and columns."""
+    (±inf, digital numbers); the error names the rows and columns.
+    """
     values = _join(region)
     rows, cols = values.shape[-2:]
     where = f"reflectance in rows {origin[0]}:{origin[0] + rows}, columns {origin[1]}:{origin[1] + cols}"
@@ -662,11 +664,7 @@ def reconstruct(
     if chunk < tile:
         raise ArgumentError(f"chunk ({chunk} px) must be at least one tile ({tile} px)")
     input_store = cube.encoding.get("source")
-    if "cloud_mask" not in cube and "qa_pixel" in cube:
-        from cmsn_cube.qa import add_cloud_mask
-
-        cube = add_cloud_mask(cube)
-    validate_cube(cube, require=("reflectance", "cloud_mask"), min_dates=3)
+    cube = ensure_cloud_mask(cube, min_dates=3)
     observed_dates = count_observed_dates(cube)
     if observed_dates.chunks is None:
         check_observed(observed_dates.values, what="the cube")
@@ -754,7 +752,8 @@ def _check_graph(
     seed: int,
 ) -> Any:
     """The Delayed scores of the scene self-check: one task per sample (a window read from the store's chunks,
-    one date hidden, filled by every method), and one that pools them."""
+    one date hidden, filled by every method), and one that pools them.
+    """
     from cmsn_cube.selfcheck import combine_samples, plan_samples, sample_windows, samples_needed
 
     reflectance = cube["reflectance"].transpose("time", "band", "y", "x").data
@@ -863,7 +862,8 @@ def check_observed(observed_dates: np.ndarray, *, what: str) -> None:
 def input_fingerprint(cube: xr.Dataset) -> str:
     """A digest of what a reconstruction reads: the data (their content when in memory; for lazy data their
     graph, which names the store, its modification time and every operation), the store's write id, the
-    times, the grid and the CRS. Any change gives another digest, so a resumed write never mixes inputs."""
+    times, the grid and the CRS. Any change gives another digest, so a resumed write never mixes inputs.
+    """
     from cmsn_cube.cube import crs_of
     from cmsn_cube.store import WRITE_ID_ATTR
 
@@ -990,7 +990,8 @@ def _region_marker(path: str, key: str) -> str:
 
 def _write_region(*arrays: np.ndarray, path: str, index: dict[str, tuple[slice, ...]], key: str) -> str:
     """Write one block of every variable (``arrays`` in the order of ``index``) straight into the Zarr arrays,
-    then leave a marker (for resuming)."""
+    then leave a marker (for resuming).
+    """
     import fsspec
     import zarr
 
@@ -1206,7 +1207,8 @@ def _as_graph_values(result: xr.Dataset, values: dict[str, np.ndarray]) -> dict[
 @contextlib.contextmanager
 def _naming_damaged_chunks(source: str | None) -> Iterator[None]:
     """Re-raise a failure to read the input as a :class:`StoreError` naming the damaged chunk when there is one
-    (a codec error names neither file nor variable)."""
+    (a codec error names neither file nor variable).
+    """
     try:
         yield
     except CMSNCubeError:
@@ -1328,11 +1330,7 @@ def predict_window(cube: xr.Dataset, *, model: ModelLike = None, device: str | N
     """
     import torch
 
-    if "cloud_mask" not in cube and "qa_pixel" in cube:
-        from cmsn_cube.qa import add_cloud_mask
-
-        cube = add_cloud_mask(cube)
-    validate_cube(cube, require=("reflectance", "cloud_mask"), min_dates=3)
+    cube = ensure_cloud_mask(cube, min_dates=3)
     if cube.sizes["time"] != 3:
         raise CubeValidationError(
             f"predict_window takes exactly 3 dates, got {cube.sizes['time']}; select them with .isel(time=[...])"

@@ -116,15 +116,35 @@ def add_cloud_mask(ds: xr.Dataset, **options: object) -> xr.Dataset:
     return out
 
 
+def ensure_cloud_mask(ds: xr.Dataset, *, min_dates: int = 1, **options: object) -> xr.Dataset:
+    """Return ``ds`` validated, with a ``cloud_mask``: its own, or decoded from ``qa_pixel``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube with ``reflectance`` and ``cloud_mask`` or ``qa_pixel``.
+    min_dates : int
+        Fewest dates the cube may have.
+    **options
+        Decoding options of :func:`cloud_mask_from_qa`; given, the mask is decoded anew even where ``ds`` has one.
+
+    Raises
+    ------
+    CubeValidationError
+        Neither ``cloud_mask`` nor ``qa_pixel``, or another schema error (see :func:`validate_cube`).
+    """
+    if "qa_pixel" in ds and ("cloud_mask" not in ds or options):
+        ds = add_cloud_mask(ds.drop_vars("cloud_mask", errors="ignore"), **options)
+    return validate_cube(ds, require=("reflectance", "cloud_mask"), min_dates=min_dates)
+
+
 def cloud_fraction(ds: xr.Dataset) -> xr.DataArray:
     """Fraction (0-1) of valid pixels that are cloud, per date.
 
     Valid pixels are those with finite reflectance in every band; a date with no valid pixel gives NaN.
     Lazy if the cube is.
     """
-    if "cloud_mask" not in ds and "qa_pixel" in ds:
-        ds = add_cloud_mask(ds)
-    validate_cube(ds, require=("reflectance", "cloud_mask"))
+    ds = ensure_cloud_mask(ds)
     valid = ds["reflectance"].notnull().all("band")
     cloudy = (ds["cloud_mask"] & valid).sum(("y", "x"))
     n_valid = valid.sum(("y", "x"))

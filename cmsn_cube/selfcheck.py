@@ -41,7 +41,8 @@ def sample_windows(
     shape: tuple[int, int], *, size: int = WINDOW, count: int = N_WINDOWS
 ) -> list[tuple[int, int, int, int]]:
     """``count`` windows ``(row, col, height, width)`` of ``size`` px spread evenly over a scene of ``shape``
-    (fewer, of the scene's size, when the scene is small; the check then draws several times per window)."""
+    (fewer, of the scene's size, when the scene is small; the check then draws several times per window).
+    """
     height, width = (min(size, n) for n in shape)
     per_axis = max(1, int(np.ceil(np.sqrt(count))))
     rows = np.unique(np.linspace(0, shape[0] - height, per_axis).round().astype(int))
@@ -54,7 +55,8 @@ def sample_windows(
 
 def _shape_pool(masks: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
     """Every date's cloud mask of every window with some cloud and some clear, with its window and date: the
-    real shapes to paste."""
+    real shapes to paste.
+    """
     return [(w, t, m[t]) for w, m in enumerate(masks) for t in range(m.shape[0]) if 0.005 < m[t].mean() < 0.9]
 
 
@@ -68,7 +70,8 @@ def _pasted(
     window: int,
 ) -> np.ndarray:
     """A shape to hide on ``date`` of a window: a pool shape near the date's own cloud fraction ``level`` (never
-    the date's own mask of this window), turned, flipped and shifted, on the date's clear pixels only."""
+    the date's own mask of this window), turned, flipped and shifted, on the date's clear pixels only.
+    """
     candidates = [shape for w, t, shape in pool if (w, t) != (window, date) and shape.shape == gap.shape[1:]]
     if not candidates:
         return np.zeros_like(gap[date])
@@ -87,7 +90,8 @@ Sample = tuple[int, dict[str, np.ndarray], np.ndarray]
 
 def plan_samples(n_windows: int, n_dates: int, samples: int) -> list[tuple[int, int]]:
     """``(date, window)`` of each sample: one date hidden at a time, the dates in turn; each pass over the
-    windows shifts by one, so a date meets every window."""
+    windows shifts by one, so a date meets every window.
+    """
     return [(s % n_dates, (s + s // n_windows) % n_windows) for s in range(samples)]
 
 
@@ -159,7 +163,8 @@ def _scores(
 
 def samples_needed(n_dates: int) -> int:
     """Samples of a check: :data:`N_WINDOWS`, and at least two per date (a long series, or a small scene
-    whose one window is drawn again with other shapes)."""
+    whose one window is drawn again with other shapes).
+    """
     return max(N_WINDOWS, 2 * n_dates)
 
 
@@ -172,7 +177,8 @@ DATE_MARGIN_DB = 1.0
 def choose(scores: np.ndarray) -> tuple[str, ...]:
     """Per date, the filler with the best measured PSNR, when it beats the scene's best (pooled over dates) by
     :data:`DATE_MARGIN_DB`; else the scene's best. Ties go to a classical filler (the ``regression`` baseline
-    first), and so do dates too cloudy to check."""
+    first), and so do dates too cloudy to check.
+    """
     psnr, pixels = scores[..., METRICS.index("psnr_db")], scores[..., METRICS.index("pixels")]
     weights = np.where(np.isfinite(psnr), pixels, 0)
     pooled = np.array(

@@ -68,7 +68,8 @@ def is_local(path: str | os.PathLike[str]) -> bool:
 
 def store_path(path: str | os.PathLike[str]) -> str:
     """``path`` as this module uses it: local paths absolute and without ``file://``, URLs unchanged
-    but for a trailing ``/``."""
+    but for a trailing ``/``.
+    """
     text = os.fspath(path)
     if text.startswith("file://"):
         text = text[len("file://") :]
@@ -111,7 +112,8 @@ def store_kind(path: str) -> Literal["missing", "empty", "zarr", "other"]:
 
 def writable_kind(path: str) -> Literal["missing", "empty", "zarr"]:
     """:func:`store_kind` of a path this package may write to; anything that is not a Zarr store (a user's
-    files) is refused, ``overwrite`` or not."""
+    files) is refused, ``overwrite`` or not.
+    """
     kind = store_kind(path)
     if kind == "other":
         raise StoreError(f"{path} exists and is not a Zarr store; it is left alone: remove it yourself or pick another")
@@ -161,7 +163,8 @@ def store_compressors() -> tuple[Any, ...]:
 
 def _plain_string_coords(ds: xr.Dataset) -> xr.Dataset:
     """String coords as in-memory object arrays: a dask array of objects is loaded to guess its dtype, and
-    fixed-width unicode makes zarr v3 warn."""
+    fixed-width unicode makes zarr v3 warn.
+    """
     for name in ("band", "sensor", "method", "metric"):
         if name in ds.coords:
             # a few strings: read here, not by whatever Dask cluster happens to be active
@@ -438,7 +441,8 @@ def _incomplete_message(path: str, ds: xr.Dataset) -> str:
 
 def check_chunk_files(path: str, *, decode: bool = False) -> None:
     """Raise :class:`StoreError` naming the variable and chunk file of the first chunk missing from the store
-    (or, with ``decode``, that cannot be decoded: truncated or corrupt). Listing only, unless ``decode``."""
+    (or, with ``decode``, that cannot be decoded: truncated or corrupt). Listing only, unless ``decode``.
+    """
     import zarr
 
     fs, root = filesystem(path)

@@ -40,7 +40,8 @@ def shared_data_path(name: str) -> Path | None:
 
 def tiny_scene(*, size: int = 96, n_dates: int = 3, seed: int = 0, **options: Any) -> xr.Dataset:
     """A small embedded synthetic scene (``size`` x ``size`` px) with its ``truth``; options go to
-    :func:`cmsn_cube.sources.synthetic.synthetic_scene`."""
+    :func:`cmsn_cube.sources.synthetic.synthetic_scene`.
+    """
     from cmsn_cube.sources.synthetic import synthetic_scene
 
     return synthetic_scene(height=size, width=size, n_dates=n_dates, seed=seed, **options)

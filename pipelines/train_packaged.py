@@ -53,8 +53,22 @@ TRAIN_SCENES: tuple[tuple[int, int, dict[str, float], tuple[float, float, float]
     (16, 512, _URBAN, (0.35, 0.25, 0.15)),
     (17, 512, _NATURAL, (0.25, 0.15, 0.10)),
     (18, 512, _FARMLAND, (0.05, 0.10, 0.05)),
+    # fine-tuning phase 5: more, smaller scenes, for variety of the generator's layouts
+    *(
+        (seed, 384, cover, clouds)
+        for seed, cover, clouds in zip(
+            range(21, 37),
+            [_MIXED, _URBAN, _NATURAL, _FARMLAND] * 4,
+            [(0.25, 0.15, 0.10), (0.30, 0.10, 0.20), (0.15, 0.25, 0.10), (0.35, 0.20, 0.15)] * 4,
+            strict=True,
+        )
+    ),
 )
-assert EVAL_SEED not in {seed for seed, *_ in TRAIN_SCENES}
+#: Pretraining used the first eight scenes only.
+PRETRAIN_SCENES = 8
+#: A synthetic scene kept out of training and evaluation: phase 5 picks its best step on it and the NAIP rows.
+VALIDATION_SCENE_SEED = 97
+assert not {EVAL_SEED, VALIDATION_SCENE_SEED} & {seed for seed, *_ in TRAIN_SCENES}
 
 #: Arguments of ``cmsn-cube train`` after the store paths.
 TRAIN_ARGS: tuple[str, ...] = (
@@ -101,7 +115,7 @@ def run_training() -> None:
     if shared_data_dir() is not None:
         os.environ.setdefault(SHARED_DATA_ENV, str(shared_data_dir()))
 
-    args = ["train", *[str(p.relative_to(ROOT)) for p in store_paths()], *TRAIN_ARGS]
+    args = ["train", *[str(p.relative_to(ROOT)) for p in store_paths()[:PRETRAIN_SCENES]], *TRAIN_ARGS]
     print("cmsn-cube " + shlex.join(args), flush=True)
     os.chdir(ROOT)
     main(args, standalone_mode=False)
@@ -135,6 +149,18 @@ FINETUNE_PHASES: tuple[dict[str, Any], ...] = (
         "overlap": 32,
         "batch_size": 4,
         "stacks": ("s2-sr", "naip-5m"),
+    },
+    # all 24 synthetic scenes; the best step is picked on a held-out synthetic scene as well as the NAIP rows
+    {
+        "scenes": 24,
+        "steps": 2400,
+        "lr": 1.5e-4,
+        "time_budget": 1200,
+        "patch_size": 112,
+        "overlap": 32,
+        "batch_size": 4,
+        "stacks": ("s2-sr", "naip-5m"),
+        "validate_on_synthetic": True,
     },
 )
 #: Settings every phase shares.
@@ -176,6 +202,7 @@ def run_finetuning(init: Path, phase: int) -> Path:
     n_scenes, stacks = settings.pop("scenes"), settings.pop("stacks", tuple(STACKS))
     size, overlap, levels = settings.pop("patch_size"), settings.pop("overlap"), settings.pop("levels")
     batch_size, seed = settings.pop("batch_size"), settings.pop("seed")
+    validate_on_synthetic = settings.pop("validate_on_synthetic", False)
 
     def windows(cube: Any, offset: int, **options: Any) -> TripletWindowDataset:
         return TripletWindowDataset(cube, size=size, overlap=overlap, levels=levels, seed=seed + offset, **options)
@@ -196,6 +223,16 @@ def run_finetuning(init: Path, phase: int) -> Path:
             seed=seed + 99, rows=FINETUNE_VALIDATION_ROWS,
         )
     ]  # fmt: skip
+    if validate_on_synthetic:
+        from cmsn_cube.sources.synthetic import synthetic_scene
+
+        held_out = synthetic_scene(height=384, width=384, seed=VALIDATION_SCENE_SEED)
+        val_sets.append(
+            TripletWindowDataset(
+                held_out, size=FINETUNE["patch_size"], overlap=FINETUNE["overlap"], levels=levels, seed=seed + 98,
+                truth="cube",
+            )
+        )
     for name, dataset in zip([*parts, *(f"synthetic {k}" for k in range(len(scenes)))], train_sets, strict=True):
         print(f"{name}: {dataset.summary()}")
     loader = epoch_loader(train_sets, batch_size=batch_size, seed=seed, radiometric=True, balance=True)
@@ -210,7 +247,8 @@ def run_finetuning(init: Path, phase: int) -> Path:
             name: {"part": str(STACKS[name][1]), "windows": len(d)} for name, d in zip(parts, train_sets, strict=False)
         },
         "synthetic_stores": [str(p.relative_to(ROOT)) for p in store_paths()[:n_scenes]],
-        "validation": f"naip-5m training part, rows {FINETUNE_VALIDATION_ROWS}",
+        "validation": f"naip-5m training part, rows {FINETUNE_VALIDATION_ROWS}"
+        + (f"; synthetic scene seed {VALIDATION_SCENE_SEED}, 384 x 384 px" if validate_on_synthetic else ""),
         "phase": phase,
         **FINETUNE,
         **FINETUNE_PHASES[phase - 1],
@@ -290,7 +328,7 @@ def package() -> Path:
     embedded = evaluate_embedded(best)
     real, real_table = evaluate_real(best)
     pretrain_command = "cmsn-cube " + shlex.join(
-        ["train", *[str(p.relative_to(ROOT)) for p in store_paths()], *TRAIN_ARGS]
+        ["train", *[str(p.relative_to(ROOT)) for p in store_paths()[:PRETRAIN_SCENES]], *TRAIN_ARGS]
     )
     pretrained = json.loads((finetune_dir(1) / "best.json").read_text())["training"]["training_data"]["pretrained"]
     metadata.update(
@@ -411,7 +449,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["all", "stores", "train", "finetune", "package"], default="all")
     parser.add_argument("--init", type=Path, default=RUN_DIR / "best.pt", help="checkpoint the fine-tuning starts from")
-    parser.add_argument("--phases", default="1,2,3,4", help="fine-tuning phases to run (1: from --init)")
+    parser.add_argument("--phases", default="1,2,3,4,5", help="fine-tuning phases to run (1: from --init)")
     args = parser.parse_args()
     stage = args.stage
     started = time.monotonic()

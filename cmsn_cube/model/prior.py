@@ -87,7 +87,8 @@ def normalising_statistics(
     bands: torch.Tensor, clear: torch.Tensor, *, normalisation: str, band_mean: torch.Tensor, band_std: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(mean, std)`` that normalise ``bands``: ``band_mean``/``band_std`` (``"fixed"``), or each date's own
-    clear pixels with them as the fallback (``"clear-pixels"``, :func:`clear_pixel_statistics`)."""
+    clear pixels with them as the fallback (``"clear-pixels"``, :func:`clear_pixel_statistics`).
+    """
     if normalisation == "fixed":
         return band_mean, band_std
     return clear_pixel_statistics(bands, clear, fallback_mean=band_mean, fallback_std=band_std)
