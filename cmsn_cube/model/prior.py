@@ -86,8 +86,10 @@ def clear_pixel_statistics(
 def normalising_statistics(
     bands: torch.Tensor, clear: torch.Tensor, *, normalisation: str, band_mean: torch.Tensor, band_std: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(mean, std)`` that normalise ``bands``: ``band_mean``/``band_std`` (``"fixed"``), or each date's own
-    clear pixels with them as the fallback (``"clear-pixels"``, :func:`clear_pixel_statistics`).
+    """Return the ``(mean, std)`` that normalise ``bands``.
+
+    ``"fixed"``: ``band_mean``/``band_std``; ``"clear-pixels"``: each date's own clear pixels, with them as the
+    fallback (:func:`clear_pixel_statistics`).
     """
     if normalisation == "fixed":
         return band_mean, band_std
@@ -133,40 +135,53 @@ def local_regression_fill(
     """
     batch, dates, channels, height, width = normalised.shape
     values, masks = normalised.float(), clear.float()
-    pad = (0, (-width) % factor, 0, (-height) % factor)
-    coarse_radius = max(1, round(radius / factor))
-    # block means of the clear pixels and the clear fraction of each block: the fit runs on this coarse grid
-    clear_fraction = F.avg_pool2d(F.pad(masks.flatten(0, 1), pad), factor)
-    block_means = F.avg_pool2d(F.pad((values * masks).flatten(0, 1), pad), factor) / clear_fraction.clamp(min=1e-6)
-    clear_fraction = clear_fraction.unflatten(0, (batch, dates))
-    block_means = block_means.unflatten(0, (batch, dates))
-    pairs = [(target, helper) for target in range(dates) for helper in range(dates) if helper != target]
-    targets = torch.tensor([t for t, _ in pairs], device=values.device)
-    helpers = torch.tensor([h for _, h in pairs], device=values.device)
-    x, y = block_means[:, helpers], block_means[:, targets]  # (B, P, C, h, w)
-    both = clear_fraction[:, helpers] * clear_fraction[:, targets]  # (B, P, 1, h, w)
-    stats = torch.cat([both, both * x, both * y, both * x * x, both * x * y, both * y * y], dim=2)
-    sums = box_sum(stats.flatten(0, 1), coarse_radius).unflatten(0, (batch, len(pairs)))
+    clear_fraction, block_means = _coarse_grid(values, masks, factor)
+    # both directions of a pair of dates share their window sums: box-sum each unordered pair once
+    unordered = [(first, second) for first in range(dates) for second in range(first + 1, dates)]
+    first = torch.tensor([a for a, _ in unordered], device=values.device)
+    second = torch.tensor([b for _, b in unordered], device=values.device)
+    a, b = block_means[:, first], block_means[:, second]  # (B, P, C, h, w)
+    both = clear_fraction[:, first] * clear_fraction[:, second]  # (B, P, 1, h, w)
+    stats = torch.cat([both, both * a, both * b, both * a * a, both * a * b, both * b * b], dim=2)
+    sums = box_sum(stats.flatten(0, 1), max(1, round(radius / factor))).unflatten(0, (batch, len(unordered)))
     count = sums[:, :, :1].clamp(min=1)
-    mean_x = sums[:, :, 1 : 1 + channels] / count
-    mean_y = sums[:, :, 1 + channels : 1 + 2 * channels] / count
-    var_x = (sums[:, :, 1 + 2 * channels : 1 + 3 * channels] / count - mean_x**2).clamp(min=0)
-    cov = sums[:, :, 1 + 3 * channels : 1 + 4 * channels] / count - mean_x * mean_y
-    var_y = (sums[:, :, 1 + 4 * channels :] / count - mean_y**2).clamp(min=0)
+    mean_a, mean_b, sum_aa, sum_ab, sum_bb = (
+        sums[:, :, 1 + k * channels : 1 + (k + 1) * channels] / count for k in range(5)
+    )
+    var_a, var_b = (sum_aa - mean_a**2).clamp(min=0), (sum_bb - mean_b**2).clamp(min=0)
+    cov = sum_ab - mean_a * mean_b
+    # ordered (target, helper) pairs: every unordered pair forwards (a predicts b), then backwards
+    targets, helpers = torch.cat([second, first]), torch.cat([first, second])
+    var_x, var_y = torch.cat([var_a, var_b], dim=1), torch.cat([var_b, var_a], dim=1)
+    mean_x, mean_y = torch.cat([mean_a, mean_b], dim=1), torch.cat([mean_b, mean_a], dim=1)
+    cov = torch.cat([cov, cov], dim=1)
     gain = (cov + _RIDGE) / (var_x + _RIDGE)
     offset = mean_y - gain * mean_x
     residual = (var_y - gain * cov).clamp(min=0).mean(dim=2, keepdim=True) + _RESIDUAL_FLOOR
     # more clear blocks, better fit: more trust (20 px of full resolution count as much as the fit's spread)
-    confidence = sums[:, :, :1] / (sums[:, :, :1] + 20.0 / factor**2) / residual
-    fitted = torch.cat([gain, offset, confidence], dim=2).flatten(0, 1)
-    fitted = F.interpolate(fitted, scale_factor=factor, mode="bilinear", align_corners=False)
-    fitted = fitted[..., :height, :width].unflatten(0, (batch, len(pairs)))
-    gain, offset, confidence = fitted[:, :, :channels], fitted[:, :, channels : 2 * channels], fitted[:, :, -1:]
+    clear_count = torch.cat([sums[:, :, :1], sums[:, :, :1]], dim=1)
+    confidence = clear_count / (clear_count + 20.0 / factor**2) / residual
+    if factor > 1:
+        fitted = torch.cat([gain, offset, confidence], dim=2).flatten(0, 1)
+        fitted = F.interpolate(fitted, scale_factor=factor, mode="bilinear", align_corners=False)
+        fitted = fitted[..., :height, :width].unflatten(0, (batch, len(targets)))
+        gain, offset, confidence = fitted[:, :, :channels], fitted[:, :, channels : 2 * channels], fitted[:, :, -1:]
     trust = masks[:, helpers] * confidence.clamp(min=0)  # a helper counts only where it is clear itself
     predictions = torch.zeros_like(values).index_add_(1, targets, trust * (gain * values[:, helpers] + offset))
     weights = torch.zeros_like(masks).index_add_(1, targets, trust)
     regressed = torch.where(weights > 0, predictions / weights.clamp(min=1e-12), temporal_mean_fill(values, masks))
     return (values * masks + regressed * (1 - masks)).to(normalised.dtype)
+
+
+def _coarse_grid(values: torch.Tensor, masks: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the clear fraction and the mean of the clear pixels of each ``factor``² block (``factor`` 1: as is)."""
+    if factor == 1:
+        return masks, values * masks
+    batch, dates = values.shape[:2]
+    pad = (0, (-values.shape[-1]) % factor, 0, (-values.shape[-2]) % factor)
+    clear_fraction = F.avg_pool2d(F.pad(masks.flatten(0, 1), pad), factor)
+    block_means = F.avg_pool2d(F.pad((values * masks).flatten(0, 1), pad), factor) / clear_fraction.clamp(min=1e-6)
+    return clear_fraction.unflatten(0, (batch, dates)), block_means.unflatten(0, (batch, dates))
 
 
 class RegressionFill(torch.nn.Module):
@@ -193,7 +208,7 @@ class RegressionFill(torch.nn.Module):
 
     @classmethod
     def like(cls, network: torch.nn.Module) -> RegressionFill:
-        """The regression with ``network``'s fallback band statistics (a CMSN's ``band_mean``/``band_std``)."""
+        """Build the regression with ``network``'s fallback band statistics (a CMSN's ``band_mean``/``band_std``)."""
         return cls(network.band_mean, network.band_std)  # type: ignore[arg-type]
 
     def forward(self, inputs: torch.Tensor) -> Any:
