@@ -41,8 +41,8 @@ from cmsn_cube.cluster import get_client
 from cmsn_cube.inference import (
     AxisTiling,
     ModelSpec,
-    _model_on_worker,
     model_channels,
+    model_on_worker,
     model_spec,
     reconstruct,
     tiles_to_run,
@@ -89,7 +89,7 @@ def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, b
 
 def _warm_up(spec: ModelSpec, tile: int, batch_size: int) -> None:
     """Load the model in this worker and run a first forward pass (what the loop's warm-up batch does)."""
-    model = _model_on_worker(spec, "cpu")
+    model = model_on_worker(spec, "cpu")
     with torch.inference_mode():
         model(torch.zeros(batch_size, 3, 5, tile, tile))
 

@@ -50,9 +50,9 @@ def score_draw(
     """One draw of pasted clouds: each method's band-mean PSNR, SAM, NDVI MAE on the common pasted pixels,
     and the self-check's (estimate, measured) PSNR per date of the ``auto`` path."""
     from cmsn_cube.baselines import BASELINES
+    from cmsn_cube.clouds import make_scoring_cube
     from cmsn_cube.inference import reconstruct
     from cmsn_cube.metrics import common_pixels, evaluate_reconstruction, psnr
-    from cmsn_cube.samples import make_scoring_cube
 
     masks = DATA / "cloud_masks_ukis"
     if "truth" in cube:  # the embedded scene: its own clouds, scored against the truth beneath them

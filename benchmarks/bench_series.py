@@ -22,12 +22,12 @@ cube = cbers()
 cloudy = np.nonzero(cube.cloud_mask.values.any(axis=(1, 2)))[0]
 print("dates with clouds:", list(cloudy), "of", cube.sizes["time"])
 runs = []
-orig = inf._run_model
-inf._run_model = lambda m, w, d: (runs.append(w.shape[0]), orig(m, w, d))[1]
+orig = inf.models._run_model
+inf.models._run_model = lambda m, w, d: (runs.append(w.shape[0]), orig(m, w, d))[1]
 warnings.simplefilter("ignore")
 inf.reconstruct(cube.isel(time=[0, 1, 2]), method="cmsn").compute()  # warm-up (model load)
 for label, skip in (("every triplet (before)", False), ("only where gaps (now)", True)):
-    inf.SKIP_CLEAR_DATES = skip
+    inf.tiling.SKIP_CLEAR_DATES = skip
     best = np.inf
     for _ in range(2):
         runs.clear()

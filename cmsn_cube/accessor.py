@@ -1,12 +1,13 @@
 """The ``ds.cmsn`` accessor: thin, stateless calls into the public functions.
 
 Like xarray's own accessors it holds only ``_obj`` (state cached on an accessor would be pickled into every Dask
-task) and validates when a method is called, not in ``__init__`` (xarray turns errors there into opaque ones).
+task; xarray caches the accessor itself on the dataset) and validates when a method is called, not in
+``__init__`` (xarray turns errors there into opaque ones). Each method is one call into the function its
+docstring names, which holds every default.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import xarray as xr
@@ -14,42 +15,33 @@ import xarray as xr
 
 @xr.register_dataset_accessor("cmsn")
 class CMSNAccessor:
-    """Cloud removal and QA helpers on a cube: ``ds.cmsn.cloud_mask()``, ``ds.cmsn.cloud_fraction()``."""
+    """Cloud removal and QA helpers on a cube: ``ds.cmsn.cloud_mask()``, ``ds.cmsn.reconstruct()``, …."""
+
+    __slots__ = ("_obj",)
 
     def __init__(self, obj: xr.Dataset) -> None:
         self._obj = obj
 
     def validate(self, **options: Any) -> xr.Dataset:
-        """See :func:`cmsn_cube.cube.validate_cube`."""
+        """Validate the cube against the schema; see :func:`cmsn_cube.cube.validate_cube`."""
         from cmsn_cube.cube import validate_cube
 
         return validate_cube(self._obj, **options)
 
     def cloud_mask(self, **options: Any) -> xr.DataArray:
-        """The cloud mask: the cube's own, or decoded from ``qa_pixel`` (see :func:`cmsn_cube.qa.add_cloud_mask`)."""
-        from cmsn_cube.qa import add_cloud_mask
+        """Return the cloud mask, the cube's own or decoded from ``qa_pixel``; see :func:`cmsn_cube.qa.ensure_cloud_mask`."""
+        from cmsn_cube.qa import ensure_cloud_mask
 
-        if "cloud_mask" in self._obj and not options:
-            return self._obj["cloud_mask"]
-        return add_cloud_mask(self._obj.drop_vars("cloud_mask", errors="ignore"), **options)["cloud_mask"]
+        return ensure_cloud_mask(self._obj, **options)["cloud_mask"]
 
-    def reconstruct(
-        self, model: Any = None, *, adapt: bool = False, fit_options: dict[str, Any] | None = None, **options: Any
-    ) -> xr.Dataset:
-        """Lazy cloud removal of every date; ``options`` (``tile``, ``overlap``, ``batch_size``, ``device``,
-        ``chunk``, ``fill_unobserved``) as :func:`cmsn_cube.inference.reconstruct`, with its defaults.
-
-        With ``adapt=True`` the model is first fine-tuned on this cube (:func:`cmsn_cube.adapt.fit` with
-        ``fit_options``; that part computes), then the adapted model reconstructs it.
-        """
+    def reconstruct(self, **options: Any) -> xr.Dataset:
+        """Remove the clouds of every date, lazily; see :func:`cmsn_cube.inference.reconstruct` (``adapt=True`` first fine-tunes the model on this cube)."""
         from cmsn_cube.inference import reconstruct
 
-        if adapt:
-            model = self.fit(**{"model": model, "device": options.get("device"), **(fit_options or {})}).model
-        return reconstruct(self._obj, model=model, **options)
+        return reconstruct(self._obj, **options)
 
     def quality(self) -> Any:
-        """The scene self-check of a reconstruction as a tidy table; see :func:`cmsn_cube.selfcheck.quality_table`."""
+        """Return the scene self-check of a reconstruction as a tidy table; see :func:`cmsn_cube.selfcheck.quality_table`."""
         from cmsn_cube.selfcheck import quality_table
 
         return quality_table(self._obj)
@@ -61,29 +53,22 @@ class CMSNAccessor:
         return fit(self._obj, **options)
 
     def ndvi(self) -> xr.DataArray:
-        """NDVI of the observed reflectance, NaN under clouds (see :func:`cmsn_cube.metrics.ndvi`)."""
-        from cmsn_cube.metrics import ndvi
+        """Return the NDVI of the observed reflectance, NaN under clouds; see :func:`cmsn_cube.qa.observed_ndvi`."""
+        from cmsn_cube.qa import observed_ndvi
 
-        reflectance = self._obj["reflectance"]
-        if "cloud_mask" in self._obj or "qa_pixel" in self._obj:
-            reflectance = reflectance.where(~self.cloud_mask())
-        return ndvi(reflectance).rename("ndvi")
+        return observed_ndvi(self._obj)
 
-    def plot(
-        self, path: str | os.PathLike[str] | None = None, *, date: int = 0, model: Any = None, device: str | None = None
-    ) -> Any:
-        """The cloudy dates, coarse and refined reconstruction, truth and error: a Figure (shown inline in a
-        notebook), or a PNG panel written to ``path``.
+    def plot(self, *args: Any, **options: Any) -> Any:
+        """Draw the cloudy dates, the reconstruction stages, truth and error; see :func:`cmsn_cube.plot.plot_reconstruction`.
 
-        The cube must have three dates; select a window first for a readable picture. See
-        :func:`cmsn_cube.plot.plot_reconstruction`.
+        A Figure (shown inline in a notebook), or a PNG panel written to the path given.
         """
         from cmsn_cube.plot import plot_reconstruction
 
-        return plot_reconstruction(self._obj, path, date=date, model=model, device=device)
+        return plot_reconstruction(self._obj, *args, **options)
 
     def cloud_fraction(self) -> xr.DataArray:
-        """See :func:`cmsn_cube.qa.cloud_fraction`."""
+        """Return the fraction of valid pixels that are cloud, per date; see :func:`cmsn_cube.qa.cloud_fraction`."""
         from cmsn_cube.qa import cloud_fraction
 
         return cloud_fraction(self._obj)

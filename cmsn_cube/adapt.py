@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,10 +38,10 @@ from cmsn_cube.exceptions import CheckpointError, DimensionError, NoDataError
 from cmsn_cube.qa import ensure_cloud_mask
 
 if TYPE_CHECKING:  # torch loads only when fit runs
+    from cmsn_cube.clouds import MaskSource
     from cmsn_cube.model.cmsn import CMSN
-    from cmsn_cube.samples import MaskSource
 
-__all__ = ["FitResult", "fit", "fitted_path", "holdout_split", "PATCH_SIZES"]
+__all__ = ["FitOptions", "FitResult", "fit", "fitted_path", "holdout_split", "PATCH_SIZES"]
 
 #: Window sides tried, largest first, when ``patch_size`` is None: 64 px keeps a CPU step well under a second
 #: for the packaged model while giving the 1/4-resolution branch a 16 x 16 context.
@@ -191,100 +191,112 @@ def _check_clear(cube: xr.Dataset) -> None:
         )
 
 
-class _Rounds:
-    """Cycle a DataLoader in rounds of ``batches`` batches: :func:`cmsn_cube.train.train` validates after each.
+@dataclass(frozen=True, kw_only=True)
+class FitOptions:
+    """The options of :func:`fit` (which sets their defaults), checked when built.
 
-    Every pass over the windows draws new pasted clouds (``set_epoch``), so a small scene does not teach the
-    same clouds over and over; with ``augment`` each batch is also turned/flipped (one of the 8 symmetries of
-    the square, the same for every tensor and date). Rounds decouple the validation cadence from the scene size.
+    Attributes
+    ----------
+    steps : int
+        Optimizer steps at most.
+    time_budget : float or None
+        Wall-clock seconds for the whole fit; training stops cleanly (validating once more) when it is spent.
+    lr : float
+        Peak AdamW learning rate (cosine schedule with a short warm-up). Measured with the packaged checkpoint
+        (``pipelines/adapt_unseen.py``): on the CBERS series 5e-4 gained +1.63 dB in cloudy pixels, 2e-3
+        +1.23 dB; on an unseen embedded scene 2e-3 lost 1.49 dB on the real clouds while its pasted-cloud
+        hold-out still improved, and 5e-4 kept the source (no hold-out gain).
+    seed : int
+        Seeds the pasted clouds, the shuffle, the augmentation and torch.
+    patch_size : int or None
+        Window side in pixels; None: the largest of :data:`PATCH_SIZES` that leaves room for a validation block.
+    batch_size : int
+        Windows per optimizer step.
+    validation_fraction : float
+        Share of the rows (the last ones) held out for validation.
+    patience : int or None
+        Stop after this many validation rounds without a better hold-out PSNR; None disables early stopping.
+    validate_every : int
+        Optimizer steps per validation round.
+    sources : sequence of {"store", "reference"}
+        Where pasted cloud shapes come from: ``store`` = the cube's own cloud masks (of other dates/windows of the
+        training block), ``reference`` = the shared UKIS Landsat masks; fractal shapes fill in when none fits.
+    augment : bool
+        Random quarter turns and flips of the training batches.
+    out : str, path-like or None
+        Checkpoint path (``.pt``; the card goes next to it as ``.json``). None: a new temporary folder, so a
+        fit never writes next to a (possibly remote or read-only) store unless asked; see :func:`fitted_path`
+        for the CLI's default.
+    device : str or None
+        ``"cpu"``, ``"cuda"``...; None: CUDA when present.
+    progress : bool
+        Show a progress bar and per-round validation lines.
+
+    Raises
+    ------
+    ValueError
+        ``steps``, ``validate_every`` or ``batch_size`` is below 1.
     """
 
-    def __init__(self, loader: Any, *, batches: int, augment: bool, seed: int) -> None:
-        import torch
+    steps: int
+    time_budget: float | None
+    lr: float
+    seed: int
+    patch_size: int | None
+    batch_size: int
+    validation_fraction: float
+    patience: int | None
+    validate_every: int
+    sources: Sequence[MaskSource]
+    augment: bool
+    out: str | os.PathLike[str] | None
+    device: str | None
+    progress: bool
 
-        self.loader, self.batches, self.passes, self.augment = loader, batches, 0, augment
-        self._iterator: Iterator[Any] | None = None
-        self._generator = torch.Generator().manual_seed(seed)
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.validate_every < 1 or self.batch_size < 1:
+            raise ValueError(
+                "steps, validate_every and batch_size must be >= 1, "
+                f"got {self.steps}, {self.validate_every}, {self.batch_size}"
+            )
 
-    def __len__(self) -> int:
-        return self.batches
-
-    def _next(self) -> Any:
-        while True:
-            if self._iterator is None:
-                self.loader.dataset.set_epoch(self.passes)
-                self.passes += 1
-                self._iterator = iter(self.loader)
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-
-    def __iter__(self) -> Iterator[Any]:
-        import torch
-
-        for _ in range(self.batches):
-            batch = self._next()
-            if self.augment:
-                symmetry = int(torch.randint(8, (1,), generator=self._generator))
-                batch = {key: _symmetry(value, symmetry) for key, value in batch.items()}
-            yield batch
-
-
-def _symmetry(tensor: Any, symmetry: int) -> Any:
-    """Symmetry ``0-7`` of the square on the last two axes: ``symmetry % 4`` quarter turns, then a flip if >= 4."""
-    turned = tensor.rot90(symmetry % 4, dims=(-2, -1))
-    return (turned.flip(-1) if symmetry >= 4 else turned).contiguous()
+    def card(self) -> dict[str, Any]:
+        """Return the options as the ``adaptation`` section of the checkpoint card records them."""
+        names = ("steps", "time_budget", "lr", "seed", "batch_size", "validation_fraction", "patience")
+        return {
+            **{name: getattr(self, name) for name in names},
+            "validate_every": self.validate_every,
+            "sources": list(self.sources),
+            "augment": self.augment,
+        }
 
 
-def _loaders(
-    cube: xr.Dataset,
-    *,
-    patch_size: int,
-    batch_size: int,
-    validation_fraction: float,
-    seed: int,
-    sources: Sequence[MaskSource],
-    validate_every: int,
-    augment: bool,
-) -> tuple[_Rounds, Any, dict[str, Any]]:
-    import torch
-    from torch.utils.data import DataLoader, Subset
+def _fit_loaders(cube: xr.Dataset, *, patch_size: int, options: FitOptions) -> tuple[Any, Any, dict[str, Any]]:
+    """Build rounds of training batches (one per validation), the validation loader, and the split's card entry."""
+    from cmsn_cube.training.loaders import Rounds, epoch_loader, holdout_datasets, validation_loader
 
-    from cmsn_cube.samples import TripletWindowDataset
-
-    train_rows, val_rows = holdout_split(cube, patch_size=patch_size, validation_fraction=validation_fraction)
-    options: dict[str, Any] = {
-        "size": patch_size,
-        "overlap": _overlap(patch_size),
-        "truth": "observed",
-        "sources": tuple(sources),
-        "reference_masks": "auto" if "reference" in sources else None,
-    }
-    # crops, not rows=: the training sampler cannot even borrow the validation block's cloud shapes
-    train_set = TripletWindowDataset(cube.isel(y=slice(*train_rows)), seed=seed, **options)
-    val_set = TripletWindowDataset(cube.isel(y=slice(*val_rows)), seed=seed + 1, **options)
-    kept = np.unique(np.linspace(0, len(val_set) - 1, min(len(val_set), MAX_VALIDATION_WINDOWS)).round().astype(int))
-    train_loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > batch_size,
-        generator=torch.Generator().manual_seed(seed),
+    holdout = holdout_datasets(
+        cube, size=patch_size, overlap=_overlap(patch_size), val_fraction=options.validation_fraction,
+        seed=options.seed, truth="observed", sources=tuple(options.sources),
+        reference_masks="auto" if "reference" in options.sources else None,
+        crop=True,  # crops, not rows: the training sampler cannot even borrow the validation block's cloud shapes
+    )  # fmt: skip
+    batches = epoch_loader([holdout.train], batch_size=options.batch_size, seed=options.seed, augment=options.augment)
+    val_loader = validation_loader(
+        [holdout.validation], batch_size=options.batch_size, max_windows=MAX_VALIDATION_WINDOWS
     )
-    val_loader = DataLoader(Subset(val_set, kept.tolist()), batch_size=batch_size, shuffle=False)
     split = {
         "patch_size": patch_size,
-        "train_rows": list(train_rows),
-        "validation_rows": list(val_rows),
-        "train_windows": len(train_set),
-        "validation_windows": len(kept),
+        "train_rows": list(holdout.train_rows),
+        "validation_rows": list(holdout.validation_rows),
+        "train_windows": len(holdout.train),
+        "validation_windows": len(val_loader.dataset),  # type: ignore[arg-type]
     }
-    return _Rounds(train_loader, batches=validate_every, augment=augment, seed=seed), val_loader, split
+    return Rounds(batches, batches=min(options.validate_every, options.steps)), val_loader, split
 
 
 def _source(model: str | os.PathLike[str] | CMSN | None) -> tuple[CMSN, dict[str, Any]]:
-    """A copy of the source model and its description (name, sha256 of the checkpoint file)."""
+    """Copy the source model and describe it (name, sha256 of the checkpoint file)."""
     import torch
 
     from cmsn_cube.inference import DEFAULT_MODEL, model_spec
@@ -361,40 +373,11 @@ def fit(
     model : str, path-like, CMSN or None
         Source checkpoint path, packaged name, or in-memory model (copied, never changed); default the packaged
         :data:`cmsn_cube.inference.DEFAULT_MODEL`.
-    steps : int
-        Optimizer steps at most.
-    time_budget : float or None
-        Wall-clock seconds for the whole fit; training stops cleanly (validating once more) when it is spent.
-    lr : float
-        Peak AdamW learning rate (cosine schedule with a short warm-up). Measured with the packaged checkpoint
-        (``pipelines/adapt_unseen.py``): on the CBERS series 5e-4 gained +1.63 dB in cloudy pixels, 2e-3
-        +1.23 dB; on an unseen embedded scene 2e-3 lost 1.49 dB on the real clouds while its pasted-cloud
-        hold-out still improved, and 5e-4 kept the source (no hold-out gain).
-    seed : int
-        Seeds the pasted clouds, the shuffle and torch.
-    patch_size : int, optional
-        Window side in pixels; default the largest of :data:`PATCH_SIZES` that leaves room for a validation block.
-    batch_size : int
-        Windows per optimizer step.
-    validation_fraction : float
-        Share of the rows (the last ones) held out for validation.
-    patience : int or None
-        Stop after this many validation rounds without a better hold-out PSNR; None disables early stopping.
-    validate_every : int
-        Optimizer steps per validation round.
-    sources : sequence of {"store", "reference"}
-        Where pasted cloud shapes come from: ``store`` = the cube's own cloud masks (of other dates/windows of the
-        training block), ``reference`` = the shared UKIS Landsat masks; fractal shapes fill in when none fits.
-    augment : bool
-        Random quarter turns and flips of the training batches.
-    out : str or path-like, optional
-        Checkpoint path (``.pt``; the card goes next to it as ``.json``). Default: a new temporary folder, so a
-        fit never writes next to a (possibly remote or read-only) store unless asked; see :func:`fitted_path`
-        for the CLI's default.
-    device : str, optional
-        ``"cpu"``, ``"cuda"``...; default CUDA when present.
-    progress : bool
-        Show a progress bar and per-round validation lines.
+
+    Other Parameters
+    ----------------
+    steps, time_budget, lr, seed, patch_size, batch_size, validation_fraction, patience, validate_every, sources, augment, out, device, progress
+        The options of the fit, each documented (and checked) in :class:`FitOptions`.
 
     Returns
     -------
@@ -422,52 +405,38 @@ def fit(
     >>> result.card["source"]["name"], result.steps
     ('in-memory model', 2)
     """
-    from cmsn_cube.inference import default_device
+    options = FitOptions(
+        steps=steps, time_budget=time_budget, lr=lr, seed=seed, patch_size=patch_size, batch_size=batch_size,
+        validation_fraction=validation_fraction, patience=patience, validate_every=validate_every,
+        sources=sources, augment=augment, out=out, device=device, progress=progress,
+    )  # fmt: skip
+    return _fit(cube_or_store, model, options)
+
+
+def _fit(cube_or_store: xr.Dataset | str | os.PathLike[str], model: Any, options: FitOptions) -> FitResult:
+    """Fit as :func:`fit` describes: split, measure the source, fine-tune, keep the better, save."""
+    from cmsn_cube.device import default_device
     from cmsn_cube.model.checkpoint import save_checkpoint
     from cmsn_cube.train import evaluate_batches, train
 
     started = time.monotonic()
-    if steps < 1 or validate_every < 1 or batch_size < 1:
-        raise ValueError(
-            f"steps, validate_every and batch_size must be >= 1, got {steps}, {validate_every}, {batch_size}"
-        )
     cube, name = _open(cube_or_store)
-    patch = _choose_patch(
-        cube.sizes["y"], cube.sizes["x"], validation_fraction=validation_fraction, patch_size=patch_size
-    )
+    height, width = cube.sizes["y"], cube.sizes["x"]
+    patch = _choose_patch(height, width, validation_fraction=options.validation_fraction, patch_size=options.patch_size)
     _check_clear(cube)
-    train_loader, val_loader, split = _loaders(
-        cube,
-        patch_size=patch,
-        batch_size=batch_size,
-        validation_fraction=validation_fraction,
-        seed=seed,
-        sources=sources,
-        validate_every=min(validate_every, steps),
-        augment=augment,
-    )
-    device = default_device(device)
+    train_loader, val_loader, split = _fit_loaders(cube, patch_size=patch, options=options)
+    device = default_device(options.device)
     source_model, source = _source(model)
-    before = evaluate_batches(
-        source_model.to(device), val_loader, loss_weights=source.get("loss_weights"), device=device
-    )
+    weights = source.get("loss_weights")
+    before = evaluate_batches(source_model.to(device), val_loader, loss_weights=weights, device=device)
     source_state = {k: v.detach().cpu().clone() for k, v in source_model.state_dict().items()}
-    remaining = None if time_budget is None else max(1.0, time_budget - (time.monotonic() - started))
+    budget = options.time_budget
     result = train(
-        source_model,
-        train_loader,
-        val_loader,
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        device=device,
-        time_budget=remaining,
-        patience=patience,
-        warmup_steps=min(20, max(1, steps // 10)),
-        loss_weights=source.get("loss_weights"),
-        training_data={"adaptation_of": source["name"], "cube": name},
-        progress=progress,
-    )
+        source_model, train_loader, val_loader, steps=options.steps, lr=options.lr, seed=options.seed,
+        device=device, time_budget=None if budget is None else max(1.0, budget - (time.monotonic() - started)),
+        patience=options.patience, warmup_steps=min(20, max(1, options.steps // 10)), loss_weights=weights,
+        training_data={"adaptation_of": source["name"], "cube": name}, progress=options.progress,
+    )  # fmt: skip
     fitted = result.model
     after = dict(result.best_metrics or before)
     improved = after.get("psnr_cloudy", -math.inf) > before["psnr_cloudy"]
@@ -476,43 +445,24 @@ def fit(
         fitted.load_state_dict(source_state)
         after = dict(before)
     fitted.eval()
-    elapsed = time.monotonic() - started
     adaptation = {
         "source": source,
         "cube": _describe(cube, name),
         "split": split,
-        "options": {
-            "steps": steps,
-            "time_budget": time_budget,
-            "lr": lr,
-            "seed": seed,
-            "batch_size": batch_size,
-            "validation_fraction": validation_fraction,
-            "patience": patience,
-            "validate_every": validate_every,
-            "sources": list(sources),
-            "augment": augment,
-        },
+        "options": options.card(),
         "steps": result.steps,
         "stop_reason": result.stop_reason,
-        "wall_time_s": round(elapsed, 1),
+        "wall_time_s": round(time.monotonic() - started, 1),
         "device": result.device,
         "improved": improved,
         "validation": {"before": _plain(before), "after": _plain(after)},
     }
-    path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cmsn-fit-")) / "fitted.pt"
+    path = Path(options.out) if options.out is not None else Path(tempfile.mkdtemp(prefix="cmsn-fit-")) / "fitted.pt"
     metadata = {"adaptation": adaptation, "metrics": _plain(after), "training": dict(result.extra.get("run", {}))}
     save_checkpoint(path, fitted, metadata=metadata)
-    if progress:
+    if options.progress:
         print(f"hold-out cloudy PSNR {before['psnr_cloudy']:.2f} -> {after['psnr_cloudy']:.2f} dB; saved {path}")
     return FitResult(
-        model=fitted,
-        checkpoint=path,
-        card=adaptation,
-        before=before,
-        after=after,
-        steps=result.steps,
-        elapsed_s=time.monotonic() - started,
-        stop_reason=result.stop_reason,
-        history=result.history,
-    )
+        model=fitted, checkpoint=path, card=adaptation, before=before, after=after, steps=result.steps,
+        elapsed_s=time.monotonic() - started, stop_reason=result.stop_reason, history=result.history,
+    )  # fmt: skip

@@ -117,9 +117,9 @@ def fill_regression(
     min_pixels: int = REGRESSION_MIN_PIXELS,
     targets: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Fill each date (or only the ``targets``; the others stay NaN) from helper dates (nearest first) through
-    a local per-band linear regression.
+    """Fill each date from helper dates (nearest first) through a local per-band linear regression.
 
+    With ``targets``, only those dates are filled; the others stay NaN.
     Where fewer than ``min_pixels`` pixels of the window are clear in both dates, the fit of the whole scene
     is used; where the scene has too few either, the helper's value itself.
     """

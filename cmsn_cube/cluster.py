@@ -38,8 +38,10 @@ WORKER_CONFIG: Mapping[str, object] = {
 def worker_environment(
     threads_per_worker: int = 1, *, worker_config: Mapping[str, object] = WORKER_CONFIG
 ) -> dict[str, str]:
-    """Environment for worker processes: allocator tuning, as many torch/BLAS threads as Dask threads, and
-    ``worker_config`` as ``DASK_*`` variables (start the workers of an existing cluster with it too).
+    """Return the environment for worker processes (start the workers of an existing cluster with it too).
+
+    It holds the allocator tuning, as many torch/BLAS threads as Dask threads, and ``worker_config`` as
+    ``DASK_*`` variables.
     """
     threads = str(threads_per_worker)
     config = {
@@ -114,7 +116,7 @@ def get_client(
 
 
 def _connect(address: str, *, timeout: float) -> Client:
-    """A client of the scheduler at ``address``, or a :class:`SchedulerError` within about ``timeout`` s.
+    """Connect to the scheduler at ``address``, or raise a :class:`SchedulerError` within about ``timeout`` s.
 
     The scheduler is asked who it is first, under a deadline: Dask's own connect retries for 30 s and then
     raises a long traceback, and waits for ever on a port where something else listens (an HTTP server).

@@ -137,7 +137,7 @@ def set_crs(ds: xr.Dataset, crs: Any) -> xr.Dataset:
 
 
 def crs_of(ds: xr.Dataset | xr.DataArray) -> Any:
-    """The cube's CRS as a ``rasterio.crs.CRS``, or None."""
+    """Return the cube's CRS as a ``rasterio.crs.CRS``, or None."""
     import rioxarray  # noqa: F401
 
     return ds.rio.crs
@@ -296,7 +296,7 @@ def check_reflectance_values(values: np.ndarray, *, where: str) -> None:
 
 
 def grid_of(ds: xr.Dataset) -> dict[str, Any]:
-    """The spatial grid of a cube: CRS, shape and the first and step of ``y``/``x`` (for mismatch checks)."""
+    """Return the spatial grid of a cube: CRS, shape and the first and step of ``y``/``x`` (for mismatch checks)."""
     y, x = ds["y"].values, ds["x"].values
     return {
         "crs": crs_of(ds),
@@ -314,3 +314,40 @@ def check_same_grid(a: xr.Dataset, b: xr.Dataset, *, what: str = "the two cubes"
     if grid_a != grid_b:
         diff = {k: (grid_a[k], grid_b[k]) for k in grid_a if grid_a[k] != grid_b[k]}
         raise GridError(f"{what} are on different grids: {diff}")
+
+
+def date_triplets(times: xr.Dataset | xr.DataArray | Sequence[Any] | np.ndarray) -> list[tuple[int, int, int]]:
+    """Pair every date with its two nearest dates in time: one triplet of positions per date, sorted in time.
+
+    Parameters
+    ----------
+    times : cube, DataArray or sequence of datetime-like
+        A cube (its ``time``) or the times themselves, increasing.
+
+    Returns
+    -------
+    list of tuple of int
+        Entry ``i`` is the triplet used to reconstruct date ``i``; ``i`` is one of its three positions.
+        Ties in distance go to the earlier date.
+
+    Raises
+    ------
+    DimensionError
+        Fewer than three dates.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> date_triplets(np.array(["2020-01-01", "2020-01-17", "2020-02-02", "2020-04-01"], dtype="datetime64[D]"))
+    [(0, 1, 2), (0, 1, 2), (0, 1, 2), (1, 2, 3)]
+    """
+    if isinstance(times, xr.Dataset | xr.DataArray):
+        times = times["time"].values
+    stamps = np.asarray(times, dtype="datetime64[ns]").astype("int64")
+    if stamps.size < 3:
+        raise DimensionError(f"three dates are needed to form a triplet; the cube has {stamps.size}")
+    triplets = []
+    for i, stamp in enumerate(stamps):
+        others = sorted((abs(int(s) - int(stamp)), j) for j, s in enumerate(stamps) if j != i)
+        triplets.append(tuple(sorted((i, others[0][1], others[1][1]))))
+    return triplets  # type: ignore[return-value]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def _is_embedded_scene(path: str) -> bool:
 
 
 def _cloudiest_window(mask: np.ndarray, size: int) -> tuple[slice, slice]:
-    """The ``size`` window (on a coarse grid) where date 1 is cloudiest, for the panel figure."""
+    """Return the ``size`` window (on a coarse grid) where date 1 is cloudiest, for the panel figure."""
     height, width = mask.shape
     size_y, size_x = min(size, height), min(size, width)
     best, best_origin = -1.0, (0, 0)
@@ -100,65 +101,126 @@ def run_demo(
         Dask LocalCluster worker processes for the reconstruction.
     echo : callable
         Where progress lines go.
-    """
-    from tqdm.auto import tqdm
 
+    Returns
+    -------
+    DemoResult
+        Paths of the store, the reconstruction, the figures and ``report.md``, and what the demo measured.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store_path = str(store or Path("stores") / "demo.zarr")
-    seconds: dict[str, float] = {}
-    steps = tqdm(total=6, desc="demo", unit="stage")
+    reconstruction_path = str(out / "reconstruction.zarr")
+    stages = _Stages(total=6)
+    with stages.timed("scene"):
+        scene, cube = _write_scene(store_path, size=size, seed=seed)
+        fractions = cloud_fraction(cube).compute()
+    with stages.timed("samples"):
+        sample_line = _describe_samples(store_path, size=size, seed=seed)
+    with stages.timed("model"):
+        checkpoint, adapted_line = _choose_model(store_path, model, adapt_seconds=adapt_seconds, out=out)
+    with stages.timed("reconstruction"):
+        result = _reconstruct_scene(cube, checkpoint, reconstruction_path, size=size, workers=workers, echo=echo)
+    with stages.timed("evaluation"):
+        cloudy = _score_methods(cube, result, out)
+    with stages.timed("figures"):
+        figures = _draw_figures(scene, cube, result, checkpoint, cloudy, out)
+    stages.close()
 
-    def stage(name: str, started: float) -> None:
-        seconds[name] = round(time.perf_counter() - started, 1)
-        steps.set_postfix_str(name)
-        steps.update()
+    demo = DemoResult(
+        store=store_path,
+        reconstruction=reconstruction_path,
+        out_dir=str(out),
+        figures=[str(f) for f in figures],
+        cloud_percent={
+            str(t)[:10]: round(100 * float(f), 2) for t, f in zip(cube.time.values, fractions.values, strict=True)
+        },
+        cloudy_summary=cloudy,
+        seconds=stages.seconds,
+    )
+    demo.report = _write_report(demo, cube, result, sample_line, adapted_line)
+    (out / "demo.json").write_text(json.dumps(asdict(demo), indent=2))
+    echo(describe_cube(cube, name=store_path))
+    echo(_markdown_table(cloudy))
+    echo(f"report: {demo.report}\nfigures: {', '.join(demo.figures)}\nreconstruction: {reconstruction_path}")
+    return demo
 
-    started = time.perf_counter()
+
+class _Stages:
+    """The demo's progress bar, and the seconds each stage took (rounded to 0.1 s, for the report)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.seconds: dict[str, float] = {}
+        self.bar = tqdm(total=total, desc="demo", unit="stage")
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        self.bar.set_postfix_str(name)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _write_scene(store_path: str, *, size: int, seed: int) -> tuple[xr.Dataset, xr.Dataset]:
+    """Write the embedded scene to ``store_path``; return it and the cube read back with its mask decoded anew."""
     scene = synthetic_scene(height=size, width=size, seed=seed)
     write_cube(scene, store_path, overwrite=_is_embedded_scene(store_path))  # never replaces a user's cube
     # decode the cloud mask afresh from the QA bits in the store, as for real Landsat
     cube = add_cloud_mask(open_cube(store_path).drop_vars("cloud_mask"))
-    fractions = cloud_fraction(cube).compute()
-    stage("scene", started)
+    return scene, cube
 
-    started = time.perf_counter()
+
+def _describe_samples(store_path: str, *, size: int, seed: int) -> str:
+    """Cut the store into training windows and describe them and one sample, for the report."""
     from cmsn_cube.samples import TripletWindowDataset
 
     samples = TripletWindowDataset(store_path, size=min(256, size), overlap=32, seed=seed)
     example = samples[0]
-    sample_line = (
+    return (
         f"{len(samples.windows)} training windows of {min(256, size)} px (skipped: {samples.skipped}); "
         f"one sample: inputs {tuple(example['inputs'].shape)}, truth {tuple(example['truth'].shape)}, "
         f"pasted clouds {100 * float(example['sim_mask'].float().mean()):.1f} %"
     )
-    stage("samples", started)
 
-    started = time.perf_counter()
-    checkpoint: Any = model
-    adapted_line = "packaged checkpoint used as is"
-    if adapt_seconds > 0:
-        from cmsn_cube.adapt import fit
 
-        fitted = fit(store_path, model=model, time_budget=adapt_seconds, out=out / "adapted.pt", progress=False)
-        checkpoint = str(fitted.checkpoint)
-        adapted_line = f"adapted to this scene in {adapt_seconds:.0f} s budget: {fitted.card.get('validation', '')}"
-    stage("model", started)
+def _choose_model(store_path: str, model: str | None, *, adapt_seconds: float, out: Path) -> tuple[Any, str]:
+    """Return the checkpoint to use (``model``, or a fit of it to the scene) and a line saying which."""
+    if adapt_seconds <= 0:
+        return model, "packaged checkpoint used as is"
+    from cmsn_cube.adapt import fit
 
-    started = time.perf_counter()
+    fitted = fit(store_path, model=model, time_budget=adapt_seconds, out=out / "adapted.pt", progress=False)
+    return str(
+        fitted.checkpoint
+    ), f"adapted to this scene in {adapt_seconds:.0f} s budget: {fitted.card.get('validation', '')}"
+
+
+def _reconstruct_scene(
+    cube: xr.Dataset, checkpoint: Any, path: str, *, size: int, workers: int, echo: Callable[[str], object]
+) -> xr.Dataset:
+    """Reconstruct the whole scene on a Dask LocalCluster into the Zarr store ``path``; return it loaded."""
     from cmsn_cube.cluster import get_client
-    from cmsn_cube.inference import predict_window, reconstruct, write_reconstruction
+    from cmsn_cube.inference import reconstruct, write_reconstruction
 
-    reconstruction_path = str(out / "reconstruction.zarr")
     with get_client(workers=workers) as client:
         echo(f"Dask LocalCluster: {len(client.scheduler_info()['workers'])} worker processes")
         # chunks of half the scene so every worker has a block
         lazy = reconstruct(cube, model=checkpoint, chunk=max(256, size // 2))
-        write_reconstruction(lazy, reconstruction_path, progress=False, overwrite=True)
-    result = open_store(reconstruction_path).load()
-    stage("reconstruction", started)
+        write_reconstruction(lazy, path, progress=False, overwrite=True)
+    return open_store(path).load()
 
-    started = time.perf_counter()
+
+def _score_methods(cube: xr.Dataset, result: xr.Dataset, out: Path) -> dict[str, dict[str, float]]:
+    """Score the reconstruction and the classical gap-fillers against the truth; return the cloudy-pixel table.
+
+    Also writes ``evaluation.csv`` and ``evaluation.json`` to ``out``.
+    """
     from cmsn_cube.evaluate import evaluate, summary
 
     def auto(_: xr.Dataset) -> xr.DataArray:  # the default path: per date the filler the self-check chose
@@ -170,7 +232,7 @@ def run_demo(
     table_summary = summary(table)
     # scored on the cloudy pixels every method filled (baselines leave pixels cloudy on all dates empty),
     # with each method's coverage of all cloudy pixels beside it
-    cloudy = {
+    return {
         str(method): {
             **{
                 metric: float(table_summary.loc[method, ("common", metric)])
@@ -180,9 +242,20 @@ def run_demo(
         }
         for method in table_summary.index
     }
-    stage("evaluation", started)
 
-    started = time.perf_counter()
+
+def _draw_figures(
+    scene: xr.Dataset,
+    cube: xr.Dataset,
+    result: xr.Dataset,
+    checkpoint: Any,
+    cloudy: dict[str, dict[str, float]],
+    out: Path,
+) -> list[Any]:
+    """Draw the demo's figures into ``out``; return their paths."""
+    from cmsn_cube.inference import FILLED, NO_DATA_FILLED, predict_window
+    from cmsn_cube.metrics import ndvi
+
     figures = plot_dates(cube.load(), out, prefix="date")
     ys, xs = _cloudiest_window(cube["cloud_mask"].values[0], 256)
     window = cube.isel(y=ys, x=xs).load()
@@ -196,9 +269,6 @@ def run_demo(
             title=f"{str(cube.time.values[0])[:10]}: NDVI before and after cloud removal",
         )
     )
-    from cmsn_cube.inference import FILLED, NO_DATA_FILLED
-    from cmsn_cube.metrics import ndvi
-
     filled = np.isin(result["filled"].values, (FILLED, NO_DATA_FILLED)) & np.isfinite(scene["truth"].values).all(axis=1)
     figures.append(
         plot_ndvi_scatter(result["ndvi"].values[filled], ndvi(scene["truth"]).values[filled], out / "ndvi_scatter.png")
@@ -209,30 +279,11 @@ def run_demo(
         from cmsn_cube.train import plot_history
 
         figures.append(str(plot_history(history, out / "loss_curves.png")))
-    stage("figures", started)
-    steps.close()
-
-    demo = DemoResult(
-        store=store_path,
-        reconstruction=reconstruction_path,
-        out_dir=str(out),
-        figures=[str(f) for f in figures],
-        cloud_percent={
-            str(t)[:10]: round(100 * float(f), 2) for t, f in zip(cube.time.values, fractions.values, strict=True)
-        },
-        cloudy_summary=cloudy,
-        seconds=seconds,
-    )
-    demo.report = _write_report(demo, cube, result, sample_line, adapted_line)
-    (out / "demo.json").write_text(json.dumps(asdict(demo), indent=2))
-    echo(describe_cube(cube, name=store_path))
-    echo(_markdown_table(cloudy))
-    echo(f"report: {demo.report}\nfigures: {', '.join(demo.figures)}\nreconstruction: {reconstruction_path}")
-    return demo
+    return figures
 
 
 def _training_history(checkpoint: Any) -> dict | None:
-    """The loss history recorded in a checkpoint's card, if any."""
+    """Return the loss history recorded in a checkpoint's card, if any."""
     from cmsn_cube.inference import DEFAULT_MODEL
     from cmsn_cube.model import model_card
 

@@ -38,8 +38,9 @@ def default_device(device: str | None = None) -> str:
 
 @contextmanager
 def isolated_global_state() -> Iterator[None]:
-    """Run a block that seeds RNGs or sets torch threads, and give the caller its own state back afterwards:
-    the RNGs of ``random``, numpy and torch (CPU and CUDA), torch's intra-op threads and cuDNN flags.
+    """Run a block that seeds RNGs or sets torch threads, and give the caller its own state back afterwards.
+
+    Restored: the RNGs of ``random``, numpy and torch (CPU and CUDA), torch's intra-op threads and cuDNN flags.
     """
     import torch
 
@@ -57,7 +58,7 @@ def isolated_global_state() -> Iterator[None]:
 
 
 def leaves_global_state(function: F) -> F:
-    """Decorator: ``function`` runs inside :func:`isolated_global_state`."""
+    """Wrap ``function`` so that it runs inside :func:`isolated_global_state` (a decorator)."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -1,7 +1,9 @@
 """Score gap-filling methods on a cube whose truth is known: baselines now, the network through the same hook.
 
 Truth comes from the cube's ``truth`` variable (the embedded scene: its ``cloud_mask`` pixels are scored) or,
-for real data, from clear pixels hidden under pasted clouds (:func:`cmsn_cube.samples.make_scoring_cube`).
+for real data, from clear pixels hidden under pasted clouds (:func:`cmsn_cube.clouds.make_scoring_cube`).
+
+Torch is imported only when the network runs (:func:`cmsn_method`): pasting clouds and the baselines need none.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 import xarray as xr
 
 from cmsn_cube.baselines import BASELINES
+from cmsn_cube.clouds import make_scoring_cube
 from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CMSNCubeWarning, CubeValidationError, NoDataError
 from cmsn_cube.metrics import common_pixels, evaluate_reconstruction
@@ -33,7 +36,7 @@ SUMMARY_METRICS: tuple[str, ...] = ("psnr", "ssim", "mae", "rmse", "sam", "ndvi_
 def scoring_setup(
     cube: xr.Dataset, *, truth: TruthChoice | None = None, seed: int = 0
 ) -> tuple[xr.Dataset, xr.DataArray, xr.DataArray]:
-    """The cube the methods see, the truth and the scored pixels.
+    """Return the cube the methods see, the truth and the scored pixels.
 
     Parameters
     ----------
@@ -56,8 +59,6 @@ def scoring_setup(
         return cube.drop_vars("truth"), reference, scored
     if choice != "pasted":
         raise CubeValidationError(f"truth must be 'cube' or 'pasted', got {truth!r}")
-    from cmsn_cube.samples import make_scoring_cube  # imports torch; only needed for pasted clouds
-
     return make_scoring_cube(cube, seed=seed)
 
 
@@ -81,7 +82,7 @@ def cmsn_method(
     device: str | None = None,
     method: str = CMSN_METHOD,
 ) -> Callable[[xr.Dataset], xr.DataArray]:
-    """The CMSN as an evaluation method: ``cube -> reconstructed`` via :func:`cmsn_cube.inference.reconstruct`.
+    """Wrap the CMSN as an evaluation method: ``cube -> reconstructed`` via :func:`cmsn_cube.inference.reconstruct`.
 
     Torch is imported only when the method runs, so this module stays light.
 
@@ -193,7 +194,7 @@ def evaluate(
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Method x (region, metric) for the band mean: the table people read."""
+    """Tabulate method x (region, metric) for the band mean: the table people read."""
     means = table.xs("mean", level="band")[list(SUMMARY_METRICS)]
     wide = means.unstack("region")
     order = [(region, metric) for region in ("cloudy", "common", "all") for metric in SUMMARY_METRICS]
@@ -201,7 +202,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The summary as text: PSNR in dB, SAM in degrees, MAE/RMSE/NDVI MAE in reflectance/NDVI units."""
+    """Format the summary as text: PSNR in dB, SAM in degrees, MAE/RMSE/NDVI MAE in reflectance/NDVI units."""
     wide = summary(table)
     n_scored = int(table.xs(("cloudy", "mean"), level=("region", "band"))["n_pixels"].iloc[0])
     lines = [f"scored pixels (cloudy): {n_scored}   PSNR dB (data_range 1.0), SSIM, MAE/RMSE reflectance, SAM deg"]

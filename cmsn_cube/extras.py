@@ -19,7 +19,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
 
 
 def missing_message(package: str, extra: str) -> str:
-    """The message of the ImportError raised when ``package`` of ``extra`` is missing."""
+    """Return the message of the ImportError raised when ``package`` of ``extra`` is missing."""
     purpose, packages = EXTRAS[extra]
     return (
         f'{package} is not installed; {purpose} needs the {extra} extra: pip install "cmsn-cube[{extra}]" ({packages})'

@@ -65,29 +65,43 @@ def psnr(prediction: Any, truth: Any, *, mask: Any | None = None, data_range: fl
     return np.inf if error == 0 else float(round(20 * np.log10(data_range / error), 10))
 
 
-def ssim(
+def ssim_sum(
     prediction: Any,
     truth: Any,
     *,
     mask: Any | None = None,
     data_range: float = DEFAULT_DATA_RANGE,
     win_size: int = 7,
-) -> float:
-    """Mean structural similarity (scikit-image, Gaussian-free 7x7 window) over the selected pixels.
+) -> tuple[float, int]:
+    """Sum the per-pixel SSIM over the selected pixels and count them: :func:`ssim` is their ratio.
 
-    Images are ``(..., y, x)``; every 2-D image gets its own SSIM map. Pixels whose window touches a NaN in
-    either image are left out (NaN would spread through the window's means).
+    This is the project's one SSIM definition (evaluation and training's validation both call it), that of
+    Wang et al. (2004) as scikit-image computes it by default: a uniform ``win_size`` x ``win_size`` window (not
+    the paper's 11 x 11 Gaussian), sample covariances (N - 1), ``C1 = (0.01 L)^2`` and ``C2 = (0.03 L)^2`` with
+    ``L = data_range``; every pixel gets its own value, windows at the image border are mirrored (scipy.ndimage
+    ``reflect``). Pixels whose window touches a NaN in either image are left out (NaN would spread through the
+    window's means). Sums and counts of several image pairs add up to the SSIM of all of them at once.
 
     Parameters
     ----------
     prediction, truth : array-like
-        ``(..., y, x)`` images.
+        ``(..., y, x)`` images; every 2-D image gets its own SSIM map.
     mask : array-like, optional
-        ``(..., y, x)`` bool: the pixels to average over.
+        ``(..., y, x)`` bool (broadcast to the images): the pixels to sum over; default all.
     data_range : float
         Value range of the data (1.0 for reflectance).
     win_size : int
         Side of the sliding window (odd).
+
+    Returns
+    -------
+    tuple of (float, int)
+        The sum of the SSIM map over the counted pixels, and their number.
+
+    Raises
+    ------
+    DimensionError
+        The images differ in shape, are not at least 2-D or are smaller than the window.
     """
     from skimage.metrics import structural_similarity
 
@@ -100,6 +114,8 @@ def ssim(
         raise DimensionError(f"SSIM needs images of at least {win_size} x {win_size} px, got {p.shape[-2:]}")
     total, count = 0.0, 0
     for image, reference, keep in zip(p2, t2, s2, strict=True):
+        if not keep.any():  # nothing to score: skip the filters
+            continue
         finite = np.isfinite(image) & np.isfinite(reference)
         clean = ndimage.minimum_filter(finite.astype(np.uint8), size=win_size, mode="nearest").astype(bool)
         use = keep & clean
@@ -114,6 +130,33 @@ def ssim(
         )
         total += float(full[use].sum())
         count += int(use.sum())
+    return total, count
+
+
+def ssim(
+    prediction: Any, truth: Any, *, mask: Any | None = None, data_range: float = DEFAULT_DATA_RANGE, win_size: int = 7
+) -> float:
+    """Mean structural similarity over the selected pixels (NaN when none); defined by :func:`ssim_sum`.
+
+    Parameters
+    ----------
+    prediction, truth : array-like
+        ``(..., y, x)`` images; every 2-D image gets its own SSIM map.
+    mask : array-like, optional
+        ``(..., y, x)`` bool: the pixels to average over.
+    data_range : float
+        Value range of the data (1.0 for reflectance).
+    win_size : int
+        Side of the sliding window (odd).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.linspace(0, 1, 64).reshape(8, 8)
+    >>> ssim(image, image)
+    1.0
+    """
+    total, count = ssim_sum(prediction, truth, mask=mask, data_range=data_range, win_size=win_size)
     return total / count if count else np.nan
 
 
@@ -220,7 +263,7 @@ def common_pixels(scored: Any, reconstructions: Any) -> np.ndarray:
 
 
 def _pixel_mask(mask: Any, cube_shape: tuple[int, ...], name: str) -> np.ndarray:
-    """A ``(time, y, x)`` bool mask matching a ``(time, band, y, x)`` array (a 2-D mask is one date)."""
+    """Shape ``mask`` as the ``(time, y, x)`` bool mask of a ``(time, band, y, x)`` array (a 2-D mask is one date)."""
     pixels = _array(mask).astype(bool)
     if pixels.ndim == 2:
         pixels = pixels[None]

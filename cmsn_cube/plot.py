@@ -48,7 +48,7 @@ class NotebookFigure(Figure):
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float]) -> tuple[NotebookFigure, Any]:
-    """A figure and its axes, without pyplot: no backend is switched and no global figure is kept."""
+    """Return a figure and its axes, without pyplot: no backend is switched and no global figure is kept."""
     fig = NotebookFigure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols)
 
@@ -89,7 +89,7 @@ def rgb_array(reflectance: xr.DataArray) -> np.ndarray:
 
 
 def _save(fig: Figure, path: PathLike | None) -> Any:
-    """The figure itself without ``path``; with one, the PNG's path (the figure is written there)."""
+    """Return the figure itself without ``path``; with one, write the PNG there and return its path."""
     if path is None:
         return fig
     path = Path(path)
@@ -180,7 +180,7 @@ def plot_panel(
     date: int = 0,
     truth: xr.DataArray | None = None,
 ) -> Figure | str:
-    """The seed's panel done right, for one date of a three-date window.
+    """Draw the seed's panel done right, for one date of a three-date window.
 
     Top: T1, T2, T3 as observed (cloud mask outlined in yellow). Bottom: coarse, refined (clear pixels kept),
     truth (when known) and |refined - truth| as a heat map with a colour bar. One stretch for all RGB images.

@@ -55,7 +55,7 @@ def qa_flag(qa: xr.DataArray, flag: str) -> xr.DataArray:
 
 
 def qa_confidence(qa: xr.DataArray, field: str) -> xr.DataArray:
-    """A two-bit QA confidence (0 none, 1 low, 2 medium, 3 high) as uint8."""
+    """Return a two-bit QA confidence (0 none, 1 low, 2 medium, 3 high) as uint8."""
     if field not in QA_CONFIDENCE_BITS:
         raise KeyError(f"unknown QA confidence {field!r}; choose from {sorted(QA_CONFIDENCE_BITS)}")
     _check_qa(qa)
@@ -83,7 +83,7 @@ def encode_qa(flags: dict[str, np.ndarray], confidences: dict[str, np.ndarray] |
 def cloud_mask_from_qa(
     qa: xr.DataArray, *, flags: Iterable[CloudFlag] = DEFAULT_CLOUD_FLAGS, min_cloud_confidence: int | None = None
 ) -> xr.DataArray:
-    """True where any of ``flags`` is set (default: cloud, shadow, cirrus, dilated cloud).
+    """Return True where any of ``flags`` is set (default: cloud, shadow, cirrus, dilated cloud).
 
     Parameters
     ----------
@@ -202,7 +202,7 @@ SLC_OFF_FLAG = "slc_off_gap"
 
 
 def slc_off_dates(ds: xr.Dataset) -> xr.DataArray:
-    """True for the Landsat 7 dates after the scan line corrector failed (SLC-off: striped scenes).
+    """Return True for the Landsat 7 dates after the scan line corrector failed (SLC-off: striped scenes).
 
     Read from the ``sensor(time)`` coordinate and ``time``; all False for a cube without ``sensor``.
 
@@ -235,7 +235,7 @@ def slc_off_dates(ds: xr.Dataset) -> xr.DataArray:
 
 
 def slc_off_gaps(ds: xr.Dataset) -> xr.DataArray:
-    """The SLC-off stripes: pixels without data (QA fill bit, or NaN in a band) on Landsat 7 SLC-off dates.
+    """Return the SLC-off stripes: pixels without data (QA fill bit, or NaN in a band) on Landsat 7 SLC-off dates.
 
     All False on other dates. The scene's edges on those dates are no data too and are included: both are gaps
     that other dates can fill. Lazy if the cube is.
@@ -384,3 +384,27 @@ def cloud_mask_from_bqa_pre_collection(
         mask = mask | (flags["cirrus_confidence"] >= min_cirrus_confidence)
     mask = mask & ~flags["fill"]
     return mask.rename("cloud_mask").assign_attrs(long_name="cloud mask (pre-collection BQA)")
+
+
+def observed_ndvi(cube: xr.Dataset) -> xr.DataArray:
+    """Return the NDVI of the observed reflectance, NaN under clouds (lazy if the cube is).
+
+    The clouds are the cube's ``cloud_mask``, or decoded from ``qa_pixel`` (:func:`ensure_cloud_mask`); a cube
+    with neither is taken as clear. NDVI as :func:`cmsn_cube.metrics.ndvi`.
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+        A cube with ``reflectance``.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``ndvi(time, y, x)``.
+    """
+    from cmsn_cube.metrics import ndvi
+
+    reflectance = cube["reflectance"]
+    if "cloud_mask" in cube or "qa_pixel" in cube:
+        reflectance = reflectance.where(~ensure_cloud_mask(cube)["cloud_mask"])
+    return ndvi(reflectance).rename("ndvi")

@@ -42,8 +42,9 @@ def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:
 
 
 def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction") -> str:
-    """Model, input, grid and, per date, the share of pixels filled and left unobserved, as text (computes
-    the ``filled`` layer).
+    """Describe a reconstruction as text: model, input, grid and, per date, the share of pixels filled and unobserved.
+
+    Computes the ``filled`` layer.
     """
     from cmsn_cube.inference import FILLED, INVENTED, NO_DATA_FILLED, UNOBSERVED
 

@@ -40,8 +40,9 @@ Fill = Callable[[str, np.ndarray, tuple[int, ...]], np.ndarray]
 def sample_windows(
     shape: tuple[int, int], *, size: int = WINDOW, count: int = N_WINDOWS
 ) -> list[tuple[int, int, int, int]]:
-    """``count`` windows ``(row, col, height, width)`` of ``size`` px spread evenly over a scene of ``shape``
-    (fewer, of the scene's size, when the scene is small; the check then draws several times per window).
+    """Return ``count`` windows ``(row, col, height, width)`` of ``size`` px spread evenly over a scene of ``shape``.
+
+    Fewer, of the scene's size, when the scene is small; the check then draws several times per window.
     """
     height, width = (min(size, n) for n in shape)
     per_axis = max(1, int(np.ceil(np.sqrt(count))))
@@ -54,8 +55,9 @@ def sample_windows(
 
 
 def _shape_pool(masks: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
-    """Every date's cloud mask of every window with some cloud and some clear, with its window and date: the
-    real shapes to paste.
+    """Return every date's cloud mask of every window with some cloud and some clear, with its window and date.
+
+    These are the real shapes to paste.
     """
     return [(w, t, m[t]) for w, m in enumerate(masks) for t in range(m.shape[0]) if 0.005 < m[t].mean() < 0.9]
 
@@ -69,8 +71,10 @@ def _pasted(
     *,
     window: int,
 ) -> np.ndarray:
-    """A shape to hide on ``date`` of a window: a pool shape near the date's own cloud fraction ``level`` (never
-    the date's own mask of this window), turned, flipped and shifted, on the date's clear pixels only.
+    """Return a shape to hide on ``date`` of a window, on the date's clear pixels only.
+
+    A pool shape near the date's own cloud fraction ``level`` (never the date's own mask of this window), turned,
+    flipped and shifted.
     """
     candidates = [shape for w, t, shape in pool if (w, t) != (window, date) and shape.shape == gap.shape[1:]]
     if not candidates:
@@ -89,8 +93,9 @@ Sample = tuple[int, dict[str, np.ndarray], np.ndarray]
 
 
 def plan_samples(n_windows: int, n_dates: int, samples: int) -> list[tuple[int, int]]:
-    """``(date, window)`` of each sample: one date hidden at a time, the dates in turn; each pass over the
-    windows shifts by one, so a date meets every window.
+    """Return the ``(date, window)`` of each sample: one date hidden at a time, the dates in turn.
+
+    Each pass over the windows shifts by one, so a date meets every window.
     """
     return [(s % n_dates, (s + s // n_windows) % n_windows) for s in range(samples)]
 
@@ -162,8 +167,9 @@ def _scores(
 
 
 def samples_needed(n_dates: int) -> int:
-    """Samples of a check: :data:`N_WINDOWS`, and at least two per date (a long series, or a small scene
-    whose one window is drawn again with other shapes).
+    """Return the number of samples of a check: :data:`N_WINDOWS`, and at least two per date.
+
+    Two per date matter for a long series, or a small scene whose one window is drawn again with other shapes.
     """
     return max(N_WINDOWS, 2 * n_dates)
 
@@ -175,9 +181,10 @@ DATE_MARGIN_DB = 1.0
 
 
 def choose(scores: np.ndarray) -> tuple[str, ...]:
-    """Per date, the filler with the best measured PSNR, when it beats the scene's best (pooled over dates) by
-    :data:`DATE_MARGIN_DB`; else the scene's best. Ties go to a classical filler (the ``regression`` baseline
-    first), and so do dates too cloudy to check.
+    """Choose each date's filler: the one with the best measured PSNR, when it beats the scene's best by a margin.
+
+    The margin is :data:`DATE_MARGIN_DB` over the scene's best (pooled over dates); below it, the scene's best.
+    Ties go to a classical filler (the ``regression`` baseline first), and so do dates too cloudy to check.
     """
     psnr, pixels = scores[..., METRICS.index("psnr_db")], scores[..., METRICS.index("pixels")]
     weights = np.where(np.isfinite(psnr), pixels, 0)
@@ -197,16 +204,18 @@ def choose(scores: np.ndarray) -> tuple[str, ...]:
 
 
 def _best(psnr: np.ndarray) -> str:
-    """The method of highest PSNR; the network only when strictly above every classical filler."""
+    """Return the method of highest PSNR; the network only when strictly above every classical filler."""
     scores = {method: np.nan_to_num(psnr[METHODS.index(method)], nan=-np.inf) for method in METHODS}
     classical = max(CLASSICAL, key=lambda m: (scores[m], -CLASSICAL.index(m)))
     return "cmsn" if scores["cmsn"] > scores[classical] else classical
 
 
 def quality_table(result: Any) -> Any:
-    """A reconstruction's self-check as a ``pandas.DataFrame``: one row per date and method, with ``psnr_db``,
-    ``mae``, ``sam_deg``, ``pixels`` (hidden pixels scored) and ``chosen`` (the method that filled the date).
-    Computes the small ``quality``/``method_used`` variables (and so the check, if not yet run).
+    """Return a reconstruction's self-check as a ``pandas.DataFrame``: one row per date and method.
+
+    The columns are ``psnr_db``, ``mae``, ``sam_deg``, ``pixels`` (hidden pixels scored) and ``chosen`` (the
+    method that filled the date). Computes the small ``quality``/``method_used`` variables (and so the check, if
+    not yet run).
 
     Raises
     ------

@@ -16,7 +16,7 @@ SHARED_DATA_ENV = "CMSN_SHARED_DATA"
 
 
 def shared_data_dir() -> Path | None:
-    """The shared real-data folder, or None when it is not there.
+    """Return the shared real-data folder, or None when it is not there.
 
     ``$CMSN_SHARED_DATA`` wins; otherwise ``../shared/data`` next to the repository (the layout of the
     development machines: ``<root>/main`` is the repository, ``<root>/shared/data`` the data).
@@ -39,8 +39,9 @@ def shared_data_path(name: str) -> Path | None:
 
 
 def tiny_scene(*, size: int = 96, n_dates: int = 3, seed: int = 0, **options: Any) -> xr.Dataset:
-    """A small embedded synthetic scene (``size`` x ``size`` px) with its ``truth``; options go to
-    :func:`cmsn_cube.sources.synthetic.synthetic_scene`.
+    """Return a small embedded synthetic scene (``size`` x ``size`` px) with its ``truth``.
+
+    ``options`` go to :func:`cmsn_cube.sources.synthetic.synthetic_scene`.
     """
     from cmsn_cube.sources.synthetic import synthetic_scene
 
@@ -60,9 +61,10 @@ WORKDIR_MARK = ".cmsn-cube-benchmark"
 
 
 def claim_workdir(path: str | os.PathLike[str], owner: str) -> Path:
-    """A working folder that ``owner`` (a benchmark's name) may replace things in: a new or empty folder, or
-    one it claimed before. A folder with other content is refused, so a benchmark never deletes what it did
-    not write.
+    """Return a working folder that ``owner`` (a benchmark's name) may replace things in.
+
+    That is a new or empty folder, or one it claimed before. A folder with other content is refused, so a
+    benchmark never deletes what it did not write.
 
     Raises
     ------

@@ -51,7 +51,7 @@ def embedded_scene(size: int) -> tuple[xr.Dataset, str]:
 
 
 def cbers_scene() -> tuple[xr.Dataset, str]:
-    from cmsn_cube.samples import make_scoring_cube
+    from cmsn_cube.clouds import make_scoring_cube
     from cmsn_cube.sources.cbers import open_cbers_series
     from cmsn_cube.testing import shared_data_path
 

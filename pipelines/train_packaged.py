@@ -229,7 +229,11 @@ def run_finetuning(init: Path, phase: int) -> Path:
         held_out = synthetic_scene(height=384, width=384, seed=VALIDATION_SCENE_SEED)
         val_sets.append(
             TripletWindowDataset(
-                held_out, size=FINETUNE["patch_size"], overlap=FINETUNE["overlap"], levels=levels, seed=seed + 98,
+                held_out,
+                size=FINETUNE["patch_size"],
+                overlap=FINETUNE["overlap"],
+                levels=levels,
+                seed=seed + 98,
                 truth="cube",
             )
         )

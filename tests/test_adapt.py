@@ -53,7 +53,7 @@ def test_fit_never_sees_the_validation_block(scene_store, small_scene, tiny_chec
     assert train_first == 0 and train_stop < val_first and val_stop == small_scene.sizes["y"]
     validation_y = set(small_scene["y"].values[val_first:val_stop].tolist())
 
-    train_set = loaders["train"].loader.dataset
+    train_set = loaders["train"].loader.datasets[0]  # Rounds of an EpochLoader over one dataset
     size = train_set.size
     # window origins: every training window ends before the validation block starts
     assert train_set.windows and all(y0 + size <= train_stop for _, y0, _ in train_set.windows)
@@ -141,14 +141,35 @@ def test_fitted_path():
 def test_augmentation_keeps_inputs_and_truth_aligned(small_scene):
     from torch.utils.data import DataLoader
 
+    from cmsn_cube.training.loaders import square_symmetry
+
     dataset = TripletWindowDataset(small_scene.drop_vars("truth"), size=32, overlap=8, truth="observed")
     batch = next(iter(DataLoader(dataset, batch_size=2)))
-    for symmetry in range(8):
-        turned = {key: adapt._symmetry(value, symmetry) for key, value in batch.items()}
-        shown = (turned["inputs"][:, :, 4] == 0) & turned["truth_valid"]  # clear inputs are their own truth
-        assert shown.any()
-        np.testing.assert_array_equal(
-            turned["inputs"][:, :, :4].permute(0, 1, 3, 4, 2)[shown], turned["truth"].permute(0, 1, 3, 4, 2)[shown]
-        )
-        assert not (turned["sim_mask"] & ~turned["truth_valid"]).any()
-    assert not torch.equal(adapt._symmetry(batch["inputs"], 1), batch["inputs"])
+    for turns in range(4):
+        for flip in (False, True):
+            turned = {key: square_symmetry(value, turns, flip) for key, value in batch.items()}
+            shown = (turned["inputs"][:, :, 4] == 0) & turned["truth_valid"]  # clear inputs are their own truth
+            assert shown.any()
+            np.testing.assert_array_equal(
+                turned["inputs"][:, :, :4].permute(0, 1, 3, 4, 2)[shown],
+                turned["truth"].permute(0, 1, 3, 4, 2)[shown],
+            )
+            assert not (turned["sim_mask"] & ~turned["truth_valid"]).any()
+    assert not torch.equal(square_symmetry(batch["inputs"], 1, False), batch["inputs"])
+
+
+def test_fit_rounds_go_on_across_passes_with_new_clouds(small_scene):
+    # fit validates every few steps: its rounds of batches run on over the passes of the window loader, each
+    # pass a new epoch (new pasted clouds, shuffle and augmentation), as train_on_stores' epochs are.
+    from cmsn_cube.training.loaders import Rounds, epoch_loader
+
+    dataset = TripletWindowDataset(small_scene.drop_vars("truth"), size=32, overlap=8, truth="observed", seed=3)
+    loader = epoch_loader([dataset], batch_size=len(dataset), seed=3, augment=False)
+    rounds = Rounds(loader, batches=3)
+    first, second = list(rounds), list(rounds)
+    assert len(first) == len(second) == 3 and loader.epoch == 6 and dataset.epoch == 5
+
+    def clouds(batch):  # the pasted clouds of a batch, whatever its order
+        return sorted(mask.numpy().tobytes() for mask in batch["sim_mask"])
+
+    assert clouds(first[0]) != clouds(first[1]) and clouds(first[1]) != clouds(second[0])

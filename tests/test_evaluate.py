@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,6 +65,19 @@ def test_a_callable_method_is_scored_and_never_sees_the_truth(scene):
     assert zero_fill["mae"] > table.loc[("nearest", "cloudy", "mean")]["mae"]
     with pytest.raises(CubeValidationError):
         evaluate(scene, methods=["kriging"], echo=None)
+
+
+def test_pasting_clouds_and_scoring_baselines_import_no_torch():
+    script = (
+        "import sys, cmsn_cube.clouds, cmsn_cube.evaluate\n"
+        "assert 'torch' not in sys.modules, 'importing clouds/evaluate loaded torch'\n"
+        "from cmsn_cube.testing import tiny_scene\n"
+        "cube = tiny_scene(size=48, seed=2).drop_vars('truth')\n"
+        "cmsn_cube.evaluate.evaluate(cube, methods=['nearest'], truth='pasted', echo=None)\n"
+        "assert 'torch' not in sys.modules, 'scoring with pasted clouds loaded torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 def test_cli_evaluate_on_a_store(scene, tmp_path):

@@ -99,7 +99,7 @@ def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
 def test_reconstruct_killed_then_rerun_equals_an_uninterrupted_run(store, checkpoint, tmp_path):
     out = str(tmp_path / "out.zarr")
     killed_at(
-        "cmsn_cube.inference:_write_region",
+        "cmsn_cube.inference.write:write_region",
         f"""
         import dask
         from cmsn_cube.inference import reconstruct, write_reconstruction
@@ -122,12 +122,12 @@ def test_reconstruct_killed_then_rerun_equals_an_uninterrupted_run(store, checkp
 
 
 def test_rerunning_a_finished_reconstruction_is_a_no_op(store, checkpoint, tmp_path, monkeypatch):
-    import cmsn_cube.inference as inference
+    from cmsn_cube.inference import write
 
     out = str(tmp_path / "out.zarr")
     write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, progress=False)
     calls: list[int] = []
-    monkeypatch.setattr(inference, "_write_region", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(write, "write_region", lambda *a, **k: calls.append(1))
     run = CliRunner().invoke(main, ["reconstruct", store, out, "--model", str(checkpoint), "--tile", "64",
                                     "--overlap", "8", "--chunk", "128"])  # fmt: skip
     assert run.exit_code == 0 and "already complete" in run.output, run.output
@@ -437,7 +437,7 @@ def test_a_cube_without_qa_is_told_to_bring_a_boolean_mask(scene):
 
 
 def test_real_cloud_shapes_are_read_only_from_a_folder_the_user_names(monkeypatch, tmp_path):
-    from cmsn_cube.samples import default_reference_masks
+    from cmsn_cube.clouds import default_reference_masks
     from cmsn_cube.testing import SHARED_DATA_ENV
 
     monkeypatch.delenv(SHARED_DATA_ENV, raising=False)

@@ -10,18 +10,11 @@ import pytest
 import torch
 import xarray as xr
 
-from cmsn_cube.cube import make_cube
+from cmsn_cube.cube import date_triplets, make_cube
 from cmsn_cube.exceptions import ArgumentError, BandMismatchError, DimensionError, StoreError
-from cmsn_cube.inference import (
-    AxisTiling,
-    _load_spec,
-    model_channels,
-    model_inputs,
-    reconstruct,
-    write_reconstruction,
-)
+from cmsn_cube.inference import AxisTiling, model_channels, model_inputs, reconstruct, write_reconstruction
+from cmsn_cube.inference.models import _load_spec
 from cmsn_cube.model import CMSN
-from cmsn_cube.samples import date_triplets
 from cmsn_cube.sources.synthetic import synthetic_scene
 from cmsn_cube.store import open_cube, open_store, write_cube
 
@@ -40,16 +33,16 @@ def scene() -> xr.Dataset:
 @pytest.fixture()
 def windows_run(monkeypatch) -> list[int]:
     """Counts the windows that go through the model (the real model call, counted)."""
-    import cmsn_cube.inference as inference
+    from cmsn_cube.inference import models
 
     counts: list[int] = []
-    run_model = inference._run_model
+    run_model = models._run_model
 
     def counting(model, windows, device):
         counts.append(windows.shape[0])
         return run_model(model, windows, device)
 
-    monkeypatch.setattr(inference, "_run_model", counting)
+    monkeypatch.setattr(models, "_run_model", counting)
     return counts
 
 
@@ -109,29 +102,6 @@ def test_blocks_give_the_one_pass_blend(tiny_model, chunk):
     ).compute()
     expected = blended_in_one_pass(tiny_model, cube, tile=96, overlap=16)
     np.testing.assert_allclose(result.reconstructed.values, expected, rtol=0, atol=1e-5)
-
-
-def test_blocks_wait_only_for_blocks_before_them(tiny_model, scene):
-    # what lets a written scene stream through bounded memory: no block depends on a later block's tiles
-    from dask.core import get_dependencies
-
-    graph = dict(
-        reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=160).reconstructed.data.dask
-    )
-
-    def tiles_behind(key, seen):
-        for dependency in get_dependencies(graph, key):
-            if dependency not in seen:
-                seen.add(dependency)
-                tiles_behind(dependency, seen)
-        return {tuple(int(n) for n in k.rsplit("-", 2)[1:]) for k in seen if str(k).startswith("cmsn-tiles-")}
-
-    blocks = [key for key in graph if str(key).startswith("cmsn-block-")]
-    assert len(blocks) == 4 * 2  # rows of tiles (80 px) x blocks of 160 px
-    for key in blocks:
-        i, j = (int(n) for n in key.rsplit("-", 2)[1:])
-        needed = tiles_behind(key, set())
-        assert (i, j) in needed and all(a <= i and b <= j for a, b in needed), (key, needed)
 
 
 def test_model_channels_zero_gaps_and_refuse_wrong_shapes():
@@ -246,7 +216,7 @@ def test_more_dates_use_nearest_neighbours(tiny_model):
 
 @pytest.mark.parametrize("method", ["cmsn", "regression"])
 def test_triplets_run_only_where_their_dates_have_gaps_and_change_nothing(tiny_model, windows_run, monkeypatch, method):
-    import cmsn_cube.inference as inference
+    from cmsn_cube.inference import tiling
 
     # 8 dates, clouds on two of them only, in different tiles: the other dates' triplets have nothing to fill
     cube = synthetic_scene(height=160, width=160, n_dates=8, seed=5)
@@ -258,7 +228,7 @@ def test_triplets_run_only_where_their_dates_have_gaps_and_change_nothing(tiny_m
     skipped = reconstruct(cube, **options).compute()
     runs_skipping = len(windows_run)
     windows_run.clear()
-    monkeypatch.setattr(inference, "SKIP_CLEAR_DATES", False)
+    monkeypatch.setattr(tiling, "SKIP_CLEAR_DATES", False)
     every = reconstruct(cube, **options).compute()
     assert len(windows_run) > runs_skipping
     for name in ("reconstructed", "filled", "ndvi"):
@@ -359,11 +329,11 @@ def test_a_store_cut_into_other_chunks_is_rewritten_not_resumed(tiny_model, scen
 
 
 def test_region_writes_run_every_tile_and_block_once(tiny_model, scene, tmp_path, windows_run, monkeypatch):
-    import cmsn_cube.inference as inference
+    from cmsn_cube.inference import tiling
 
     finished: list[int] = []
-    finish_block = inference._finish_block
-    monkeypatch.setattr(inference, "_finish_block", lambda *a, **k: finished.append(1) or finish_block(*a, **k))
+    finish_block = tiling.finish_block
+    monkeypatch.setattr(tiling, "finish_block", lambda *a, **k: finished.append(1) or finish_block(*a, **k))
     tilings = [AxisTiling.plan(n, tile=96, overlap=16, chunk=128) for n in (scene.sizes["y"], scene.sizes["x"])]
     result = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128)
     write_reconstruction(result, str(tmp_path / "out.zarr"), progress=False)

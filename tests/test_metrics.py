@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from cmsn_cube.metrics import evaluate_reconstruction, mae, ndvi, ndvi_error, psnr, rmse, sam, ssim
+from cmsn_cube.metrics import evaluate_reconstruction, mae, ndvi, ndvi_error, psnr, rmse, sam, ssim, ssim_sum
 
 
 def test_identical_images_give_infinite_psnr_and_ssim_one():
@@ -46,6 +46,43 @@ def test_ssim_differs_for_different_images():
     mask = np.zeros((32, 32), dtype=bool)
     mask[:16] = True
     assert ssim(a, a * 0.5, mask=mask) < 1
+
+
+def test_ssim_is_wang_et_al_with_a_uniform_7_px_window_and_mirrored_borders():
+    from scipy import ndimage
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(4)
+    a = rng.random((24, 20))
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    # every pixel's own window, borders included (mirrored), averaged: not skimage's border-cropped mean
+    _, full = structural_similarity(a, b, data_range=1.0, win_size=7, full=True)
+    assert ssim(a, b) == pytest.approx(full.mean(), rel=1e-12)
+    assert ssim(a, b) != pytest.approx(structural_similarity(a, b, data_range=1.0, win_size=7), rel=1e-6)
+
+    def mean(image):  # uniform 7 x 7 window, mirrored borders
+        return ndimage.uniform_filter(image, size=7, mode="reflect")
+
+    n = 49
+    covariance = (mean(a * b) - mean(a) * mean(b)) * n / (n - 1)  # sample covariances
+    var_a, var_b = (mean(a * a) - mean(a) ** 2) * n / (n - 1), (mean(b * b) - mean(b) ** 2) * n / (n - 1)
+    c1, c2 = 0.01**2, 0.03**2
+    by_hand = ((2 * mean(a) * mean(b) + c1) * (2 * covariance + c2)) / (
+        (mean(a) ** 2 + mean(b) ** 2 + c1) * (var_a + var_b + c2)
+    )
+    assert ssim(a, b) == pytest.approx(by_hand.mean(), rel=1e-9)
+
+
+def test_ssim_sums_pool_over_images():
+    rng = np.random.default_rng(5)
+    a, b = rng.random((3, 16, 16)), rng.random((3, 16, 16))
+    mask = rng.random((3, 16, 16)) < 0.4
+    parts = [ssim_sum(a[i], b[i], mask=mask[i]) for i in range(3)]
+    total, count = ssim_sum(a, b, mask=mask)
+    assert count == int(mask.sum()) == sum(c for _, c in parts)
+    assert total == pytest.approx(sum(t for t, _ in parts), rel=1e-12)
+    assert ssim(a, b, mask=mask) == pytest.approx(total / count, rel=1e-12)
+    assert ssim_sum(a, b, mask=np.zeros_like(mask)) == (0.0, 0) and np.isnan(ssim(a, b, mask=np.zeros_like(mask)))
 
 
 def test_spectral_angle_and_ndvi():

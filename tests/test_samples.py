@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from cmsn_cube.cube import date_triplets
 from cmsn_cube.exceptions import DimensionError, NoDataError
-from cmsn_cube.samples import (
-    TripletWindowDataset,
-    date_triplets,
-    make_dataloaders,
-    make_scoring_cube,
-    simulate_clouds,
-    split_rows,
-    window_origins,
-)
+from cmsn_cube.samples import TripletWindowDataset, split_rows, window_origins
 from cmsn_cube.store import open_cube
 from cmsn_cube.testing import shared_data_path, tiny_scene, tiny_store
+from cmsn_cube.training.loaders import make_dataloaders
 
 LEVELS = (0.25, 0.15, 0.10)
 TOLERANCE = 0.03
@@ -162,53 +156,6 @@ def test_date_triplets_use_the_nearest_dates():
     assert date_triplets(times) == [(0, 1, 2), (0, 1, 2), (0, 1, 2), (2, 3, 4), (2, 3, 4)]
     with pytest.raises(DimensionError):
         date_triplets(times[:2])
-
-
-def test_simulate_clouds_prefers_a_fitting_real_mask():
-    rng = np.random.default_rng(0)
-    real = np.zeros((64, 64), dtype=bool)
-    real[10:30, 10:40] = True  # 600 px: fits a need of 0.2 * 4096 = 819 px within a factor 2
-    pasted, source = simulate_clouds(np.ones((64, 64), bool), 0, 0.2, rng, providers={"store": lambda r, s: real})
-    assert source == "store" and pasted.sum() == round(0.2 * 4096)
-    assert pasted[15:25, 15:35].all(), "the grown mask keeps the real shape's core"
-    tiny = np.zeros((64, 64), dtype=bool)
-    tiny[0, 0] = True
-    _, source = simulate_clouds(np.ones((64, 64), bool), 0, 0.2, rng, providers={"store": lambda r, s: tiny})
-    assert source == "fractal"
-
-
-@pytest.mark.skipif(
-    shared_data_path("cloud_masks_ukis") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent"
-)
-def test_reference_masks_are_used():
-    from cmsn_cube.samples import _reference_provider
-
-    provider = _reference_provider(str(shared_data_path("cloud_masks_ukis")))
-    sources = {
-        simulate_clouds(np.ones((64, 64), bool), 0, 0.25, np.random.default_rng(i), providers={"reference": provider})[
-            1
-        ]
-        for i in range(6)
-    }
-    assert "reference" in sources
-
-
-def test_scoring_cube_pastes_on_clear_pixels_only():
-    cube = tiny_scene(size=64, seed=4, cloud_fractions=(0.05, 0.0, 0.1))
-    pasted_cube, truth, scored = make_scoring_cube(cube, seed=0)
-    cloud = cube["cloud_mask"].values
-    assert not (scored.values & cloud).any()
-    assert (pasted_cube["cloud_mask"].values == (cloud | scored.values)).all()
-    assert (pasted_cube["reflectance"].values.transpose(1, 0, 2, 3)[:, scored.values] == 0).all()
-    np.testing.assert_array_equal(
-        truth.values.transpose(1, 0, 2, 3)[:, scored.values],
-        cube["reflectance"].values.transpose(1, 0, 2, 3)[:, scored.values],
-    )
-    assert "truth" not in pasted_cube
-    fractions = pasted_cube["cloud_mask"].mean(("y", "x")).values
-    assert np.all(np.abs(fractions - np.array(LEVELS)) <= TOLERANCE)
-    again = make_scoring_cube(cube, seed=0)[2]
-    assert (again.values == scored.values).all()
 
 
 @pytest.mark.skipif(

@@ -130,11 +130,11 @@ def test_the_report_is_stored_tidy_and_printed(scene, tmp_path):
 
 
 def test_the_check_runs_once_when_a_reconstruction_is_written(scene, tmp_path, monkeypatch):
-    import cmsn_cube.inference as inference
+    from cmsn_cube.inference import tasks
 
     runs: list[int] = []
-    run_sample = inference._run_check_sample
-    monkeypatch.setattr(inference, "_run_check_sample", lambda *a, **k: runs.append(1) or run_sample(*a, **k))
+    run_sample = tasks.run_check_sample
+    monkeypatch.setattr(tasks, "run_check_sample", lambda *a, **k: runs.append(1) or run_sample(*a, **k))
     write_reconstruction(reconstruct(scene), tmp_path / "out.zarr", progress=False)
     assert len(runs) == samples_needed(3), "each sample of the check runs once"
 

@@ -1,12 +1,15 @@
-"""AxisTiling on its own: the blending weights and the tile/block plan, against expectations written here
-(by hand or from the documented formula), never built with the code under test."""
+"""The pure-numpy tiling on its own: AxisTiling's blending weights and tile/block plan, the tiles a block runs and
+how its outputs are finished, against expectations written here (by hand or from the documented formula), never
+built with the code under test."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cmsn_cube.inference import AxisTiling
+from cmsn_cube.inference import FILLED, INVENTED, NO_DATA_FILLED, OBSERVED, UNOBSERVED, AxisTiling
+from cmsn_cube.inference import tiling as tiling_module
+from cmsn_cube.inference.tiling import BlockBlend, finish_block, spilled_strip
 
 # ------------------------------------------------------------------------------------------ weights
 
@@ -110,3 +113,103 @@ def test_plan_of_an_axis_no_longer_than_a_tile_is_one_window(size):
     assert (tiling.tile, tiling.overlap, tiling.n_tiles, tiling.block) == (size, 0, 1, size)
     assert tiling.output_chunks == (size,)
     assert tiling.block_extent(0) == (0, size)
+
+
+# ------------------------------------------------------------------------------------------ a block's tiles
+
+
+def small_block() -> tuple[tuple[AxisTiling, AxisTiling], np.ndarray]:
+    """One block of 16 rows (one window) by 24 columns (tiles of 16 every 12 px): two tiles, at columns 0 and 12.
+
+    One gap, on date 1 at column 2: only in the first tile.
+    """
+    tilings = (AxisTiling.plan(16, tile=16, overlap=4, chunk=16), AxisTiling.plan(40, tile=16, overlap=4, chunk=24))
+    to_fill = np.zeros((3, 16, 28), dtype=bool)  # the block's extent: 24 columns and the 4 its last tile lays over
+    to_fill[1, 5, 2] = True
+    return tilings, to_fill
+
+
+def test_a_block_runs_only_its_tiles_with_a_gap():
+    tilings, to_fill = small_block()
+    blend = BlockBlend.plan(tilings, (0, 0), to_fill)
+    assert blend.corners == [(0, 0)]  # the tile at column 12 has nothing to fill: not run
+    assert blend.gaps.tolist() == [[False, True, False]]
+    # only the tile that runs is weighted: 1 inside it, a ramp over its last 4 columns, nothing past it
+    assert np.all(blend.weight[:, 4:12] == 1) and np.all(blend.weight[:, 16:] == 0)
+    assert np.all((blend.weight[:, 12:16] > 0) & (blend.weight[:, 12:16] < 1))
+
+
+def test_each_triplet_and_filler_runs_only_where_a_date_it_serves_has_a_gap(monkeypatch):
+    tilings, to_fill = small_block()
+    blend = BlockBlend.plan(tilings, (0, 0), to_fill)
+    runs = blend.runs(((0, 1, 2),) * 3, ["cmsn", "cmsn", "regression"])
+    # dates 0 and 1 share a triplet and a filler: one run; date 2 has no gap in any tile: its run has no tile
+    assert [(run.method, run.served, run.tiles) for run in runs] == [("cmsn", [0, 1], [0]), ("regression", [2], [])]
+    monkeypatch.setattr(tiling_module, "SKIP_CLEAR_DATES", False)
+    assert [run.tiles for run in blend.runs(((0, 1, 2),) * 3, ["cmsn", "cmsn", "regression"])] == [[0], [0]]
+
+
+def test_a_filler_output_is_laid_over_the_dates_it_serves_only():
+    tilings, to_fill = small_block()
+    blend = BlockBlend.plan(tilings, (0, 0), to_fill)
+    run = blend.runs(((0, 1, 2),) * 3, ["cmsn", "cmsn", "regression"])[0]
+    output = np.stack([np.full((4, 16, 16), 10.0 * (date + 1), dtype=np.float32) for date in range(3)])[None]
+    blend.add(output, run.tiles, run)
+    # date d gets its own output, 10 (d + 1), times the tile's weights; date 2 is served by another run
+    for date, value in ((0, 10), (1, 20)):
+        expected = np.broadcast_to(value * blend.weight[:, :16], (4, 16, 16))
+        np.testing.assert_allclose(blend.sums[date, :, :, :16], expected, rtol=1e-6)
+    assert not blend.sums[2].any() and not blend.sums[..., 16:].any()
+
+
+def test_a_spilled_strip_is_a_copy():
+    block = {"sums": np.ones((3, 4, 6, 6), dtype=np.float32), "weight": np.ones((6, 6), dtype=np.float32)}
+    sums, weight = spilled_strip(block, slice(4, 6), slice(0, 6))
+    block["sums"][:] = 5
+    block["weight"][:] = 5
+    assert sums.shape == (3, 4, 2, 6) and weight.shape == (2, 6)
+    assert np.all(sums == 1) and np.all(weight == 1)
+
+
+def finished(fill_unobserved: bool) -> dict[str, np.ndarray]:
+    """A 2 x 3 block core (4 columns of extent) with one strip from the left over its first column.
+
+    Its own sums are 2 and weights 2; the strip brings sums 3 and weight 1. Date 0 is all gap; pixel (1, 2) is
+    a gap on every date (observed on no date of the triplet); pixel (0, 1) of date 1 has no data in one band.
+    """
+    sums = np.full((3, 4, 2, 4), 2.0, dtype=np.float32)
+    observed = np.full((3, 4, 2, 3), 0.5, dtype=np.float32)
+    observed[1, 2, 0, 1] = np.nan
+    to_fill = np.zeros((3, 2, 3), dtype=bool)
+    to_fill[0] = True
+    to_fill[:, 1, 2] = True
+    to_fill[1, 0, 1] = True
+    block = {"sums": sums, "weight": np.full((2, 4), 2.0, np.float32), "observed": observed, "to_fill": to_fill}
+    strip = (np.full((3, 4, 2, 1), 3.0, dtype=np.float32), np.ones((2, 1), dtype=np.float32))
+    core = (slice(0, 2), slice(0, 3))
+    return finish_block(block, None, strip, None, core=core, triplets=((0, 1, 2),) * 3, fill_unobserved=fill_unobserved)
+
+
+def test_a_finished_block_blends_its_strips_and_keeps_clear_pixels():
+    out = finished(fill_unobserved=False)
+    assert out["reconstructed"].shape == (3, 4, 2, 3)
+    # date 0 is all gap: (2 + 3) / (2 + 1) in the strip's column, 2 / 2 elsewhere
+    np.testing.assert_allclose(out["reconstructed"][0, :, 0, 0], 5 / 3, rtol=1e-6)
+    np.testing.assert_array_equal(out["reconstructed"][0, :, :, 1], 1.0)
+    # clear pixels are the observation itself, not a blend that averages to it
+    assert np.all(out["reconstructed"][2, :, 0, :] == 0.5)
+    assert out["filled"].tolist() == [
+        [[FILLED, FILLED, FILLED], [FILLED, FILLED, UNOBSERVED]],
+        [[OBSERVED, NO_DATA_FILLED, OBSERVED], [OBSERVED, OBSERVED, UNOBSERVED]],
+        [[OBSERVED, OBSERVED, OBSERVED], [OBSERVED, OBSERVED, UNOBSERVED]],
+    ]
+    assert np.isnan(out["reconstructed"][:, :, 1, 2]).all(), "a gap no date observes stays NaN"
+    # NDVI (NIR - red) / (NIR + red) of equal bands is 0; the observed NDVI is NaN wherever there is a gap
+    assert out["ndvi"][2, 0, 0] == 0 and np.isnan(out["ndvi_observed"][0]).all()
+    assert out["ndvi_observed"][2, 0, 0] == 0
+
+
+def test_a_finished_block_can_invent_what_no_date_observed():
+    out = finished(fill_unobserved=True)
+    assert (out["filled"][:, 1, 2] == INVENTED).all()
+    np.testing.assert_array_equal(out["reconstructed"][:, :, 1, 2], 1.0)

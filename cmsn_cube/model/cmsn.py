@@ -76,8 +76,73 @@ def _date_orders(n_dates: int) -> list[list[int]]:
     return [[t] + [s for s in range(n_dates) if s != t] for t in range(n_dates)]
 
 
+def _checked_config(
+    *,
+    width: int,
+    depth: int,
+    fusion_depth: int,
+    skip_width: int,
+    n_dates: int,
+    bands: Sequence[str],
+    band_mean: Sequence[float],
+    band_std: Sequence[float],
+    prior: str,
+    prior_factor: int,
+    normalisation: str,
+) -> dict[str, Any]:
+    """Return the config of a :class:`CMSN` built with these arguments (plain JSON types).
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range: the message names it and what it must be.
+    """
+    n_bands = len(bands)
+    if len(band_mean) != n_bands or len(band_std) != n_bands:
+        raise ValueError(
+            f"band_mean and band_std need one value per band ({n_bands}: {list(bands)}), "
+            f"got {len(band_mean)} and {len(band_std)}"
+        )
+    if min(band_std) <= 0:
+        raise ValueError(f"band_std must be positive, got {list(band_std)}")
+    if width < 2 or skip_width < 1 or depth < 0 or fusion_depth < 0 or n_dates < 2:
+        raise ValueError(
+            "need width >= 2, skip_width >= 1, depth >= 0, fusion_depth >= 0 and n_dates >= 2; got "
+            f"width={width}, skip_width={skip_width}, depth={depth}, fusion_depth={fusion_depth}, "
+            f"n_dates={n_dates}"
+        )
+    config = {
+        "architecture": ARCHITECTURE,
+        "width": int(width),
+        "depth": int(depth),
+        "fusion_depth": int(fusion_depth),
+        "skip_width": int(skip_width),
+        "n_dates": int(n_dates),
+        "bands": [str(band) for band in bands],
+        "band_mean": [float(value) for value in band_mean],
+        "band_std": [float(value) for value in band_std],
+        "prior": prior,
+        "prior_factor": int(prior_factor),
+        "normalisation": normalisation,
+    }
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {list(NORMALISATIONS)}, got {normalisation!r}")
+    if prior_factor < 1:
+        raise ValueError(f"prior_factor must be >= 1, got {prior_factor}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+    return config
+
+
 class CMSN(nn.Module):
     """Coarse-to-refined multi-temporal synchronous cloud removal network.
+
+    The network's output is the weighted local regression prior plus a learned residual: with ``prior="regression"``
+    (the default), every other date predicts a cloudy pixel through a gain and an offset fitted per band in a
+    window around it, the predictions averaged, weighted by how well each fit explains its window
+    (:func:`~cmsn_cube.model.prior.local_regression_fill`); the coarse decoder adds a residual to that, and the
+    refinement stage another. There is no tanh (no output activation): the residuals are added in normalised units
+    and brought back to reflectance with the same statistics, unbounded. Clear pixels are passed through unchanged.
 
     Parameters
     ----------
@@ -141,71 +206,54 @@ class CMSN(nn.Module):
         normalisation: NormalisationName = "clear-pixels",
     ) -> None:
         super().__init__()
-        n_bands = len(bands)
-        if len(band_mean) != n_bands or len(band_std) != n_bands:
-            raise ValueError(
-                f"band_mean and band_std need one value per band ({n_bands}: {list(bands)}), "
-                f"got {len(band_mean)} and {len(band_std)}"
-            )
-        if min(band_std) <= 0:
-            raise ValueError(f"band_std must be positive, got {list(band_std)}")
-        if width < 2 or skip_width < 1 or depth < 0 or fusion_depth < 0 or n_dates < 2:
-            raise ValueError(
-                "need width >= 2, skip_width >= 1, depth >= 0, fusion_depth >= 0 and n_dates >= 2; got "
-                f"width={width}, skip_width={skip_width}, depth={depth}, fusion_depth={fusion_depth}, "
-                f"n_dates={n_dates}"
-            )
-        self.config: dict[str, Any] = {
-            "architecture": ARCHITECTURE,
-            "width": int(width),
-            "depth": int(depth),
-            "fusion_depth": int(fusion_depth),
-            "skip_width": int(skip_width),
-            "n_dates": int(n_dates),
-            "bands": [str(band) for band in bands],
-            "band_mean": [float(value) for value in band_mean],
-            "band_std": [float(value) for value in band_std],
-            "prior": prior,
-            "prior_factor": int(prior_factor),
-            "normalisation": normalisation,
-        }
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"normalisation must be one of {list(NORMALISATIONS)}, got {normalisation!r}")
-        if prior_factor < 1:
-            raise ValueError(f"prior_factor must be >= 1, got {prior_factor}")
+        self.config: dict[str, Any] = _checked_config(
+            width=width,
+            depth=depth,
+            fusion_depth=fusion_depth,
+            skip_width=skip_width,
+            n_dates=n_dates,
+            bands=bands,
+            band_mean=band_mean,
+            band_std=band_std,
+            prior=prior,
+            prior_factor=prior_factor,
+            normalisation=normalisation,
+        )
         self.normalisation, self.prior_factor = normalisation, int(prior_factor)
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
         self.prior_name = prior
         self.n_dates = n_dates
-        self.n_bands = n_bands
-        half_width = max(width // 2, 1)
-        all_dates_bands = n_dates * (n_bands + 1)
+        self.n_bands = len(bands)
         self.register_buffer("band_mean", torch.tensor(band_mean, dtype=torch.float32).view(1, 1, -1, 1, 1))
         self.register_buffer("band_std", torch.tensor(band_std, dtype=torch.float32).view(1, 1, -1, 1, 1))
         self.register_buffer("date_orders", torch.tensor(_date_orders(n_dates)), persistent=False)
+        # Built in this order on purpose: construction draws from torch's RNG, so the order fixes the weights.
+        self._build_layers(width=width, depth=depth, fusion_depth=fusion_depth, skip_width=skip_width)
+        self._init_weights()
 
+    def _build_layers(self, *, width: int, depth: int, fusion_depth: int, skip_width: int) -> None:
+        """Create the encoder, the fusions, the coarse decoder and the refinement stage (see the module layout)."""
+        half_width = max(width // 2, 1)
+        all_dates_bands = self.n_dates * (self.n_bands + 1)
         # Encoder, shared by all dates.
-        self.stem = _conv(n_bands + 1, skip_width)
+        self.stem = _conv(self.n_bands + 1, skip_width)
         self.down_half = _conv(skip_width, half_width, stride=2)
         self.down_quarter = _conv(half_width, width, stride=2)
         self.encoder_blocks = nn.Sequential(*[ResFFTConv(width) for _ in range(depth)])
-        self.fusion = MFAM(width, n_dates=n_dates)
+        self.fusion = MFAM(width, n_dates=self.n_dates)
         self.fusion_blocks = nn.Sequential(*[ResFFTConv(width) for _ in range(fusion_depth)])
         # Decoder: 1/4 -> 1/2 (with a lighter fusion of the 1/2 skip) -> full resolution.
-        self.fusion_half = MFAM(half_width, n_dates=n_dates)
+        self.fusion_half = MFAM(half_width, n_dates=self.n_dates)
         self.decode_half = nn.Sequential(_conv(width + half_width, half_width, 1), _conv(half_width, half_width))
         self.decode_full = nn.Sequential(
             _conv(half_width + skip_width + all_dates_bands, skip_width, 1), _conv(skip_width, skip_width)
         )
-        self.coarse_head = nn.Conv2d(skip_width, n_bands, 3, padding=1)
+        self.coarse_head = nn.Conv2d(skip_width, self.n_bands, 3, padding=1)
         # Refinement stage: sees the coarse estimate next to every date's bands.
         self.refine = nn.Sequential(
-            _conv(n_bands + all_dates_bands + skip_width, skip_width, 1),
+            _conv(self.n_bands + all_dates_bands + skip_width, skip_width, 1),
             _conv(skip_width, skip_width),
-            nn.Conv2d(skip_width, n_bands, 3, padding=1),
+            nn.Conv2d(skip_width, self.n_bands, 3, padding=1),
         )
-        self._init_weights()
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -300,7 +348,7 @@ class CMSN(nn.Module):
         return CMSNOutput(coarse=coarse, refined=refined, output=output)
 
     def statistics(self, bands: torch.Tensor, clear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(mean, std)`` that normalise ``bands`` (``(B, T, C, H, W)``), broadcastable to them."""
+        """Return the ``(mean, std)`` that normalise ``bands`` (``(B, T, C, H, W)``), broadcastable to them."""
         return normalising_statistics(
             bands, clear, normalisation=self.normalisation, band_mean=self.band_mean, band_std=self.band_std
         )
@@ -314,4 +362,5 @@ class CMSN(nn.Module):
         return F.pad(images, (0, right, 0, bottom), mode=mode)
 
     def extra_repr(self) -> str:
+        """Return the config (less the architecture name) for ``repr(model)``."""
         return ", ".join(f"{key}={value}" for key, value in self.config.items() if key != "architecture")

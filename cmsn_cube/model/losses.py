@@ -158,4 +158,5 @@ class CMSNLoss(nn.Module):
         return cmsn_loss(prediction, batch, **self.weights)
 
     def extra_repr(self) -> str:
+        """Return the loss weights for ``repr(loss)``."""
         return ", ".join(f"{key}={value}" for key, value in self.weights.items())

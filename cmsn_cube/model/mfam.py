@@ -47,12 +47,12 @@ class MFAM(nn.Module):
         self.merge = nn.Conv2d(2 * channels, channels, 1)
 
     def attention(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-pixel weights over source dates for every receiving date.
+        """Return per-pixel weights over source dates for every receiving date.
 
         Parameters
         ----------
         features : torch.Tensor
-            ``(B, T, C, H, W)``.
+            ``(B, T, C, H, W)``: the features of every date, which are also the sources.
 
         Returns
         -------
@@ -66,6 +66,9 @@ class MFAM(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Give every date the features fused over all dates.
 
+        The fused features pass through a spatial attention map; a residual 1×1 convolution then merges them into
+        each date's own features.
+
         Parameters
         ----------
         features : torch.Tensor
@@ -74,7 +77,7 @@ class MFAM(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(B, T, C, H, W)``.
+            ``(B, T, C, H, W)``: each date's own features plus what it received from all dates.
         """
         batch, dates, channels, height, width = features.shape
         weights = self.attention(features)

@@ -22,7 +22,7 @@ QA_BAND = "QA_PIXEL"
 
 
 def seed_patch_paths(folder: str | os.PathLike[str], region: str, patch: int, *, n_dates: int = 3) -> list[Path]:
-    """The files ``{region}_T{t}_Patch{patch}.tif`` for t = 1..n_dates; raises if any is missing."""
+    """Return the files ``{region}_T{t}_Patch{patch}.tif`` for t = 1..n_dates; raise if any is missing."""
     paths = [Path(folder) / f"{region}_T{t}_Patch{patch}.tif" for t in range(1, n_dates + 1)]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
@@ -63,7 +63,7 @@ def _read_date(path: Path, sensor: str) -> tuple[xr.DataArray, xr.DataArray | No
 
 
 def _qa_to_uint16(qa: xr.DataArray) -> np.ndarray:
-    """Earth Engine exports QA_PIXEL as float beside float reflectance; no-data becomes the fill bit."""
+    """Return QA words as uint16: Earth Engine exports QA_PIXEL as float beside float reflectance; NaN -> fill bit."""
     values = np.asarray(qa.values, dtype="float64")
     return np.where(np.isfinite(values), values, 1).astype(np.uint16)
 
@@ -112,26 +112,9 @@ def open_seed_patches(
         raise BandMismatchError(f"unknown sensor {sensor!r}; choose from {sorted(SENSOR_BANDS)}")
     paths = seed_patch_paths(folder, region, patch, n_dates=n_dates)
     layers = [_read_date(path, sensor) for path in paths]
+    _check_one_grid(paths, [reflectance for reflectance, _ in layers])
+    dates = _dates_or_placeholders(dates, n_dates)
     first = layers[0][0]
-    for path, (reflectance, _) in zip(paths[1:], layers[1:], strict=True):
-        same = (
-            reflectance.rio.crs == first.rio.crs
-            and reflectance.shape == first.shape
-            and np.allclose(reflectance.rio.transform(), first.rio.transform())
-        )
-        if not same:
-            raise GridError(
-                f"{path.name} is on another grid than {paths[0].name}: "
-                f"CRS {reflectance.rio.crs} vs {first.rio.crs}, shape {reflectance.shape[1:]} vs {first.shape[1:]}"
-            )
-    if dates is None:
-        warnings.warn(
-            "the GeoTIFFs carry no acquisition dates; using placeholder dates 2000-01-01.. (pass dates=[...])",
-            stacklevel=2,
-        )
-        dates = [np.datetime64("2000-01-01") + np.timedelta64(i, "D") for i in range(n_dates)]
-    if len(dates) != n_dates:
-        raise MissingDateError(f"{len(dates)} dates given for {n_dates} files")
     qas = [qa for _, qa in layers]
     has_qa = all(qa is not None for qa in qas)
     cube = make_cube(
@@ -149,3 +132,32 @@ def open_seed_patches(
 
         cube = add_cloud_mask(cube)
     return cube
+
+
+def _check_one_grid(paths: list[Path], rasters: list[xr.DataArray]) -> None:
+    """Raise a GridError unless every date's raster has the first one's CRS, shape and transform."""
+    first = rasters[0]
+    for path, reflectance in zip(paths[1:], rasters[1:], strict=True):
+        same = (
+            reflectance.rio.crs == first.rio.crs
+            and reflectance.shape == first.shape
+            and np.allclose(reflectance.rio.transform(), first.rio.transform())
+        )
+        if not same:
+            raise GridError(
+                f"{path.name} is on another grid than {paths[0].name}: "
+                f"CRS {reflectance.rio.crs} vs {first.rio.crs}, shape {reflectance.shape[1:]} vs {first.shape[1:]}"
+            )
+
+
+def _dates_or_placeholders(dates: Sequence[Any] | None, n_dates: int) -> Sequence[Any]:
+    """Return ``dates`` (one per file), or placeholder days 2000-01-01.. with a warning when none are given."""
+    if dates is None:
+        warnings.warn(
+            "the GeoTIFFs carry no acquisition dates; using placeholder dates 2000-01-01.. (pass dates=[...])",
+            stacklevel=3,  # the caller of open_seed_patches
+        )
+        dates = [np.datetime64("2000-01-01") + np.timedelta64(i, "D") for i in range(n_dates)]
+    if len(dates) != n_dates:
+        raise MissingDateError(f"{len(dates)} dates given for {n_dates} files")
+    return dates

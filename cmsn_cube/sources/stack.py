@@ -29,7 +29,7 @@ PathLike = str | os.PathLike[str]
 
 
 def _read(path: Path, variable: str | None) -> xr.DataArray:
-    """One raster file as ``(band, y, x)`` digital numbers with its CRS (GeoTIFF, or NetCDF through GDAL)."""
+    """Read one raster file as ``(band, y, x)`` digital numbers with its CRS (GeoTIFF, or NetCDF through GDAL)."""
     import rioxarray
 
     if not path.exists():
@@ -49,7 +49,7 @@ def _read(path: Path, variable: str | None) -> xr.DataArray:
 
 
 def _scaled(raster: xr.DataArray, path: Path, scale: float | None, offset: float, nodata: float | None) -> np.ndarray:
-    """Reflectance from digital numbers: ``DN * scale + offset``, NaN at ``nodata`` (default: the file's)."""
+    """Return reflectance from digital numbers: ``DN * scale + offset``, NaN at ``nodata`` (default: the file's)."""
     values = np.asarray(raster.values)
     missing = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
     nodata = raster.rio.nodata if nodata is None else nodata
@@ -136,12 +136,40 @@ def open_stack(
     MissingDateError
         A file is missing, or the number of dates does not match the files.
     """
+    files = _file_list(paths)
+    _check_band_map(bands)
+    per_date, names = _read_dates(files, len(dates), bands_per_date, variable=variable, crop_to_common=crop_to_common)
+    _check_positions(bands, mask_band, count=per_date[0].sizes["band"])
+    return make_cube(
+        _reflectance(per_date, names, bands, scale=scale, offset=offset, nodata=nodata),
+        time=list(dates),
+        y=per_date[0]["y"].values,
+        x=per_date[0]["x"].values,
+        crs=per_date[0].rio.crs,
+        sensor=sensor,
+        cloud_mask=_cloud_mask(per_date, mask_band, cloud_values),
+        source=source or ", ".join(sorted({p.name for p in names})),
+    )
+
+
+def _file_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """Return ``paths`` as a list of paths (one path or several), or raise when there is none."""
     files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     if not files:
         raise MissingDateError("no file given")
+    return files
+
+
+def _check_band_map(bands: Mapping[str, int]) -> None:
+    """Raise unless ``bands`` maps each of :data:`BANDS`, and nothing else, to a band position."""
     if sorted(bands) != sorted(BANDS):
         raise BandMismatchError(f"bands must map each of {list(BANDS)} to a band position, got {dict(bands)}")
-    n_dates = len(dates)
+
+
+def _read_dates(
+    files: list[Path], n_dates: int, bands_per_date: int | None, *, variable: str | None, crop_to_common: bool
+) -> tuple[list[xr.DataArray], list[Path]]:
+    """Read the files and return each date's ``(band, y, x)`` raster and file, the dates checked to share a grid."""
     rasters = [_read(path, variable) for path in files]
     if len(files) == 1:
         if bands_per_date is None:
@@ -161,6 +189,12 @@ def open_stack(
     if crop_to_common:
         height, width = (min(r.sizes[dim] for r in per_date) for dim in ("y", "x"))
         per_date = [r.isel(y=slice(0, height), x=slice(0, width)) for r in per_date]
+    _check_one_grid(per_date, names, bands_per_date)
+    return per_date, names
+
+
+def _check_one_grid(per_date: list[xr.DataArray], names: list[Path], bands_per_date: int | None) -> None:
+    """Raise unless every date has the first date's band count, CRS, size and transform."""
     first = per_date[0]
     for path, raster in zip(names, per_date, strict=True):
         if raster.sizes["band"] != (bands_per_date or first.sizes["band"]):
@@ -172,26 +206,35 @@ def open_stack(
         )
         if not on_grid:
             raise CubeValidationError(f"{path.name} is on another grid (CRS, size or transform) than {names[0].name}")
-    count = first.sizes["band"]
+
+
+def _check_positions(bands: Mapping[str, int], mask_band: int | None, *, count: int) -> None:
+    """Raise unless the band map and the mask band point at bands 1..``count`` of one date."""
     positions = [bands[band] for band in BANDS] + ([mask_band] if mask_band is not None else [])
     if any(not 1 <= int(p) <= count for p in positions):
         raise BandMismatchError(f"band positions {positions} must lie in 1..{count} (the bands of one date)")
-    reflectance = np.stack(
+
+
+def _reflectance(
+    per_date: list[xr.DataArray],
+    names: list[Path],
+    bands: Mapping[str, int],
+    *,
+    scale: float | None,
+    offset: float,
+    nodata: float | None,
+) -> np.ndarray:
+    """Return the ``(time, band, y, x)`` reflectance of the four bands in :data:`BANDS` order."""
+    return np.stack(
         [
             _scaled(raster.isel(band=[bands[band] - 1 for band in BANDS]), path, scale, offset, nodata)
             for path, raster in zip(names, per_date, strict=True)
         ]
     )
-    cloud_mask = np.zeros((n_dates, *first.shape[1:]), dtype=bool)
-    if mask_band is not None:
-        cloud_mask = np.stack([np.isin(r.isel(band=mask_band - 1).values, list(cloud_values)) for r in per_date])
-    return make_cube(
-        reflectance,
-        time=list(dates),
-        y=first["y"].values,
-        x=first["x"].values,
-        crs=first.rio.crs,
-        sensor=sensor,
-        cloud_mask=cloud_mask,
-        source=source or ", ".join(sorted({p.name for p in names})),
-    )
+
+
+def _cloud_mask(per_date: list[xr.DataArray], mask_band: int | None, cloud_values: Sequence[int]) -> np.ndarray:
+    """Return the ``(time, y, x)`` cloud mask: ``mask_band`` in ``cloud_values``, all clear without a mask band."""
+    if mask_band is None:
+        return np.zeros((len(per_date), *per_date[0].shape[1:]), dtype=bool)
+    return np.stack([np.isin(r.isel(band=mask_band - 1).values, list(cloud_values)) for r in per_date])

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from cmsn_cube.cube import BANDS, LANDSAT_SCALE_M, make_cube
 from cmsn_cube.exceptions import CubeValidationError
-from cmsn_cube.qa import DEFAULT_CLOUD_FLAGS, DEFAULT_CLOUD_LEVELS, encode_qa
+from cmsn_cube.qa import DEFAULT_CLOUD_FLAGS, DEFAULT_CLOUD_LEVELS, cloud_mask_from_qa, encode_qa
 
 LAND_COVER_CLASSES: tuple[str, ...] = ("water", "forest", "cropland", "bare_soil", "urban", "road")
 
@@ -264,6 +264,33 @@ def synthetic_scene(
         raise CubeValidationError(f"scene must be at least 16 x 16 pixels, got {height} x {width}")
     if sensor not in ("LANDSAT_5", "LANDSAT_8"):
         raise CubeValidationError(f"sensor must be 'LANDSAT_5' or 'LANDSAT_8', got {sensor!r}")
+    levels = _cloud_levels(cloud_fractions, n_dates)
+    landscape_rng = np.random.default_rng([seed, 0])
+    times = np.datetime64(str(start), "D") + np.arange(n_dates) * np.timedelta64(revisit_days, "D")
+    days = (times - times.astype("datetime64[Y]")).astype(int) + 1
+    cls, parcels = _land_cover((height, width), landscape_rng, land_cover or DEFAULT_LAND_COVER)
+    ground = _ground_reflectance(cls, parcels, days, landscape_rng)
+    water = cls == LAND_COVER_CLASSES.index("water")
+    observed, truth, qa = _observe(ground, levels, water=water, seed=seed, noise=noise)
+    x = origin[0] + (np.arange(width) + 0.5) * LANDSAT_SCALE_M
+    y = origin[1] - (np.arange(height) + 0.5) * LANDSAT_SCALE_M
+    cube = make_cube(
+        observed,
+        time=times,
+        y=y,
+        x=x,
+        crs=crs,
+        sensor=sensor,
+        qa_pixel=qa,
+        cloud_mask=cloud_mask_from_qa(xr.DataArray(qa, dims=("time", "y", "x")), flags=DEFAULT_CLOUD_FLAGS).values,
+        source=f"cmsn_cube.sources.synthetic (seed={seed})",
+        attrs={"seed": seed, "requested_cloud_fractions": [float(v) for v in levels]},
+    )
+    return _with_truth_and_land_cover(cube, truth, cls)
+
+
+def _cloud_levels(cloud_fractions: Sequence[float] | None, n_dates: int) -> list[float]:
+    """Return the flagged fraction of each date: ``cloud_fractions``, or the seed's levels repeated."""
     levels = (
         list(cloud_fractions)
         if cloud_fractions is not None
@@ -273,17 +300,17 @@ def synthetic_scene(
         raise CubeValidationError(f"cloud_fractions has {len(levels)} values for {n_dates} dates")
     if any(not 0 <= level < 1 for level in levels):
         raise CubeValidationError(f"cloud_fractions must lie in [0, 1), got {levels}")
-    shape = (height, width)
-    landscape_rng = np.random.default_rng([seed, 0])
-    times = np.datetime64(str(start), "D") + np.arange(n_dates) * np.timedelta64(revisit_days, "D")
-    days = (times - times.astype("datetime64[Y]")).astype(int) + 1
-    cls, parcels = _land_cover(shape, landscape_rng, land_cover or DEFAULT_LAND_COVER)
-    ground = _ground_reflectance(cls, parcels, days, landscape_rng)
+    return levels
 
+
+def _observe(
+    ground: np.ndarray, levels: Sequence[float], *, water: np.ndarray, seed: int, noise: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return what the sensor sees per date (atmosphere, clouds, shadows, noise), the cloud-free truth and QA."""
+    n_dates, shape = ground.shape[0], ground.shape[2:]
     observed = np.empty_like(ground)
     truth = np.empty_like(ground)
     qa = np.empty((n_dates, *shape), dtype=np.uint16)
-    water = cls == LAND_COVER_CLASSES.index("water")
     for t in range(n_dates):
         date_rng = np.random.default_rng([seed, 1, t])
         # the atmosphere differs a little per date: haze offset and gain per band
@@ -303,24 +330,11 @@ def synthetic_scene(
     truth += np.random.default_rng([seed, 2]).normal(0, noise, truth.shape).astype(np.float32)
     np.clip(observed, 0, 1, out=observed)
     np.clip(truth, 0, 1, out=truth)
+    return observed, truth, qa
 
-    x = origin[0] + (np.arange(width) + 0.5) * LANDSAT_SCALE_M
-    y = origin[1] - (np.arange(height) + 0.5) * LANDSAT_SCALE_M
-    from cmsn_cube.qa import cloud_mask_from_qa
 
-    qa_da = xr.DataArray(qa, dims=("time", "y", "x"))
-    cube = make_cube(
-        observed,
-        time=times,
-        y=y,
-        x=x,
-        crs=crs,
-        sensor=sensor,
-        qa_pixel=qa,
-        cloud_mask=cloud_mask_from_qa(qa_da, flags=DEFAULT_CLOUD_FLAGS).values,
-        source=f"cmsn_cube.sources.synthetic (seed={seed})",
-        attrs={"seed": seed, "requested_cloud_fractions": [float(v) for v in levels]},
-    )
+def _with_truth_and_land_cover(cube: xr.Dataset, truth: np.ndarray, cls: np.ndarray) -> xr.Dataset:
+    """Add the cloud-free ``truth(time, band, y, x)`` and the ``land_cover(y, x)`` class map to the cube."""
     cube["truth"] = (("time", "band", "y", "x"), truth)
     cube["truth"].attrs.update(long_name="cloud-free TOA reflectance", units="1")
     cube["land_cover"] = (("y", "x"), cls)

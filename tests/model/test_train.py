@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from cmsn_cube import metrics
 from cmsn_cube.model import CMSN, cmsn_loss, load_model
-from cmsn_cube.train import _EpochLoader, _ssim_map, evaluate_batches, train
+from cmsn_cube.train import evaluate_batches, train
+from cmsn_cube.training.loaders import EpochLoader
+from cmsn_cube.training.schedule import WarmupSchedule
 
 
 def loss_on(model, batch):
@@ -99,13 +102,73 @@ def test_options_are_checked(batch_factory, tiny_config):
 
 
 def test_validation_metrics_of_a_perfect_copy(batch_factory):
-    image = torch.rand(2, 4, 20, 20)
-    torch.testing.assert_close(_ssim_map(image, image), torch.ones_like(image))
-    assert _ssim_map(image, 1 - image).mean() < 0.5
     batch = batch_factory(height=16, width=16)
     metrics = evaluate_batches(CMSN(width=4, depth=0, fusion_depth=0, skip_width=2), [batch])
     assert metrics["cloudy_pixels"] == float(batch["sim_mask"].sum())
     assert 0 < metrics["psnr_cloudy"] < 60 and -1 <= metrics["ssim_cloudy"] <= 1
+
+
+def test_validation_ssim_is_the_evaluation_ssim_of_the_same_images(batch_factory):
+    # One SSIM definition: training's ssim_cloudy of a model's output is cmsn_cube.metrics.ssim of that output
+    # against the truth, in the scored pixels (pixels without truth are 0 in both images, as validation sets them).
+    batches = [batch_factory(batch=2, height=20, width=20, seed=seed) for seed in (1, 2)]
+    torch.manual_seed(0)
+    model = CMSN(width=4, depth=1, fusion_depth=0, skip_width=2).eval()
+    validated = evaluate_batches(model, batches)["ssim_cloudy"]
+    with torch.no_grad():
+        outputs = [model(batch["inputs"]).output for batch in batches]
+    valid = torch.cat([batch["truth_valid"] for batch in batches]).unsqueeze(2)
+    prediction = (torch.cat(outputs) * valid).numpy()
+    truth = (torch.cat([batch["truth"] for batch in batches]) * valid).numpy()
+    scored = torch.cat([batch["sim_mask"] & batch["truth_valid"] for batch in batches]).unsqueeze(2).numpy()
+    evaluated = metrics.ssim(prediction, truth, mask=scored)
+    assert 0 < evaluated < 1
+    assert validated == pytest.approx(evaluated, rel=1e-12, abs=0)
+
+
+# ------------------------------------------------------------------------ the learning-rate schedule
+
+
+def _former_learning_rate(step, *, total_steps, peak, schedule, warmup_steps):
+    """The schedule as train() computed it before it ran on torch.optim.lr_scheduler: the reference."""
+    if schedule == "constant":
+        return peak
+    if schedule == "onecycle":
+        rise = max(1, int(0.3 * total_steps))
+        if step < rise:
+            start = peak / 25
+            return start + (peak - start) * (1 - math.cos(math.pi * step / rise)) / 2
+        progress = (step - rise) / max(1, total_steps - rise)
+        return peak / 1e4 + (peak - peak / 1e4) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    floor = peak * 0.01
+    return floor + (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+@pytest.mark.parametrize(("total_steps", "warmup_steps"), [(1, 1), (7, 1), (50, 2), (1000, 50)])
+def test_the_scheduler_gives_the_former_learning_rates_exactly(schedule, total_steps, warmup_steps):
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [parameter]}, {"params": [], "weight_decay": 0.0}], lr=3e-3)
+    scheduler = WarmupSchedule(
+        optimizer, total_steps=total_steps, peak=3e-3, schedule=schedule, warmup_steps=warmup_steps
+    )
+    for step in range(total_steps + 2):  # and past the end
+        expected = _former_learning_rate(step, total_steps=total_steps, peak=3e-3, schedule=schedule,
+                                         warmup_steps=warmup_steps)  # fmt: skip
+        assert [group["lr"] for group in optimizer.param_groups] == [expected, expected], step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_train_logs_the_former_learning_rate_of_every_step(batch_factory, tiny_config):
+    batches = [batch_factory(seed=s, height=16, width=16) for s in range(2)]
+    result = train(tiny_config, batches, steps=9, warmup_steps=3, log_every=1, progress=False)
+    expected = [_former_learning_rate(step, total_steps=9, peak=2e-3, schedule="cosine", warmup_steps=3)
+                for step in range(9)]  # fmt: skip
+    assert [record["lr"] for record in result.history["train"]] == expected
 
 
 # ------------------------------------------------------------------------ resume: a killed run, continued
@@ -183,7 +246,7 @@ def _loader(kind, batch_factory, *, die_after=None):
     generator = torch.Generator().manual_seed(11)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True, generator=generator)
     # ...or, as train_on_stores does, reseeded by set_epoch with flips and quarter turns
-    return loader if kind == "own_generator" else _EpochLoader(loader, [dataset], augment=True, seed=4)
+    return loader if kind == "own_generator" else EpochLoader(loader, [dataset], augment=True, seed=4)
 
 
 def _assert_same_weights(model, reference):
@@ -270,6 +333,28 @@ def test_resuming_a_finished_run_without_validation_returns_its_final_weights(tm
     _assert_same_weights(again.model, first.model)
 
 
+def test_a_last_checkpoint_of_the_former_format_resumes_like_a_straight_run(tmp_path, batch_factory, tiny_config):
+    # last.pt files written before the schedule was a torch scheduler hold the same training_state keys, but
+    # optimizer groups without "initial_lr" and with the rate of the step before: the rates must come from the
+    # schedule of the resumed run, not from the saved optimizer.
+    from cmsn_cube.model.checkpoint import file_sha256
+
+    options = {"steps": 6, "lr": 3e-3, "seed": 4, "device": "cpu"}
+    straight = train(tiny_config, _loader("list", batch_factory), progress=False, **options)
+    train(tiny_config, _loader("list", batch_factory), epochs=2, checkpoint_dir=tmp_path, progress=False, **options)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    for group in payload["training_state"]["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+        group["lr"] = 1.0  # would wreck the weights if it were used
+    torch.save(payload, tmp_path / "last.pt")
+    card = json.loads((tmp_path / "last.json").read_text())
+    (tmp_path / "last.json").write_text(json.dumps(card | {"sha256": file_sha256(tmp_path / "last.pt")}))
+    resumed = train(tiny_config, _loader("list", batch_factory), checkpoint_dir=tmp_path, resume=True, progress=False,
+                    **options)  # fmt: skip
+    assert resumed.steps == 6
+    _assert_same_weights(resumed.model, straight.model)
+
+
 class _Windows(torch.utils.data.Dataset):
     """8 distinct 2x2 "windows" whose values also tell the epoch (as the datasets' clouds do)."""
 
@@ -290,7 +375,7 @@ def _epoch_loader(seed=5):
     dataset = _Windows()
     generator = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, generator=generator)
-    return _EpochLoader(loader, [dataset], augment=True, seed=seed)
+    return EpochLoader(loader, [dataset], augment=True, seed=seed)
 
 
 def test_the_store_loader_gives_an_epoch_the_same_batches_whatever_came_before():

@@ -1,0 +1,5 @@
+"""``python -m cmsn_cube.cli``: the same as the ``cmsn-cube`` console script."""
+
+from cmsn_cube.cli import main
+
+main()
