@@ -23,7 +23,7 @@ from cmsn_cube.baselines import BASELINES
 from cmsn_cube.clouds import make_scoring_cube
 from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CMSNCubeWarning, CubeValidationError, NoDataError
-from cmsn_cube.metrics import common_pixels, evaluate_reconstruction
+from cmsn_cube.metrics import SSIM_NAME, common_pixels, evaluate_reconstruction
 
 Method = str | Callable[[xr.Dataset], xr.DataArray]
 TruthChoice = Literal["cube", "pasted"]
@@ -205,7 +205,9 @@ def format_table(table: pd.DataFrame) -> str:
     """Format the summary as text: PSNR in dB, SAM in degrees, MAE/RMSE/NDVI MAE in reflectance/NDVI units."""
     wide = summary(table)
     n_scored = int(table.xs(("cloudy", "mean"), level=("region", "band"))["n_pixels"].iloc[0])
-    lines = [f"scored pixels (cloudy): {n_scored}   PSNR dB (data_range 1.0), SSIM, MAE/RMSE reflectance, SAM deg"]
+    lines = [
+        f"scored pixels (cloudy): {n_scored}   PSNR dB (data_range 1.0), {SSIM_NAME}, MAE/RMSE reflectance, SAM deg"
+    ]
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         lines.append(wide.to_string(float_format=lambda v: f"{v:.4f}" if np.isfinite(v) else str(v)))
     return "\n".join(lines)

@@ -65,6 +65,10 @@ def psnr(prediction: Any, truth: Any, *, mask: Any | None = None, data_range: fl
     return np.inf if error == 0 else float(round(20 * np.log10(data_range / error), 10))
 
 
+#: How tables name :func:`ssim_sum`'s definition (evaluation and training print the same one).
+SSIM_NAME = "SSIM (Wang 2004, 7x7 uniform window)"
+
+
 def ssim_sum(
     prediction: Any,
     truth: Any,

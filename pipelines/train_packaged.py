@@ -282,10 +282,12 @@ def _records(table: Any) -> dict[str, dict[str, float]]:
 
 def _markdown(table: Any, region: str = "common") -> str:
     """Band-mean table of one region in Markdown, with each method's coverage of all cloudy pixels."""
+    from cmsn_cube.metrics import SSIM_NAME
+
     means = table.xs((region, "mean"), level=("region", "band"))
     coverage = table.xs(("cloudy", "mean"), level=("region", "band"))["coverage"]
     lines = [
-        "| method | PSNR (dB) | SSIM | SAM (°) | MAE | RMSE | NDVI MAE | cloudy pixels filled |",
+        f"| method | PSNR (dB) | {SSIM_NAME} | SAM (°) | MAE | RMSE | NDVI MAE | cloudy pixels filled |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, row in means.iterrows():
@@ -424,7 +426,7 @@ Recipe: `python pipelines/train_packaged.py` (stages `stores`, `train`, `finetun
 
 {phase_lines}
 
-   The best step of the last phase on held-out NAIP rows (PSNR cloudy
+   The best step of the last phase on its validation ({training["training_data"]["validation"]}: PSNR cloudy
    {metadata["metrics"].get("psnr_cloudy", float("nan")):.2f} dB at step {metadata["metrics"].get("step")}), on
    {metadata["recipe"]["hardware"]}, torch {training["torch"]}.
 

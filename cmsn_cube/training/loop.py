@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cmsn_cube.device import default_device
+from cmsn_cube.metrics import SSIM_NAME
 from cmsn_cube.model.checkpoint import build_model, load_model, save_checkpoint
 from cmsn_cube.model.cmsn import ARCHITECTURE, CMSN
 from cmsn_cube.model.losses import DEFAULT_LOSS_WEIGHTS, CMSNLoss
@@ -406,7 +407,7 @@ class _Run:
         if options.progress:
             tqdm.write(
                 f"epoch {state.epoch} step {state.step}: val loss {metrics['loss']:.4f}, "
-                f"PSNR cloudy {metrics['psnr_cloudy']:.2f} dB, SSIM cloudy {metrics['ssim_cloudy']:.4f}"
+                f"PSNR cloudy {metrics['psnr_cloudy']:.2f} dB, {SSIM_NAME} cloudy {metrics['ssim_cloudy']:.4f}"
             )
         return options.patience is not None and state.validations_without_improvement >= options.patience
 
