@@ -14,6 +14,10 @@ run). Prints wall times, throughput in megapixels of output per second (dates ×
 and peak bytes of task results held (the target: no growth with the scene at a fixed chunk size). ``--full`` adds a Landsat-size 7,700² scene.
 Also the classical weighted regression (``method="weighted-regression"``) computed the same way, and the network's
 compute time as a multiple of it (what the network costs over the filler a user would pick instead).
+The model's own forward rate is measured first in the same run; each size then prints the loop's and the
+streamed write's rate as a share of that rate divided by the tile overhead (tile pixels run per scene pixel).
+``--to-zarr`` also writes the lazy result with xarray's ``to_zarr`` (the task order Dask's scheduler picks, no
+resume records) with its time and worker memory, against the hand-made streamer of ``write_reconstruction``.
 
 Run::
 
@@ -31,10 +35,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import dask
 import numpy as np
 import psutil
 import torch
+import xarray as xr
 from distributed import wait
 
 from cmsn_cube.cluster import get_client
@@ -85,6 +92,50 @@ def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, b
             model(windows)
             seconds += time.perf_counter() - start
     return seconds, len(corners)
+
+
+def forward_rate(model: torch.nn.Module, *, tile: int, batch_size: int, repeats: int = 3) -> float:
+    """The model's own forward rate in this process, megapixels of tile output per second (best of ``repeats``).
+
+    Random reflectance with 30 % clouds, ``batch_size`` tiles of 3 dates: what bench_model.py measures, in the
+    same run as the scene paths, so that their ratios to it are not moved by the machine's state.
+    """
+    generator = torch.Generator().manual_seed(0)
+    mask = (torch.rand(batch_size, 3, 1, tile, tile, generator=generator) < 0.3).float()
+    windows = torch.cat([torch.rand(batch_size, 3, 4, tile, tile, generator=generator) * 0.3 * (1 - mask), mask], 2)
+    best = float("inf")
+    with torch.inference_mode():
+        model(windows)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(windows)
+            best = min(best, time.perf_counter() - start)
+    return batch_size * 3 * tile * tile / best / 1e6
+
+
+#: Largest scene generated in one piece: the generator's working set at 6144² is ~15 GiB of this 24 GiB machine.
+LARGEST_GENERATED = 6144
+
+
+def scene(size: int) -> Any:
+    """The embedded synthetic scene at ``size``² px (seed ``size``); above :data:`LARGEST_GENERATED`, four mirrored
+    copies of one half the size, so that a Landsat-size scene fits in memory (its content is only tiles to run)."""
+    if size <= LARGEST_GENERATED:
+        return synthetic_scene(height=size, width=size, seed=size)
+    half = synthetic_scene(height=(size + 1) // 2, width=(size + 1) // 2, seed=size).drop_vars(["truth", "land_cover"])
+    mirrored = half.isel(y=slice(None, None, -1), x=slice(None, None, -1))
+    top = xr.concat([half, mirrored.isel(y=slice(None, None, -1))], dim="x")
+    bottom = xr.concat([mirrored.isel(x=slice(None, None, -1)), mirrored], dim="x")
+    whole = xr.concat([top, bottom], dim="y").isel(y=slice(0, size), x=slice(0, size))
+    spacing = float(half.x[1] - half.x[0]), float(half.y[1] - half.y[0])
+    return whole.assign_coords(
+        x=float(half.x[0]) + spacing[0] * np.arange(size), y=float(half.y[0]) + spacing[1] * np.arange(size)
+    )
+
+
+def lazy_arrays(result: Any) -> list[Any]:
+    """The Dask arrays of a reconstruction (a forced method's ``method_used`` is a plain numpy array)."""
+    return [variable.data for variable in result.data_vars.values() if dask.is_dask_collection(variable.data)]
 
 
 def _warm_up(spec: ModelSpec, tile: int, batch_size: int) -> None:
@@ -153,6 +204,11 @@ def main() -> None:
         action="store_true",
         help="only the streamed write and its memory (no loop, no compute: both hold the whole scene in memory)",
     )
+    parser.add_argument(
+        "--to-zarr",
+        action="store_true",
+        help="also write the lazy result with xarray's to_zarr (Dask's own task order; no resume records)",
+    )
     args = parser.parse_args()
     sizes = args.sizes + ([7700] if args.full else [])
     name = args.model or ("cmsn-small" if "cmsn-small" in list_models() else None)
@@ -168,11 +224,14 @@ def main() -> None:
         f"{'cmp Mpx/s':>9} {'wr Mpx/s':>8} {'ratio cmp':>9} {'ratio wr':>8} {'idle MiB':>8} {'peak MiB':>8} "
         f"{'held MiB':>8} {'classical s':>11} {'cmp/classical':>13}"
     )
-    rows = []
+    torch.set_num_threads(os.cpu_count() or 1)
+    forward = forward_rate(model, tile=args.tile, batch_size=args.batch_size)
+    print(f"model forward rate in this run: {forward:.2f} Mpx/s of tile output (batch {args.batch_size})")
+    rows, bounds = [], []
     for size in sizes:
         store = str(workdir / f"scene{size}.zarr")
         if not Path(store).exists():
-            write_cube(synthetic_scene(height=size, width=size, seed=size), store)
+            write_cube(scene(size), store)
         megapixels = 3 * size * size / 1e6
         torch.set_num_threads(os.cpu_count() or 1)
         out = str(workdir / f"out{size}.zarr")
@@ -200,13 +259,25 @@ def main() -> None:
                     start = time.perf_counter()
                     write_reconstruction(result, out, progress=False)
                     write_s = min(write_s, time.perf_counter() - start)
+            if args.to_zarr:  # the public-API alternative: xarray's to_zarr, the order Dask's scheduler picks
+                dask_memory = PeakMemory(client)
+                shutil.rmtree(out, ignore_errors=True)
+                with dask_memory:
+                    start = time.perf_counter()
+                    result.to_zarr(out, mode="w", consolidated=False)
+                    to_zarr_s = time.perf_counter() - start
+                print(
+                    f"{size}²: xarray to_zarr {to_zarr_s:.1f} s, worker RSS peak {dask_memory.peak / 2**20:.0f} MiB, "
+                    f"held {dask_memory.peak_managed / 2**20:.0f} MiB (streamed write_reconstruction: {write_s:.1f} s)",
+                    flush=True,
+                )
             for _ in range(0 if args.write_only else args.repeat):  # loop and Dask compute in turns
                 seconds, tiles = plain_loop(
                     store, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size
                 )
                 loop_s = min(loop_s, seconds)
                 start = time.perf_counter()
-                persisted = client.persist([result[name].data for name in result.data_vars])
+                persisted = client.persist(lazy_arrays(result))
                 wait(persisted)  # computed and kept on the workers
                 compute_s = min(compute_s, time.perf_counter() - start)
                 client.cancel(persisted)
@@ -219,13 +290,17 @@ def main() -> None:
             )  # fmt: skip
             for _ in range(0 if args.write_only else args.repeat):
                 start = time.perf_counter()
-                persisted = client.persist([classical[name].data for name in classical.data_vars])
+                persisted = client.persist(lazy_arrays(classical))
                 wait(persisted)
                 classical_s = min(classical_s, time.perf_counter() - start)
                 client.cancel(persisted)
                 while client.run_on_scheduler(_tasks_held):
                     time.sleep(0.1)
         rows.append((size, memory.peak, memory.peak_managed))
+        if isinstance(tiles, int):  # the forward rate divided by the tile overhead (tile pixels per scene pixel)
+            bounds.append(
+                (size, forward * size * size / (tiles * args.tile**2), megapixels / loop_s, megapixels / write_s)
+            )
 
         def figure(value: float, width: int, digits: int) -> str:  # "-" for a path that did not run
             return f"{value:{width}.{digits}f}" if np.isfinite(value) and value > 0 else f"{'-':>{width}}"
@@ -240,6 +315,11 @@ def main() -> None:
         )
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out + ".regions", ignore_errors=True)
+    for size, bound, loop_rate, write_rate in bounds:
+        print(
+            f"{size}²: forward rate / tile overhead = {bound:.2f} Mpx/s of output; loop at {loop_rate / bound:.2f} "
+            f"of it, streamed write at {write_rate / bound:.2f}"
+        )
     if len(rows) > 1:
         (first, rss_first, held_first), (last, rss_last, held_last) = rows[0], rows[-1]
         print(

@@ -12,7 +12,7 @@ from cmsn_cube import metrics
 from cmsn_cube.model import CMSN, cmsn_loss, load_model
 from cmsn_cube.train import evaluate_batches, train
 from cmsn_cube.training.loaders import EpochLoader
-from cmsn_cube.training.schedule import WarmupSchedule
+from cmsn_cube.training.schedule import WarmupSchedule, learning_rate
 
 
 def loss_on(model, batch):
@@ -129,44 +129,48 @@ def test_validation_ssim_is_the_evaluation_ssim_of_the_same_images(batch_factory
 # ------------------------------------------------------------------------ the learning-rate schedule
 
 
-def _former_learning_rate(step, *, total_steps, peak, schedule, warmup_steps):
-    """The schedule as train() computed it before it ran on torch.optim.lr_scheduler: the reference."""
-    if schedule == "constant":
-        return peak
-    if schedule == "onecycle":
-        rise = max(1, int(0.3 * total_steps))
-        if step < rise:
-            start = peak / 25
-            return start + (peak - start) * (1 - math.cos(math.pi * step / rise)) / 2
-        progress = (step - rise) / max(1, total_steps - rise)
-        return peak / 1e4 + (peak - peak / 1e4) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    floor = peak * 0.01
-    return floor + (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+@pytest.mark.parametrize(
+    ("schedule", "step", "expected"),
+    [
+        ("constant", 0, 1.0),
+        ("constant", 99, 1.0),
+        ("cosine", 0, 0.1),  # warm-up: (step + 1) / warmup_steps of the peak
+        ("cosine", 9, 1.0),
+        ("cosine", 10, 1.0),  # the peak once warm, then half a cosine down to 1 % of it
+        ("cosine", 55, 0.505),
+        ("cosine", 100, 0.01),
+        ("cosine", 150, 0.01),
+        ("onecycle", 0, 1 / 25),  # rises from 1/25 of the peak over the first 30 % of the steps
+        ("onecycle", 30, 1.0),
+        ("onecycle", 65, (1 + 1e-4) / 2),
+        ("onecycle", 100, 1e-4),
+    ],
+)
+def test_the_learning_rate_follows_its_documented_shape(schedule, step, expected):
+    value = learning_rate(step, total_steps=100, peak=1.0, schedule=schedule, warmup_steps=10)
+    assert value == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
 @pytest.mark.parametrize(("total_steps", "warmup_steps"), [(1, 1), (7, 1), (50, 2), (1000, 50)])
-def test_the_scheduler_gives_the_former_learning_rates_exactly(schedule, total_steps, warmup_steps):
+def test_the_scheduler_sets_the_closed_form_rate_of_every_step(schedule, total_steps, warmup_steps):
     parameter = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([{"params": [parameter]}, {"params": [], "weight_decay": 0.0}], lr=3e-3)
     scheduler = WarmupSchedule(
         optimizer, total_steps=total_steps, peak=3e-3, schedule=schedule, warmup_steps=warmup_steps
     )
     for step in range(total_steps + 2):  # and past the end
-        expected = _former_learning_rate(step, total_steps=total_steps, peak=3e-3, schedule=schedule,
-                                         warmup_steps=warmup_steps)  # fmt: skip
+        expected = learning_rate(step, total_steps=total_steps, peak=3e-3, schedule=schedule,
+                                 warmup_steps=warmup_steps)  # fmt: skip
         assert [group["lr"] for group in optimizer.param_groups] == [expected, expected], step
         optimizer.step()
         scheduler.step()
 
 
-def test_train_logs_the_former_learning_rate_of_every_step(batch_factory, tiny_config):
+def test_train_logs_the_learning_rate_of_every_step(batch_factory, tiny_config):
     batches = [batch_factory(seed=s, height=16, width=16) for s in range(2)]
     result = train(tiny_config, batches, steps=9, warmup_steps=3, log_every=1, progress=False)
-    expected = [_former_learning_rate(step, total_steps=9, peak=2e-3, schedule="cosine", warmup_steps=3)
+    expected = [learning_rate(step, total_steps=9, peak=2e-3, schedule="cosine", warmup_steps=3)
                 for step in range(9)]  # fmt: skip
     assert [record["lr"] for record in result.history["train"]] == expected
 
