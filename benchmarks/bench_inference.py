@@ -42,6 +42,7 @@ import numpy as np
 import psutil
 import torch
 import xarray as xr
+from bench_model import make_inputs, time_it  # this folder: the script's own
 from distributed import wait
 
 from cmsn_cube.cluster import get_client
@@ -97,20 +98,13 @@ def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, b
 def forward_rate(model: torch.nn.Module, *, tile: int, batch_size: int, repeats: int = 3) -> float:
     """The model's own forward rate in this process, megapixels of tile output per second (best of ``repeats``).
 
-    Random reflectance with 30 % clouds, ``batch_size`` tiles of 3 dates: what bench_model.py measures, in the
-    same run as the scene paths, so that their ratios to it are not moved by the machine's state.
+    bench_model.py's inputs and timing, in the same run as the scene paths, so that their ratios to it are not
+    moved by the machine's state.
     """
-    generator = torch.Generator().manual_seed(0)
-    mask = (torch.rand(batch_size, 3, 1, tile, tile, generator=generator) < 0.3).float()
-    windows = torch.cat([torch.rand(batch_size, 3, 4, tile, tile, generator=generator) * 0.3 * (1 - mask), mask], 2)
-    best = float("inf")
+    inputs = make_inputs(batch_size, tile)["inputs"]
     with torch.inference_mode():
-        model(windows)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(windows)
-            best = min(best, time.perf_counter() - start)
-    return batch_size * 3 * tile * tile / best / 1e6
+        seconds = time_it(lambda: model(inputs), repeats=repeats)
+    return batch_size * 3 * tile * tile / seconds / 1e6
 
 
 #: Largest scene generated in one piece: the generator's working set at 6144² is ~15 GiB of this 24 GiB machine.
