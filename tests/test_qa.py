@@ -13,6 +13,7 @@ from cmsn_cube.qa import (
     cloud_mask_from_qa,
     decode_qa,
     encode_qa,
+    ensure_cloud_mask,
     qa_confidence,
     select_dates,
 )
@@ -111,3 +112,19 @@ def test_select_dates_nearest_levels():
     fractions = xr.DataArray([0.02, 0.31, 0.16, 0.09, 0.6], dims="time")
     assert select_dates(fractions, (0.25, 0.15, 0.10)) == [1, 2, 3]
     assert select_dates(fractions, (0.10, 0.25), keep_order=False) == [3, 1]
+
+
+def test_ensure_cloud_mask_keeps_decodes_or_says_what_is_missing():
+    from cmsn_cube.exceptions import CubeValidationError, DimensionError
+
+    scene = synthetic_scene(height=32, width=32, seed=5)
+    own = scene.assign(cloud_mask=~scene["cloud_mask"])  # a mask QA_PIXEL would not give
+    assert ensure_cloud_mask(own)["cloud_mask"].equals(own["cloud_mask"]), "the cube's own mask is kept"
+    decoded = ensure_cloud_mask(scene.drop_vars("cloud_mask"))["cloud_mask"]
+    np.testing.assert_array_equal(decoded.values, add_cloud_mask(scene.drop_vars("cloud_mask"))["cloud_mask"].values)
+    redecoded = ensure_cloud_mask(own, min_cloud_confidence=3)["cloud_mask"]  # options: decoded anew from QA
+    assert not redecoded.equals(own["cloud_mask"])
+    with pytest.raises(CubeValidationError, match="cloud_mask"):
+        ensure_cloud_mask(scene.drop_vars(["cloud_mask", "qa_pixel"]))
+    with pytest.raises(DimensionError, match="3"):
+        ensure_cloud_mask(scene.isel(time=[0, 1]), min_dates=3)
