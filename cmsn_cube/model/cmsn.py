@@ -223,6 +223,8 @@ class CMSN(nn.Module):
         self.prior_name = prior
         self.n_dates = n_dates
         self.n_bands = len(bands)
+        #: channels of "every date's bands and mask", which the decoder and the refinement read
+        self._all_dates_channels = n_dates * (self.n_bands + 1)
         self.register_buffer("band_mean", torch.tensor(band_mean, dtype=torch.float32).view(1, 1, -1, 1, 1))
         self.register_buffer("band_std", torch.tensor(band_std, dtype=torch.float32).view(1, 1, -1, 1, 1))
         self.register_buffer("date_orders", torch.tensor(_date_orders(n_dates)), persistent=False)
@@ -233,7 +235,7 @@ class CMSN(nn.Module):
     def _build_layers(self, *, width: int, depth: int, fusion_depth: int, skip_width: int) -> None:
         """Create the encoder, the fusions, the coarse decoder and the refinement stage (see the module layout)."""
         half_width = max(width // 2, 1)
-        all_dates_bands = self.n_dates * (self.n_bands + 1)
+        all_dates_bands = self._all_dates_channels
         # Encoder, shared by all dates.
         self.stem = _conv(self.n_bands + 1, skip_width)
         self.down_half = _conv(skip_width, half_width, stride=2)
@@ -273,11 +275,94 @@ class CMSN(nn.Module):
         """Number of trainable parameters."""
         return sum(parameter.numel() for parameter in self.parameters() if parameter.requires_grad)
 
-    def _with_all_dates(self, per_date: torch.Tensor) -> torch.Tensor:
-        """``(B, T, C, H, W)`` -> ``(B*T, T*C, H, W)``: each date followed by the others (own first)."""
-        batch, dates, channels, height, width = per_date.shape
-        gathered = per_date[:, self.date_orders]  # (B, T, T, C, H, W)
-        return gathered.reshape(batch * dates, dates * channels, height, width)
+    @staticmethod
+    def _pointwise(stage: nn.Sequential, sizes: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor, nn.Module]:
+        """Return the first (1x1) convolution of ``stage``: its weight split by input pieces, its bias, activation."""
+        block = stage[0]
+        assert isinstance(block, nn.Sequential)  # internal invariant (built by _conv), not user input
+        conv, activation = block
+        assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+        return list(conv.weight.split(list(sizes), dim=1)), conv.bias, activation
+
+    @staticmethod
+    def _upsampled_pointwise(features: torch.Tensor, weight: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``weight`` (1x1) applied to ``features`` bilinearly upsampled to ``size``, mixing channels first."""
+        return F.interpolate(F.conv2d(features, weight), size=tuple(size), mode="bilinear", align_corners=False)
+
+    def _all_dates_pointwise(self, per_sample: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        """Apply 1x1 weights over "own date, then the others" to every date at once.
+
+        Parameters
+        ----------
+        per_sample : torch.Tensor
+            ``(B, T * C, H, W)``: every date's ``C`` channels, dates in time order.
+        *weights : torch.Tensor
+            ``(out, T * C, 1, 1)`` weights whose input channels are ordered as the dates of ``date_orders``
+            (own date first).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B * T, sum of outs, H, W)``: for each date, the weights' outputs one after the other.
+        """
+        dates = self.n_dates
+        # slot_of[t, s]: where date s sits in date t's order
+        slot_of = torch.argsort(self.date_orders, dim=1)
+        per_date = []
+        for weight in weights:
+            by_slot = weight.reshape(weight.shape[0], dates, -1)  # (out, slot, C)
+            per_date.append(by_slot[:, slot_of].permute(1, 0, 2, 3))  # (t, out, s, C)
+        stacked = torch.cat(per_date, dim=1).flatten(2)  # (t, sum of outs, s * C)
+        mixed = F.conv2d(per_sample, stacked.flatten(0, 1)[..., None, None])
+        return mixed.reshape(-1, stacked.shape[1], *mixed.shape[-2:])
+
+    def _decode(
+        self, quarter: torch.Tensor, half_fused: torch.Tensor, full: torch.Tensor, per_sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode 1/4 -> 1/2 -> full resolution; also return the refinement's share of all dates' bands.
+
+        The first (1x1) convolution of each decoder stage, and of the refinement, reads a concatenation of
+        inputs (the layout in the module docstring); it is applied here piece by piece, which is the same sum
+        without copying the pieces side by side. A 1x1 convolution commutes with bilinear upsampling, so the
+        coarser piece is mixed before it is upsampled, and every date's view of all dates' bands
+        (``per_sample``: ``(B, T * (bands + 1), H, W)``) comes from one convolution.
+        """
+        (from_quarter, from_half), bias, activation = self._pointwise(
+            self.decode_half, [quarter.shape[1], half_fused.shape[1]]
+        )
+        decoded = self._upsampled_pointwise(quarter, from_quarter, half_fused.shape[-2:])
+        decoded += F.conv2d(half_fused, from_half, bias)
+        decoded = self.decode_half[1](activation(decoded))
+
+        all_dates_channels = per_sample.shape[1]
+        (from_half, from_full, decode_dates), bias, activation = self._pointwise(
+            self.decode_full, [decoded.shape[1], full.shape[1], all_dates_channels]
+        )
+        refine_dates = self._pointwise(self.refine, [self.n_bands, all_dates_channels, full.shape[1]])[0][1]
+        dates_terms = self._all_dates_pointwise(per_sample, decode_dates, refine_dates)
+        decode_dates_term, refine_dates_term = dates_terms.split([decode_dates.shape[0], refine_dates.shape[0]], 1)
+        upsampled = self._upsampled_pointwise(decoded, from_half, full.shape[-2:])
+        decoded = F.conv2d(full, from_full, bias)
+        decoded += upsampled
+        decoded += decode_dates_term
+        return self.decode_full[1](activation(decoded)), refine_dates_term
+
+    def _heads(
+        self, decoded: torch.Tensor, prior: torch.Tensor, refine_dates_term: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the coarse and the refined estimate (normalised units) from the decoded features.
+
+        The refinement's first (1x1) convolution is applied piece by piece, as in :meth:`_decode`.
+        """
+        (from_coarse, _, from_decoded), refine_bias, activation = self._pointwise(
+            self.refine, [self.n_bands, self._all_dates_channels, decoded.shape[1]]
+        )
+        coarse = prior + self.coarse_head(decoded)
+        refine_in = F.conv2d(coarse, from_coarse, refine_bias)
+        refine_in += F.conv2d(decoded, from_decoded)
+        refine_in += refine_dates_term
+        refine_in = activation(refine_in)
+        return coarse, coarse + self.refine[2](self.refine[1](refine_in))
 
     def forward(self, inputs: torch.Tensor) -> CMSNOutput:
         """Reconstruct every date.
@@ -320,22 +405,19 @@ class CMSN(nn.Module):
         prior_padded = self._pad(prior.reshape(batch * dates, -1, height, width), pad_bottom, pad_right)
         full_height, full_width = padded.shape[-2:]
 
+        # channels-last: oneDNN's convolutions on these few channels run faster without layout conversions
+        padded = padded.contiguous(memory_format=torch.channels_last)
         full = self.stem(padded)
         half = self.down_half(full)
         quarter = self.encoder_blocks(self.down_quarter(half))
         quarter = quarter.reshape(batch, dates, -1, *quarter.shape[-2:])
         quarter = self.fusion(quarter)
         quarter = self.fusion_blocks(quarter.flatten(0, 1))
-
         half_fused = self.fusion_half(half.reshape(batch, dates, -1, *half.shape[-2:])).flatten(0, 1)
-        up = F.interpolate(quarter, size=half.shape[-2:], mode="bilinear", align_corners=False)
-        decoded = self.decode_half(torch.cat([up, half_fused], dim=1))
-        up = F.interpolate(decoded, size=(full_height, full_width), mode="bilinear", align_corners=False)
-        all_dates = self._with_all_dates(padded.reshape(batch, dates, -1, full_height, full_width))
-        decoded = self.decode_full(torch.cat([up, full, all_dates], dim=1))
 
-        coarse_normalised = prior_padded + self.coarse_head(decoded)
-        refined_normalised = coarse_normalised + self.refine(torch.cat([coarse_normalised, all_dates, decoded], 1))
+        per_sample = padded.reshape(batch, -1, full_height, full_width)
+        decoded, refine_dates_term = self._decode(quarter, half_fused, full, per_sample)
+        coarse_normalised, refined_normalised = self._heads(decoded, prior_padded, refine_dates_term)
 
         def to_reflectance(normalised_bands: torch.Tensor) -> torch.Tensor:
             cropped = normalised_bands[..., :height, :width].reshape(batch, dates, self.n_bands, height, width)

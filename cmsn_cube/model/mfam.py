@@ -81,8 +81,11 @@ class MFAM(nn.Module):
         """
         batch, dates, channels, height, width = features.shape
         weights = self.attention(features)
-        # fused[b, t] = sum_s weights[b, t, s] * features[b, s]
-        fused = torch.einsum("btshw,bschw->btchw", weights, features)
+        # fused[b, t] = sum_s weights[b, t, s] * features[b, s]: a multiply-add per source date (an einsum runs a
+        # batched matmul of 3x3 matrices per pixel here, twice as slow)
+        fused = weights[:, :, :1] * features[:, None, 0]
+        for source in range(1, dates):
+            fused += weights[:, :, source : source + 1] * features[:, None, source]
         fused = fused.reshape(batch * dates, channels, height, width)
         pooled = torch.cat([fused.mean(dim=1, keepdim=True), fused.amax(dim=1, keepdim=True)], dim=1)
         fused = fused * torch.sigmoid(self.spatial_attention(pooled))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cmsn_cube.model import CMSN, build_model, cmsn_loss
 
@@ -71,3 +72,38 @@ def test_wrong_input_shape_is_refused(tiny_config):
 def test_default_model_is_small():
     # The default must train on a CPU and fit a packaged checkpoint of a few MB.
     assert CMSN().num_parameters < 1_000_000
+
+
+def _concatenating_decoder(net: CMSN, quarter, half_fused, full, per_date, prior):
+    """The decoder and heads of the module docstring run literally: each 1x1 convolution on a torch.cat."""
+    dates = per_date.shape[1]
+    up = F.interpolate(quarter, size=half_fused.shape[-2:], mode="bilinear", align_corners=False)
+    decoded = net.decode_half(torch.cat([up, half_fused], dim=1))
+    up = F.interpolate(decoded, size=full.shape[-2:], mode="bilinear", align_corners=False)
+    orders = [[t] + [s for s in range(dates) if s != t] for t in range(dates)]  # own date first
+    all_dates = per_date[:, orders].flatten(0, 1).flatten(1, 2)  # (B*T, T*C, H, W)
+    decoded = net.decode_full(torch.cat([up, full, all_dates], dim=1))
+    coarse = prior + net.coarse_head(decoded)
+    return coarse, coarse + net.refine(torch.cat([coarse, all_dates, decoded], dim=1))
+
+
+@pytest.mark.parametrize("n_dates", [2, 3, 4])
+def test_decoder_equals_its_concatenated_layout(n_dates):
+    # forward() applies the 1x1 convolutions piece by piece and composes the heads; the sums must be the same
+    torch.manual_seed(5)
+    net = CMSN(width=8, depth=1, fusion_depth=0, skip_width=6, n_dates=n_dates).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():  # non-trivial biases and heads, unlike the initialisation
+            parameter.copy_(torch.randn_like(parameter) * 0.3)
+    batch, height, width = 2, 20, 28
+    quarter = torch.randn(batch * n_dates, 8, height // 4, width // 4)
+    half_fused = torch.randn(batch * n_dates, 4, height // 2, width // 2)
+    full = torch.randn(batch * n_dates, 6, height, width)
+    per_date = torch.randn(batch, n_dates, 5, height, width)
+    prior = torch.randn(batch * n_dates, 4, height, width)
+    with torch.no_grad():
+        decoded, refine_dates_term = net._decode(quarter, half_fused, full, per_date.flatten(1, 2))
+        coarse, refined = net._heads(decoded, prior, refine_dates_term)
+        expected_coarse, expected_refined = _concatenating_decoder(net, quarter, half_fused, full, per_date, prior)
+    torch.testing.assert_close(coarse, expected_coarse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(refined, expected_refined, rtol=1e-5, atol=1e-5)

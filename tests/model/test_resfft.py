@@ -61,3 +61,19 @@ def test_mfam_attention_and_exchange():
     changed[:, 2] += 1.0
     with torch.no_grad():
         assert not torch.allclose(fuse(features)[:, 0], fuse(changed)[:, 0])
+
+
+@pytest.mark.parametrize("n_dates", [2, 3, 4])
+def test_mfam_fuses_each_date_as_the_attention_weighted_sum_of_all_dates(n_dates):
+    torch.manual_seed(2)
+    fuse = MFAM(6, n_dates=n_dates)
+    features = torch.randn(2, n_dates, 6, 9, 8)
+    with torch.no_grad():
+        weights = fuse.attention(features)
+        # the fusion written out literally, as the module docstring states it
+        fused = torch.einsum("btshw,bschw->btchw", weights, features).flatten(0, 1)
+        pooled = torch.cat([fused.mean(dim=1, keepdim=True), fused.amax(dim=1, keepdim=True)], dim=1)
+        fused = fused * torch.sigmoid(fuse.spatial_attention(pooled))
+        own = features.flatten(0, 1)
+        expected = (own + fuse.merge(torch.cat([own, fused], dim=1))).unflatten(0, (2, n_dates))
+        torch.testing.assert_close(fuse(features), expected, rtol=1e-5, atol=1e-5)
