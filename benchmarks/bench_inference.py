@@ -16,7 +16,8 @@ Also the classical weighted regression (``method="weighted-regression"``) comput
 compute time as a multiple of it (what the network costs over the filler a user would pick instead).
 The model's own forward rate is measured first in the same run; each size then prints the loop's and the
 streamed write's rate as a share of that rate divided by the tile overhead (tile pixels run per scene pixel).
-``--to-zarr`` also writes the lazy result with xarray's ``to_zarr`` (the task order Dask's scheduler picks, no
+``--task-stream`` prints where the workers' time goes during the first streamed write (Dask's task stream: compute
+seconds per kind of task, transfers, idle). ``--to-zarr`` also writes the lazy result with xarray's ``to_zarr`` (the task order Dask's scheduler picks, no
 resume records) with its time and worker memory, against the hand-made streamer of ``write_reconstruction``.
 
 Run::
@@ -29,7 +30,9 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -43,7 +46,7 @@ import psutil
 import torch
 import xarray as xr
 from bench_model import make_inputs, time_it  # this folder: the script's own
-from distributed import wait
+from distributed import get_task_stream, wait
 
 from cmsn_cube.cluster import get_client
 from cmsn_cube.inference import (
@@ -132,6 +135,39 @@ def lazy_arrays(result: Any) -> list[Any]:
     return [variable.data for variable in result.data_vars.values() if dask.is_dask_collection(variable.data)]
 
 
+def task_stream_summary(records: list[dict[str, Any]], *, top: int = 8) -> str:
+    """Summarise Dask's task stream: tasks, busy and idle seconds per worker, compute seconds per kind of task.
+
+    A task's kind is its key's name without the token and the region numbers (``cmsn-tiles``, ``open_dataset-
+    reflectance``, ...); idle is the stream's span minus what each worker spent computing.
+    """
+    busy: dict[str, float] = {}
+    kinds: dict[str, list[float]] = {}
+    transfer = 0.0
+    starts, stops = [], []
+    for record in records:
+        key = record["key"] if isinstance(record["key"], str) else record["key"][0]
+        kind = "-".join(part for part in key.split("-") if not re.fullmatch(r"[0-9a-f]{6,}|[0-9_]+", part))
+        for step in record["startstops"]:
+            seconds = step["stop"] - step["start"]
+            starts.append(step["start"])
+            stops.append(step["stop"])
+            if step["action"] == "compute":
+                busy[record["worker"]] = busy.get(record["worker"], 0.0) + seconds
+                kinds.setdefault(kind, []).append(seconds)
+            else:
+                transfer += seconds
+    span = max(stops) - min(starts)
+    total = sum(busy.values())
+    lines = [
+        f"  {len(records)} tasks over {span:.1f} s; computing {total:.1f} worker-s, idle "
+        f"{len(busy) * span - total:.1f} worker-s, transfers {transfer:.1f} s"
+    ]
+    for kind, seconds in sorted(kinds.items(), key=lambda item: -sum(item[1]))[:top]:
+        lines.append(f"  {sum(seconds):7.1f} s {100 * sum(seconds) / total:5.1f} %  {len(seconds):5d} x {kind}")
+    return "\n".join(lines)
+
+
 def _warm_up(spec: ModelSpec, tile: int, batch_size: int) -> None:
     """Load the model in this worker and run a first forward pass (what the loop's warm-up batch does)."""
     model = model_on_worker(spec, "cpu")
@@ -199,6 +235,11 @@ def main() -> None:
         help="only the streamed write and its memory (no loop, no compute: both hold the whole scene in memory)",
     )
     parser.add_argument(
+        "--task-stream",
+        action="store_true",
+        help="print where the workers' time goes during the first streamed write (Dask's task stream)",
+    )
+    parser.add_argument(
         "--to-zarr",
         action="store_true",
         help="also write the lazy result with xarray's to_zarr (Dask's own task order; no resume records)",
@@ -246,13 +287,16 @@ def main() -> None:
             )
             # the best run of each path (this shared machine's noise only ever slows a run); the writes first,
             # since a persisted scene would raise the workers' RSS high-water mark
-            for _ in range(args.repeat):
+            for run in range(args.repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(out + ".regions", ignore_errors=True)
-                with memory:
+                recording = get_task_stream(client) if args.task_stream and run == 0 else contextlib.nullcontext()
+                with memory, recording as stream:
                     start = time.perf_counter()
                     write_reconstruction(result, out, progress=False)
                     write_s = min(write_s, time.perf_counter() - start)
+                if stream is not None:
+                    print(f"{size}² streamed write, where the workers' time goes:\n{task_stream_summary(stream.data)}")
             if args.to_zarr:  # the public-API alternative: xarray's to_zarr, the order Dask's scheduler picks
                 dask_memory = PeakMemory(client)
                 shutil.rmtree(out, ignore_errors=True)
