@@ -131,6 +131,24 @@ def test_sensor_band_table():
 # ------------------------------------------------------------------------------------------------- stores
 
 
+def test_cube_opens_with_several_dates_per_chunk_up_to_a_byte_budget(tmp_path, monkeypatch):
+    import cmsn_cube.store as store
+
+    scene = synthetic_scene(height=40, width=56, n_dates=7, seed=2)
+    path = write_cube(scene, tmp_path / "s.zarr")
+    on_disk = open_cube(path, chunks={})
+    assert set(on_disk.reflectance.chunks[0]) == {1}, "written one date a chunk"
+    # default: every date in one chunk (7 small dates fit), the chunks on disk along y and x
+    merged = open_cube(path)
+    assert merged.reflectance.chunks[0] == (7,) and merged.cloud_mask.chunks[0] == (7,)
+    assert merged.reflectance.chunks[2:] == on_disk.reflectance.chunks[2:]
+    # a budget of three dates of reflectance: chunks of three dates, the last one shorter
+    per_date = 4 * 40 * 56 * np.dtype(on_disk.reflectance.dtype).itemsize
+    monkeypatch.setattr(store, "DATES_CHUNK_BYTES", 3 * per_date + 1)
+    assert open_cube(path).reflectance.chunks[0] == (3, 3, 1)
+    xr.testing.assert_identical(open_cube(path).reflectance.load(), on_disk.reflectance.load())
+
+
 def test_zarr_round_trip_keeps_values_crs_attrs_times(tmp_path):
     scene = synthetic_scene(height=40, width=56, seed=5, sensor="LANDSAT_5")
     path = write_cube(scene, tmp_path / "s.zarr")
