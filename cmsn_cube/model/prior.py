@@ -143,15 +143,22 @@ def local_regression_fill(
     second = torch.tensor([b for _, b in unordered], device=values.device)
     a, b = block_means[:, first], block_means[:, second]  # (B, P, C, h, w)
     both = clear_fraction[:, first] * clear_fraction[:, second]  # (B, P, 1, h, w)
-    stats = torch.cat([both, both * a, both * b, both * a * a, both * a * b, both * b * b], dim=2)
+    # the window statistics written straight into one tensor (a concatenation would copy them once more)
+    stats = both.new_empty(both.shape[:2] + (1 + 5 * channels,) + both.shape[3:])
+    stats[:, :, :1] = both
+    both_a = torch.mul(both, a, out=stats[:, :, 1 : 1 + channels])
+    both_b = torch.mul(both, b, out=stats[:, :, 1 + channels : 1 + 2 * channels])
+    torch.mul(both_a, a, out=stats[:, :, 1 + 2 * channels : 1 + 3 * channels])
+    torch.mul(both_a, b, out=stats[:, :, 1 + 3 * channels : 1 + 4 * channels])
+    torch.mul(both_b, b, out=stats[:, :, 1 + 4 * channels :])
     sums = box_sum(stats.flatten(0, 1), max(1, round(radius / factor))).unflatten(0, (batch, len(unordered)))
     clear_count = sums[:, :, :1]
     count = clear_count.clamp(min=1)
-    mean_a, mean_b, sum_aa, sum_ab, sum_bb = (
-        sums[:, :, 1 + k * channels : 1 + (k + 1) * channels] / count for k in range(5)
-    )
-    var_a, var_b = (sum_aa - mean_a**2).clamp(min=0), (sum_bb - mean_b**2).clamp(min=0)
-    cov = sum_ab - mean_a * mean_b
+    # window means of a, b, a², ab, b² in one division; the second moments become (co)variances in place
+    mean_a, mean_b, var_a, cov, var_b = (sums[:, :, 1:] / count).split(channels, dim=2)
+    var_a.sub_(mean_a.square()).clamp_(min=0)
+    var_b.sub_(mean_b.square()).clamp_(min=0)
+    cov.sub_(mean_a * mean_b)
     # more clear blocks, better fit: more trust (20 px of full resolution count as much as the fit's spread)
     count_trust = clear_count / (clear_count + 20.0 / factor**2)
     predictions, weights = torch.zeros_like(values), torch.zeros_like(masks)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
 from cmsn_cube.model import CMSN
@@ -53,3 +56,48 @@ def test_models_of_both_priors_run_and_record_it():
         model = CMSN(width=8, depth=1, skip_width=4, prior=prior)
         assert model.config["prior"] == prior
         assert model(inputs).output.shape == (1, 3, 4, 32, 36)
+
+
+def _regression_fill_pixel_by_pixel(values, clear, radius):
+    """The weighted local regression of prior.py's docstring, written out one pixel and one pair at a time."""
+    from cmsn_cube.model.prior import _RESIDUAL_FLOOR, _RIDGE
+
+    values, clear = values.double().numpy(), clear.double().numpy()[:, :, 0]
+    batch, dates, channels, height, width = values.shape
+    filled = values * clear[:, :, None]
+    for b, t, y, x in itertools.product(range(batch), range(dates), range(height), range(width)):
+        if clear[b, t, y, x]:
+            continue
+        window = (slice(max(y - radius, 0), y + radius + 1), slice(max(x - radius, 0), x + radius + 1))
+        total, weight = np.zeros(channels), 0.0
+        for helper in (s for s in range(dates) if s != t):
+            both = clear[b, helper][window] * clear[b, t][window]
+            count = both.sum()
+            source, target = values[b, helper][(slice(None), *window)], values[b, t][(slice(None), *window)]
+            mean_x = (both * source).sum((1, 2)) / max(count, 1)
+            mean_y = (both * target).sum((1, 2)) / max(count, 1)
+            var_x = np.maximum((both * source**2).sum((1, 2)) / max(count, 1) - mean_x**2, 0)
+            var_y = np.maximum((both * target**2).sum((1, 2)) / max(count, 1) - mean_y**2, 0)
+            cov = (both * source * target).sum((1, 2)) / max(count, 1) - mean_x * mean_y
+            gain = (cov + _RIDGE) / (var_x + _RIDGE)
+            residual = np.maximum(var_y - gain * cov, 0).mean() + _RESIDUAL_FLOOR
+            trust = clear[b, helper, y, x] * max(count / (count + 20.0) / residual, 0)
+            total += trust * (gain * values[b, helper, :, y, x] + mean_y - gain * mean_x)
+            weight += trust
+        if weight > 0:
+            filled[b, t, :, y, x] = total / weight
+        else:  # no helper: the mean of the other dates clear there, else 0 (the band mean)
+            others = [s for s in range(dates) if s != t and clear[b, s, y, x]]
+            filled[b, t, :, y, x] = np.mean([values[b, s, :, y, x] for s in others], axis=0) if others else 0.0
+    return filled
+
+
+def test_regression_prior_matches_the_fill_written_pixel_by_pixel():
+    generator = torch.Generator().manual_seed(3)
+    clear = (torch.rand(2, 3, 1, 11, 13, generator=generator) > 0.35).float()
+    clear[0, :, :, :3, :3] = 0  # cloudy on every date: the band mean
+    clear[1, 2] = 0  # a date cloudy everywhere
+    values = torch.randn(2, 3, 2, 11, 13, generator=generator) * clear
+    filled = local_regression_fill(values, clear, radius=2, factor=1)
+    expected = _regression_fill_pixel_by_pixel(values, clear, radius=2)
+    np.testing.assert_allclose(filled.double().numpy(), expected, rtol=1e-4, atol=1e-5)
