@@ -62,6 +62,7 @@ from cmsn_cube.inference import (
 from cmsn_cube.model import CMSN, list_models, load_model
 from cmsn_cube.sources.synthetic import synthetic_scene
 from cmsn_cube.store import open_cube, write_cube
+from cmsn_cube.testing import claim_workdir
 
 
 def plain_loop(store: str, model: torch.nn.Module, *, tile: int, overlap: int, batch_size: int) -> tuple[float, int]:
@@ -228,7 +229,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--threads-per-worker", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=2, help="runs of each path; the fastest is reported")
-    parser.add_argument("--workdir", default=None, help="where the scene stores go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="a new or empty folder (or one this benchmark made) for the scene stores"
+    )
     parser.add_argument(
         "--write-only",
         action="store_true",
@@ -248,7 +251,10 @@ def main() -> None:
     sizes = args.sizes + ([7700] if args.full else [])
     name = args.model or ("cmsn-small" if "cmsn-small" in list_models() else None)
     model = load_model(name) if name else CMSN().eval()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cmsn-bench-"))
+    # a given folder must be new, empty or this benchmark's own: it replaces the stores it writes there
+    workdir = (
+        claim_workdir(args.workdir, "bench_inference") if args.workdir else Path(tempfile.mkdtemp(prefix="cmsn-bench-"))
+    )
     block = AxisTiling.plan(10**6, tile=args.tile, overlap=args.overlap, chunk=args.chunk).block
     print(
         f"model {name or 'untrained default CMSN'}; tile {args.tile} px, overlap {args.overlap} px, chunk "
