@@ -289,43 +289,39 @@ class CMSN(nn.Module):
         """``weight`` (1x1) applied to ``features`` bilinearly upsampled to ``size``, mixing channels first."""
         return F.interpolate(F.conv2d(features, weight), size=tuple(size), mode="bilinear", align_corners=False)
 
-    def _all_dates_pointwise(self, per_sample: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        """Apply 1x1 weights over "own date, then the others" to every date at once.
+    def _add_all_dates_pointwise(self, features: torch.Tensor, per_sample: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add to each date's ``features`` the 1x1 ``weight`` applied to all dates' channels in that date's order.
 
         Parameters
         ----------
+        features : torch.Tensor
+            ``(B * T, out, H, W)``, updated in place.
         per_sample : torch.Tensor
             ``(B, T * C, H, W)``: every date's ``C`` channels, dates in time order.
-        *weights : torch.Tensor
-            ``(out, T * C, 1, 1)`` weights whose input channels are ordered as the dates of ``date_orders``
-            (own date first).
+        weight : torch.Tensor
+            ``(out, T * C, 1, 1)``, input channels ordered as the dates of ``date_orders`` (own date first).
 
-        Returns
-        -------
-        torch.Tensor
-            ``(B * T, sum of outs, H, W)``: for each date, the weights' outputs one after the other.
+        One convolution per date with the weight's slots put in time order, added to that date's (strided) view:
+        no per-date gather of the inputs, no regrouping copy of the outputs, and a gradient as cheap as the sum's.
         """
         dates = self.n_dates
         # slot_of[t, s]: where date s sits in date t's order
         slot_of = torch.argsort(self.date_orders, dim=1)
-        per_date = []
-        for weight in weights:
-            by_slot = weight.reshape(weight.shape[0], dates, -1)  # (out, slot, C)
-            per_date.append(by_slot[:, slot_of].permute(1, 0, 2, 3))  # (t, out, s, C)
-        stacked = torch.cat(per_date, dim=1).flatten(2)  # (t, sum of outs, s * C)
-        mixed = F.conv2d(per_sample, stacked.flatten(0, 1)[..., None, None])
-        return mixed.reshape(-1, stacked.shape[1], *mixed.shape[-2:])
+        by_slot = weight.reshape(weight.shape[0], dates, -1)  # (out, slot, C)
+        per_date = features.unflatten(0, (-1, dates))
+        for date in range(dates):
+            per_date[:, date] += F.conv2d(per_sample, by_slot[:, slot_of[date]].flatten(1)[..., None, None])
 
     def _decode(
         self, quarter: torch.Tensor, half_fused: torch.Tensor, full: torch.Tensor, per_sample: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode 1/4 -> 1/2 -> full resolution; also return the refinement's share of all dates' bands.
+    ) -> torch.Tensor:
+        """Decode 1/4 -> 1/2 -> full resolution.
 
         The first (1x1) convolution of each decoder stage, and of the refinement, reads a concatenation of
         inputs (the layout in the module docstring); it is applied here piece by piece, which is the same sum
         without copying the pieces side by side. A 1x1 convolution commutes with bilinear upsampling, so the
         coarser piece is mixed before it is upsampled, and every date's view of all dates' bands
-        (``per_sample``: ``(B, T * (bands + 1), H, W)``) comes from one convolution.
+        (``per_sample``: ``(B, T * (bands + 1), H, W)``) is mixed straight from it, date by date.
         """
         (from_quarter, from_half), bias, activation = self._pointwise(
             self.decode_half, [quarter.shape[1], half_fused.shape[1]]
@@ -338,29 +334,26 @@ class CMSN(nn.Module):
         (from_half, from_full, decode_dates), bias, activation = self._pointwise(
             self.decode_full, [decoded.shape[1], full.shape[1], all_dates_channels]
         )
-        refine_dates = self._pointwise(self.refine, [self.n_bands, all_dates_channels, full.shape[1]])[0][1]
-        dates_terms = self._all_dates_pointwise(per_sample, decode_dates, refine_dates)
-        decode_dates_term, refine_dates_term = dates_terms.split([decode_dates.shape[0], refine_dates.shape[0]], 1)
         upsampled = self._upsampled_pointwise(decoded, from_half, full.shape[-2:])
         decoded = F.conv2d(full, from_full, bias)
         decoded += upsampled
-        decoded += decode_dates_term
-        return self.decode_full[1](activation(decoded)), refine_dates_term
+        self._add_all_dates_pointwise(decoded, per_sample, decode_dates)
+        return self.decode_full[1](activation(decoded))
 
     def _heads(
-        self, decoded: torch.Tensor, prior: torch.Tensor, refine_dates_term: torch.Tensor
+        self, decoded: torch.Tensor, prior: torch.Tensor, per_sample: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the coarse and the refined estimate (normalised units) from the decoded features.
 
         The refinement's first (1x1) convolution is applied piece by piece, as in :meth:`_decode`.
         """
-        (from_coarse, _, from_decoded), refine_bias, activation = self._pointwise(
+        (from_coarse, from_dates, from_decoded), refine_bias, activation = self._pointwise(
             self.refine, [self.n_bands, self._all_dates_channels, decoded.shape[1]]
         )
         coarse = prior + self.coarse_head(decoded)
         refine_in = F.conv2d(coarse, from_coarse, refine_bias)
         refine_in += F.conv2d(decoded, from_decoded)
-        refine_in += refine_dates_term
+        self._add_all_dates_pointwise(refine_in, per_sample, from_dates)
         refine_in = activation(refine_in)
         return coarse, coarse + self.refine[2](self.refine[1](refine_in))
 
@@ -405,8 +398,11 @@ class CMSN(nn.Module):
         prior_padded = self._pad(prior.reshape(batch * dates, -1, height, width), pad_bottom, pad_right)
         full_height, full_width = padded.shape[-2:]
 
-        # channels-last: oneDNN's convolutions on these few channels run faster without layout conversions
+        # channels-last: oneDNN's convolutions on these few channels run faster without layout conversions; the
+        # prior too, or the coarse estimate (prior + head) and with it the refinement fall back to NCHW (3x slower)
+        per_sample = padded.reshape(batch, -1, full_height, full_width).contiguous(memory_format=torch.channels_last)
         padded = padded.contiguous(memory_format=torch.channels_last)
+        prior_padded = prior_padded.contiguous(memory_format=torch.channels_last)
         full = self.stem(padded)
         half = self.down_half(full)
         quarter = self.encoder_blocks(self.down_quarter(half))
@@ -415,9 +411,8 @@ class CMSN(nn.Module):
         quarter = self.fusion_blocks(quarter.flatten(0, 1))
         half_fused = self.fusion_half(half.reshape(batch, dates, -1, *half.shape[-2:])).flatten(0, 1)
 
-        per_sample = padded.reshape(batch, -1, full_height, full_width)
-        decoded, refine_dates_term = self._decode(quarter, half_fused, full, per_sample)
-        coarse_normalised, refined_normalised = self._heads(decoded, prior_padded, refine_dates_term)
+        decoded = self._decode(quarter, half_fused, full, per_sample)
+        coarse_normalised, refined_normalised = self._heads(decoded, prior_padded, per_sample)
 
         def to_reflectance(normalised_bands: torch.Tensor) -> torch.Tensor:
             cropped = normalised_bands[..., :height, :width].reshape(batch, dates, self.n_bands, height, width)

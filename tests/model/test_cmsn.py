@@ -89,9 +89,10 @@ def _concatenating_decoder(net: CMSN, quarter, half_fused, full, per_date, prior
 
 @pytest.mark.parametrize("n_dates", [2, 3, 4])
 def test_decoder_equals_its_concatenated_layout(n_dates):
-    # forward() applies the 1x1 convolutions piece by piece and composes the heads; the sums must be the same
+    # forward() applies the 1x1 convolutions piece by piece and date by date, in place on strided views; the sums
+    # and, for training, their gradients must be those of the literal layout
     torch.manual_seed(5)
-    net = CMSN(width=8, depth=1, fusion_depth=0, skip_width=6, n_dates=n_dates).eval()
+    net = CMSN(width=8, depth=1, fusion_depth=0, skip_width=6, n_dates=n_dates)
     with torch.no_grad():
         for parameter in net.parameters():  # non-trivial biases and heads, unlike the initialisation
             parameter.copy_(torch.randn_like(parameter) * 0.3)
@@ -99,11 +100,57 @@ def test_decoder_equals_its_concatenated_layout(n_dates):
     quarter = torch.randn(batch * n_dates, 8, height // 4, width // 4)
     half_fused = torch.randn(batch * n_dates, 4, height // 2, width // 2)
     full = torch.randn(batch * n_dates, 6, height, width)
-    per_date = torch.randn(batch, n_dates, 5, height, width)
+    per_date = torch.randn(batch, n_dates, 5, height, width, requires_grad=True)
     prior = torch.randn(batch * n_dates, 4, height, width)
-    with torch.no_grad():
-        decoded, refine_dates_term = net._decode(quarter, half_fused, full, per_date.flatten(1, 2))
-        coarse, refined = net._heads(decoded, prior, refine_dates_term)
-        expected_coarse, expected_refined = _concatenating_decoder(net, quarter, half_fused, full, per_date, prior)
+    to_channels_last = {"memory_format": torch.channels_last}  # the layout forward() runs them in
+    decoded = net._decode(
+        quarter.contiguous(**to_channels_last),
+        half_fused.contiguous(**to_channels_last),
+        full.contiguous(**to_channels_last),
+        per_date.flatten(1, 2).contiguous(**to_channels_last),
+    )
+    coarse, refined = net._heads(
+        decoded, prior.contiguous(**to_channels_last), per_date.flatten(1, 2).contiguous(**to_channels_last)
+    )
+    expected_coarse, expected_refined = _concatenating_decoder(net, quarter, half_fused, full, per_date, prior)
     torch.testing.assert_close(coarse, expected_coarse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(refined, expected_refined, rtol=1e-5, atol=1e-5)
+
+    def gradients(coarse, refined):
+        net.zero_grad()
+        per_date.grad = None
+        (coarse.square().sum() + (refined * torch.linspace(-1, 1, width)).sum()).backward()
+        return [parameter.grad.clone() for parameter in net.parameters() if parameter.grad is not None] + [
+            per_date.grad.clone()
+        ]
+
+    got, expected = gradients(coarse, refined), gradients(expected_coarse, expected_refined)
+    assert len(got) == len(expected) > 10
+    for got_gradient, expected_gradient in zip(got, expected, strict=True):
+        # float32 sums over the whole tile in another order: a tolerance on the gradient's own scale
+        scale = expected_gradient.abs().max().item()
+        torch.testing.assert_close(got_gradient, expected_gradient, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_full_resolution_convolutions_run_channels_last(tiny_config, batch_factory):
+    # an NCHW input (e.g. the prior added to the coarse head) sends oneDNN to a path ~3x slower on these channels
+    net = CMSN(**tiny_config).eval()
+    layouts = {}
+
+    def record(name):
+        def hook(module, inputs):
+            layouts[name] = inputs[0].is_contiguous(memory_format=torch.channels_last)
+
+        return hook
+
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and name.split(".")[0] in {
+            "stem",
+            "decode_full",
+            "coarse_head",
+            "refine",
+        }:
+            module.register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        net(batch_factory(batch=2, height=32, width=32)["inputs"])
+    assert len(layouts) >= 5 and all(layouts.values()), layouts
