@@ -235,6 +235,14 @@ def test_a_scene_with_nothing_observed_raises_no_data(scene, checkpoint, tmp_pat
     with pytest.raises(NoDataError):
         write_reconstruction(result, tmp_path / "out.zarr", progress=False)
     assert not (tmp_path / "out.zarr").exists(), "nothing is written for an empty scene"
+    # nor on a client, where the regions stream through the workers
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster):
+            with pytest.raises(NoDataError):
+                write_reconstruction(result, tmp_path / "out.zarr", progress=False)
+    assert not (tmp_path / "out.zarr").exists(), "nothing is written for an empty scene on a client"
 
 
 def test_pixels_no_date_observed_are_nan_and_flagged_unless_asked(scene, checkpoint):

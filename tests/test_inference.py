@@ -359,6 +359,34 @@ def test_writes_stream_through_a_client_running_every_tile_once(tiny_model, scen
     xr.testing.assert_allclose(open_store(path).reconstructed.load(), expected.reconstructed, rtol=0, atol=0)
 
 
+def test_a_streamed_write_runs_the_self_check_and_every_tile_once(
+    tiny_model, scene, tmp_path, windows_run, monkeypatch
+):
+    # the pre-pass computes the self-check's choice: the regions streamed through a client must take it, not run
+    # the check again
+    from distributed import Client, LocalCluster
+
+    from cmsn_cube import selfcheck
+
+    samples: list[int] = []
+    check_sample = selfcheck.check_sample
+    monkeypatch.setattr(selfcheck, "check_sample", lambda *a, **k: samples.append(1) or check_sample(*a, **k))
+    result = reconstruct(scene, model=tiny_model, tile=96, overlap=16, chunk=128)  # the self-check picks
+    expected = result.compute(scheduler="threads")
+    once = {"samples": len(samples), "windows": sum(windows_run)}
+    assert once["samples"] > 0 and once["windows"] > 0
+    samples.clear()
+    windows_run.clear()
+    path = str(tmp_path / "streamed.zarr")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster):
+            write_reconstruction(result, path, progress=False)
+    assert {"samples": len(samples), "windows": sum(windows_run)} == once
+    written = open_store(path)
+    xr.testing.assert_equal(written.method_used.load(), expected.method_used)
+    xr.testing.assert_allclose(written.reconstructed.load(), expected.reconstructed, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_local_cluster_equals_threaded_scheduler(tiny_model, scene, tmp_path):
     from cmsn_cube.cluster import get_client
