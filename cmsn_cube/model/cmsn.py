@@ -330,9 +330,8 @@ class CMSN(nn.Module):
         decoded += F.conv2d(half_fused, from_half, bias)
         decoded = self.decode_half[1](activation(decoded))
 
-        all_dates_channels = per_sample.shape[1]
         (from_half, from_full, decode_dates), bias, activation = self._pointwise(
-            self.decode_full, [decoded.shape[1], full.shape[1], all_dates_channels]
+            self.decode_full, [decoded.shape[1], full.shape[1], self._all_dates_channels]
         )
         upsampled = self._upsampled_pointwise(decoded, from_half, full.shape[-2:])
         decoded = F.conv2d(full, from_full, bias)
