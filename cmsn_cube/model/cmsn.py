@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmsn_cube.model.mfam import MFAM
+from cmsn_cube.model.pointwise import PointwiseConv2d, pointwise_conv2d
 from cmsn_cube.model.prior import local_regression_fill, normalising_statistics, temporal_mean_fill
 from cmsn_cube.model.resfft import ResFFTConv
 
@@ -64,10 +65,11 @@ class CMSNOutput(NamedTuple):
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int = 3, *, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2),
-        nn.LeakyReLU(0.1, inplace=True),
-    )
+    if kernel == 1 and stride == 1:
+        conv: nn.Conv2d = PointwiseConv2d(in_channels, out_channels)
+    else:
+        conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2)
+    return nn.Sequential(conv, nn.LeakyReLU(0.1, inplace=True))
 
 
 def _date_orders(n_dates: int) -> list[list[int]]:
@@ -287,7 +289,7 @@ class CMSN(nn.Module):
     @staticmethod
     def _upsampled_pointwise(features: torch.Tensor, weight: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """``weight`` (1x1) applied to ``features`` bilinearly upsampled to ``size``, mixing channels first."""
-        return F.interpolate(F.conv2d(features, weight), size=tuple(size), mode="bilinear", align_corners=False)
+        return F.interpolate(pointwise_conv2d(features, weight), size=tuple(size), mode="bilinear", align_corners=False)
 
     def _add_all_dates_pointwise(self, features: torch.Tensor, per_sample: torch.Tensor, weight: torch.Tensor) -> None:
         """Add to each date's ``features`` the 1x1 ``weight`` applied to all dates' channels in that date's order.
@@ -310,7 +312,7 @@ class CMSN(nn.Module):
         by_slot = weight.reshape(weight.shape[0], dates, -1)  # (out, slot, C)
         per_date = features.unflatten(0, (-1, dates))
         for date in range(dates):
-            per_date[:, date] += F.conv2d(per_sample, by_slot[:, slot_of[date]].flatten(1)[..., None, None])
+            per_date[:, date] += pointwise_conv2d(per_sample, by_slot[:, slot_of[date]].flatten(1)[..., None, None])
 
     def _decode(
         self, quarter: torch.Tensor, half_fused: torch.Tensor, full: torch.Tensor, per_sample: torch.Tensor
@@ -327,14 +329,14 @@ class CMSN(nn.Module):
             self.decode_half, [quarter.shape[1], half_fused.shape[1]]
         )
         decoded = self._upsampled_pointwise(quarter, from_quarter, half_fused.shape[-2:])
-        decoded += F.conv2d(half_fused, from_half, bias)
+        decoded += pointwise_conv2d(half_fused, from_half, bias)
         decoded = self.decode_half[1](activation(decoded))
 
         (from_half, from_full, decode_dates), bias, activation = self._pointwise(
             self.decode_full, [decoded.shape[1], full.shape[1], self._all_dates_channels]
         )
         upsampled = self._upsampled_pointwise(decoded, from_half, full.shape[-2:])
-        decoded = F.conv2d(full, from_full, bias)
+        decoded = pointwise_conv2d(full, from_full, bias)
         decoded += upsampled
         self._add_all_dates_pointwise(decoded, per_sample, decode_dates)
         return self.decode_full[1](activation(decoded))
@@ -350,8 +352,8 @@ class CMSN(nn.Module):
             self.refine, [self.n_bands, self._all_dates_channels, decoded.shape[1]]
         )
         coarse = prior + self.coarse_head(decoded)
-        refine_in = F.conv2d(coarse, from_coarse, refine_bias)
-        refine_in += F.conv2d(decoded, from_decoded)
+        refine_in = pointwise_conv2d(coarse, from_coarse, refine_bias)
+        refine_in += pointwise_conv2d(decoded, from_decoded)
         self._add_all_dates_pointwise(refine_in, per_sample, from_dates)
         refine_in = activation(refine_in)
         return coarse, coarse + self.refine[2](self.refine[1](refine_in))

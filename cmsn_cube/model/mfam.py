@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cmsn_cube.model.pointwise import PointwiseConv2d
+
 __all__ = ["MFAM"]
 
 
@@ -39,12 +41,12 @@ class MFAM(nn.Module):
         self.n_dates = n_dates
         # Logits for every (receiving date, source date) pair: T*T channels.
         self.date_logits = nn.Sequential(
-            nn.Conv2d(n_dates * channels, channels, 1),
+            PointwiseConv2d(n_dates * channels, channels),
             nn.LeakyReLU(0.1, inplace=True),
             nn.Conv2d(channels, n_dates * n_dates, 3, padding=1),
         )
         self.spatial_attention = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
-        self.merge = nn.Conv2d(2 * channels, channels, 1)
+        self.merge = PointwiseConv2d(2 * channels, channels)
 
     def attention(self, features: torch.Tensor) -> torch.Tensor:
         """Return per-pixel weights over source dates for every receiving date.
@@ -60,7 +62,9 @@ class MFAM(nn.Module):
             ``(B, T_receiving, T_source, H, W)``, summing to 1 over ``T_source``.
         """
         batch, dates, channels, height, width = features.shape
-        logits = self.date_logits(features.reshape(batch, dates * channels, height, width))
+        # all dates' channels side by side, channels-last (a plain reshape gives NCHW, slower for these convolutions)
+        stacked = features.permute(0, 3, 4, 1, 2).reshape(batch, height, width, dates * channels).permute(0, 3, 1, 2)
+        logits = self.date_logits(stacked)
         return torch.softmax(logits.reshape(batch, dates, dates, height, width), dim=2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cmsn_cube.model.pointwise import PointwiseConv2d
+
 __all__ = ["ResFFTConv"]
 
 
@@ -46,9 +48,9 @@ class ResFFTConv(nn.Module):
             nn.Conv2d(channels, channels, 3, padding=1),
         )
         self.fourier = nn.Sequential(
-            nn.Conv2d(2 * channels, hidden, 1),
+            PointwiseConv2d(2 * channels, hidden),
             nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(hidden, 2 * channels, 1),
+            PointwiseConv2d(hidden, 2 * channels),
         )
         self.spatial_scale = nn.Parameter(torch.full((1, channels, 1, 1), residual_scale))
         self.fourier_scale = nn.Parameter(torch.full((1, channels, 1, 1), residual_scale))

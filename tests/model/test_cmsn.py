@@ -154,3 +154,22 @@ def test_full_resolution_convolutions_run_channels_last(tiny_config, batch_facto
     with torch.no_grad():
         net(batch_factory(batch=2, height=32, width=32)["inputs"])
     assert len(layouts) >= 5 and all(layouts.values()), layouts
+
+
+def test_one_thread_forward_runs_every_convolution_through_onednn(tiny_config, batch_factory):
+    # the scene path's Dask workers run one torch thread each; there PyTorch sends 1x1 convolutions of small
+    # batches to its plain kernel, 1.4-3x slower than oneDNN on this network's channels-last features
+    net = CMSN(**tiny_config).eval()
+    inputs = batch_factory(batch=2, height=32, width=32)["inputs"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            net(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    kernels = [
+        event.name for event in profile.events() if event.name.endswith("_convolution") or "conv2d" in event.name
+    ]
+    assert "aten::_slow_conv2d_forward" not in kernels
+    assert "aten::mkldnn_convolution" in kernels
