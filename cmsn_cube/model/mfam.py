@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmsn_cube.model.pointwise import PointwiseConv2d
+from cmsn_cube.model.pointwise import PointwiseConv2d, pointwise_conv2d
 
 __all__ = ["MFAM"]
 
@@ -85,14 +85,18 @@ class MFAM(nn.Module):
         """
         batch, dates, channels, height, width = features.shape
         weights = self.attention(features)
+        own = features.reshape(batch * dates, channels, height, width)
         # fused[b, t] = sum_s weights[b, t, s] * features[b, s]: a multiply-add per source date (an einsum runs a
-        # batched matmul of 3x3 matrices per pixel here, twice as slow)
-        fused = weights[:, :, :1] * features[:, None, 0]
-        for source in range(1, dates):
-            fused += weights[:, :, source : source + 1] * features[:, None, source]
-        fused = fused.reshape(batch * dates, channels, height, width)
+        # batched matmul of 3x3 matrices per pixel here, twice as slow), written channels-last as the convolutions
+        # around it want (a broadcast product's own layout made the merge below copy and convolve in NCHW)
+        fused = torch.zeros_like(own, memory_format=torch.channels_last).unflatten(0, (batch, dates))
+        for source in range(dates):
+            fused.addcmul_(weights[:, :, source : source + 1], features[:, None, source])
+        fused = fused.flatten(0, 1)
         pooled = torch.cat([fused.mean(dim=1, keepdim=True), fused.amax(dim=1, keepdim=True)], dim=1)
         fused = fused * torch.sigmoid(self.spatial_attention(pooled))
-        own = features.reshape(batch * dates, channels, height, width)
-        merged = own + self.merge(torch.cat([own, fused], dim=1))
+        # the merge's 1x1 convolution of [own, fused], piece by piece: the same sum without copying them side by side
+        from_own, from_fused = self.merge.weight.split(channels, dim=1)
+        merged = own + pointwise_conv2d(own, from_own)
+        merged += pointwise_conv2d(fused, from_fused, self.merge.bias)
         return merged.reshape(batch, dates, channels, height, width)

@@ -64,16 +64,31 @@ def test_mfam_attention_and_exchange():
 
 
 @pytest.mark.parametrize("n_dates", [2, 3, 4])
-def test_mfam_fuses_each_date_as_the_attention_weighted_sum_of_all_dates(n_dates):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mfam_fuses_each_date_as_the_attention_weighted_sum_of_all_dates(n_dates, channels_last):
     torch.manual_seed(2)
     fuse = MFAM(6, n_dates=n_dates)
-    features = torch.randn(2, n_dates, 6, 9, 8)
-    with torch.no_grad():
-        weights = fuse.attention(features)
+    features = torch.randn(2 * n_dates, 6, 9, 8)
+    if channels_last:  # each date's features as the network hands them over
+        features = features.contiguous(memory_format=torch.channels_last)
+    features = features.unflatten(0, (2, n_dates)).requires_grad_(True)
+
+    def literal(features):
         # the fusion written out literally, as the module docstring states it
+        weights = fuse.attention(features)
         fused = torch.einsum("btshw,bschw->btchw", weights, features).flatten(0, 1)
         pooled = torch.cat([fused.mean(dim=1, keepdim=True), fused.amax(dim=1, keepdim=True)], dim=1)
         fused = fused * torch.sigmoid(fuse.spatial_attention(pooled))
         own = features.flatten(0, 1)
-        expected = (own + fuse.merge(torch.cat([own, fused], dim=1))).unflatten(0, (2, n_dates))
-        torch.testing.assert_close(fuse(features), expected, rtol=1e-5, atol=1e-5)
+        return (own + fuse.merge(torch.cat([own, fused], dim=1))).unflatten(0, (2, n_dates))
+
+    upstream = torch.randn(features.shape)
+    gradients = []
+    for forward in (fuse, literal):
+        output = forward(features)
+        inputs = [features, *fuse.parameters()]
+        gradients.append((output, torch.autograd.grad(output, inputs, upstream)))
+    (output, got), (expected, want) = gradients
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    for got_gradient, wanted_gradient in zip(got, want, strict=True):
+        torch.testing.assert_close(got_gradient, wanted_gradient, rtol=1e-4, atol=1e-5)
