@@ -19,9 +19,15 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
 
 from cmsn_cube.model import CMSN, cmsn_loss
+
+
+@register_flop_formula(torch.ops.aten.mkldnn_convolution)
+def _onednn_convolution_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    # the model's 1x1 convolutions call oneDNN's op directly (cmsn_cube.model.pointwise), which torch does not count
+    return conv_flop_count(x_shape, w_shape, out_shape)
 
 
 def count_forward_flops(model: nn.Module, inputs: torch.Tensor) -> int:
