@@ -22,6 +22,7 @@ def _onednn_applies(features: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and bool(torch.backends.mkldnn.enabled)
+        and not torch.is_autocast_enabled("cpu")  # the op itself is not on autocast's lists: let conv2d cast
     )
 
 

@@ -35,3 +35,9 @@ def test_pointwise_module_takes_a_conv2d_state_dict_and_gives_its_output():
     features = torch.randn(2, 6, 5, 8)
     with torch.no_grad():
         torch.testing.assert_close(pointwise(features), reference(features), rtol=1e-6, atol=1e-6)
+
+
+def test_pointwise_convolution_follows_cpu_autocast():
+    features, weight = torch.randn(2, 6, 5, 8), torch.randn(4, 6, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pointwise_conv2d(features, weight).dtype == F.conv2d(features, weight).dtype == torch.bfloat16
