@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmsn_cube.model.mfam import MFAM
-from cmsn_cube.model.pointwise import PointwiseConv2d, pointwise_conv2d
+from cmsn_cube.model.pointwise import pointwise_conv2d
 from cmsn_cube.model.prior import local_regression_fill, normalising_statistics, temporal_mean_fill
 from cmsn_cube.model.resfft import ResFFTConv
 
@@ -65,11 +65,10 @@ class CMSNOutput(NamedTuple):
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int = 3, *, stride: int = 1) -> nn.Sequential:
-    if kernel == 1 and stride == 1:
-        conv: nn.Conv2d = PointwiseConv2d(in_channels, out_channels)
-    else:
-        conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2)
-    return nn.Sequential(conv, nn.LeakyReLU(0.1, inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2),
+        nn.LeakyReLU(0.1, inplace=True),
+    )
 
 
 def _date_orders(n_dates: int) -> list[list[int]]:

@@ -46,7 +46,7 @@ class MFAM(nn.Module):
             nn.Conv2d(channels, n_dates * n_dates, 3, padding=1),
         )
         self.spatial_attention = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
-        self.merge = PointwiseConv2d(2 * channels, channels)
+        self.merge = nn.Conv2d(2 * channels, channels, 1)  # its weight is applied piece by piece in forward
 
     def attention(self, features: torch.Tensor) -> torch.Tensor:
         """Return per-pixel weights over source dates for every receiving date.
