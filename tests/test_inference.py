@@ -359,6 +359,38 @@ def test_writes_stream_through_a_client_running_every_tile_once(tiny_model, scen
     xr.testing.assert_allclose(open_store(path).reconstructed.load(), expected.reconstructed, rtol=0, atol=0)
 
 
+def test_a_streamed_write_hands_the_scheduler_the_model_once(tiny_model, scene, tmp_path, monkeypatch):
+    # every region needs the model's weights: they go with the first graph and are kept, not sent per region
+    from distributed import Client, LocalCluster
+
+    from cmsn_cube.inference.models import ModelSpec
+
+    graphs: list[dict] = []
+    get = Client.get
+    monkeypatch.setattr(Client, "get", lambda self, dsk, keys, **kw: graphs.append(dsk) or get(self, dsk, keys, **kw))
+    result = reconstruct(scene, model=tiny_model, method="cmsn", tile=96, overlap=16, chunk=128)
+    path = str(tmp_path / "streamed.zarr")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster):
+            write_reconstruction(result, path, progress=False)
+    regions = [g for g in graphs if isinstance(g, dict)]  # the streamer's own graphs (compute hands an expression)
+    with_model = [g for g in regions if any(isinstance(getattr(n, "value", n), ModelSpec) for n in g.values())]
+    assert len(regions) > 10 and len(with_model) == 1
+    expected = result.compute(scheduler="threads")
+    xr.testing.assert_allclose(open_store(path).reconstructed.load(), expected.reconstructed, rtol=0, atol=0)
+
+
+def test_a_model_spec_is_tokenized_by_its_digest():
+    # Dask hashes every literal of a graph it is handed: the digest stands for the ~1 MB of weights
+    from dask.base import tokenize
+
+    from cmsn_cube.inference.models import ModelSpec
+
+    spec = ModelSpec("m", sha256="a" * 64, payload=b"weights")
+    assert tokenize(spec) == tokenize(ModelSpec("m", sha256="a" * 64, payload=b"other bytes, same digest"))
+    assert tokenize(spec) != tokenize(ModelSpec("m", sha256="b" * 64, payload=b"weights"))
+
+
 def test_a_streamed_write_runs_the_self_check_and_every_tile_once(
     tiny_model, scene, tmp_path, windows_run, monkeypatch
 ):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -23,6 +23,7 @@ import dask.optimization
 import dask.threaded
 import numpy as np
 import xarray as xr
+from dask._task_spec import convert_legacy_graph  # dask >= 2024.12: graphs of task specs
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cmsn_cube.cube import BANDS
@@ -291,17 +292,30 @@ class RegionGraph(NamedTuple):
     regions: dict[Index, Key]
     strips: StripMap
 
-    def upstream(self, keys: list[Key]) -> dict[Key, Any]:
-        """Return the part of the graph that ``keys`` need: they and everything they depend on."""
+    def upstream(self, keys: list[Key], *, known: Collection[Key] = ()) -> dict[Key, Any]:
+        """Return the part of the graph that ``keys`` need: they and everything they depend on.
+
+        The walk stops at ``known`` keys (already on the cluster): they are left out, as are their own inputs.
+        """
         from dask.core import get_dependencies
 
-        needed, stack = {}, list(keys)
+        needed, stack = {}, [key for key in keys if key not in known]
         while stack:
             key = stack.pop()
             if key not in needed:
                 needed[key] = self.graph[key]
-                stack.extend(get_dependencies(self.graph, key))
+                stack.extend(k for k in get_dependencies(self.graph, key) if k not in known)
         return needed
+
+    def shared(self) -> list[Key]:
+        """Return the keys that every region needs (the model, the self-check's choice); none for one region.
+
+        They do not depend on where a region lies, and each region's graph would carry them again.
+        """
+        if len(self.regions) < 2:
+            return []
+        needed = [set(self.upstream([region])) for region in self.regions.values()]
+        return sorted(set.intersection(*needed), key=str)
 
 
 def region_graph(
@@ -333,7 +347,9 @@ def region_graph(
         ]
         regions[i, j] = f"cmsn-write-{token}-{i}_{j}"
         graph[regions[i, j]] = (write, *chunks)
-    return RegionGraph(graph, regions, StripMap.of(merged))
+    # as task specs, whose dependencies are explicit: a region's graph then leaves out keys already on the
+    # cluster and still depends on them (in a tuple task, a key missing from the graph reads as a plain string)
+    return RegionGraph(convert_legacy_graph(graph), regions, StripMap.of(merged))
 
 
 def compute_regions(regions: RegionGraph, *, progress: bool, description: str) -> None:
@@ -382,6 +398,9 @@ def _stream_regions(client: Any, regions: RegionGraph, *, on_done: Callable[[int
     from distributed import wait
 
     window = _REGIONS_PER_THREAD * sum(client.nthreads().values())
+    # what every region needs (the model's weights, the self-check): sent and kept once, not with each region
+    shared = regions.shared()
+    kept = client.get(regions.upstream(shared), shared, sync=False) if shared else []
     held: dict[Index, list[Any]] = {}  # receiving region -> futures of its strips
     in_flight: set[Any] = set()
     for index, region in regions.regions.items():
@@ -392,7 +411,7 @@ def _stream_regions(client: Any, regions: RegionGraph, *, on_done: Callable[[int
             on_done(len(done))
         spilled = regions.strips.spilled.get(index, ())
         keys = [region, *(key for _, key in spilled)]
-        write, *strip_futures = client.get(regions.upstream(keys), keys, sync=False)
+        write, *strip_futures = client.get(regions.upstream(keys, known=shared), keys, sync=False)
         in_flight.add(write)
         for (receiver, _), future in zip(spilled, strip_futures, strict=True):
             held.setdefault(receiver, []).append(future)
@@ -400,3 +419,4 @@ def _stream_regions(client: Any, regions: RegionGraph, *, on_done: Callable[[int
     for future in wait(in_flight).done:
         future.result()
     on_done(len(in_flight))
+    del kept
