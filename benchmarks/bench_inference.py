@@ -17,7 +17,8 @@ compute time as a multiple of it (what the network costs over the filler a user 
 The model's own forward rate is measured first in the same run; each size then prints the loop's and the
 streamed write's rate as a share of that rate divided by the tile overhead (tile pixels run per scene pixel).
 ``--task-stream`` prints where the workers' time goes during the first streamed write (Dask's task stream: compute
-seconds per kind of task, transfers, idle). ``--to-zarr`` also writes the lazy result with xarray's ``to_zarr`` (the task order Dask's scheduler picks, no
+seconds per kind of task, transfers, idle) and the CPU time of each worker and of this process (the scheduler and the
+client, which share the workers' cores). ``--to-zarr`` also writes the lazy result with xarray's ``to_zarr`` (the task order Dask's scheduler picks, no
 resume records) with its time and worker memory, against the hand-made streamer of ``write_reconstruction``.
 
 Run::
@@ -211,6 +212,12 @@ def _tasks_held(dask_scheduler) -> int:  # type: ignore[no-untyped-def]
     return len(dask_scheduler.tasks)
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """User and system CPU seconds ``process`` has used so far."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def worker_rss(processes: list[psutil.Process]) -> int:
     return sum(p.memory_info().rss for p in processes)
 
@@ -328,12 +335,19 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(out + ".regions", ignore_errors=True)
                 recording = get_task_stream(client) if args.task_stream and run == 0 else contextlib.nullcontext()
+                processes = [psutil.Process(), *memory.processes]  # this one runs the scheduler and the client
+                cpu_before = [cpu_seconds(p) for p in processes]
                 with memory, recording as stream:
                     start = time.perf_counter()
                     write_reconstruction(result, out, progress=False)
                     write_s = min(write_s, time.perf_counter() - start)
+                cpu = [cpu_seconds(p) - before for p, before in zip(processes, cpu_before, strict=True)]
                 if stream is not None:
-                    print(f"{size}² streamed write, where the workers' time goes:\n{task_stream_summary(stream.data)}")
+                    print(
+                        f"{size}² streamed write, where the workers' time goes:\n{task_stream_summary(stream.data)}\n"
+                        f"  CPU time: workers {', '.join(f'{c:.1f}' for c in cpu[1:])} s; scheduler and client "
+                        f"(this process, sharing the cores) {cpu[0]:.1f} s"
+                    )
             if args.to_zarr:  # the public-API alternative: xarray's to_zarr, the order Dask's scheduler picks
                 dask_memory = PeakMemory(client)
                 shutil.rmtree(out, ignore_errors=True)
