@@ -17,8 +17,8 @@ compute time as a multiple of it (what the network costs over the filler a user 
 The model's own forward rate is measured first in the same run; each size then prints the loop's and the
 streamed write's rate as a share of that rate divided by the tile overhead (tile pixels run per scene pixel).
 ``--task-stream`` prints where the workers' time goes during the first streamed write (Dask's task stream: compute
-seconds per kind of task, transfers, idle) and the CPU time of each worker and of this process (the scheduler and the
-client, which share the workers' cores). ``--to-zarr`` also writes the lazy result with xarray's ``to_zarr`` (the task order Dask's scheduler picks, no
+seconds per kind of task, transfers, idle) and the CPU time of each worker and of this process (the scheduler, the
+client and the memory sampler, which share the workers' cores). ``--to-zarr`` also writes the lazy result with xarray's ``to_zarr`` (the task order Dask's scheduler picks, no
 resume records) with its time and worker memory, against the hand-made streamer of ``write_reconstruction``.
 
 Run::
@@ -345,8 +345,8 @@ def main() -> None:
                 if stream is not None:
                     print(
                         f"{size}² streamed write, where the workers' time goes:\n{task_stream_summary(stream.data)}\n"
-                        f"  CPU time: workers {', '.join(f'{c:.1f}' for c in cpu[1:])} s; scheduler and client "
-                        f"(this process, sharing the cores) {cpu[0]:.1f} s"
+                        f"  CPU time: workers {', '.join(f'{c:.1f}' for c in cpu[1:])} s; this process (the scheduler, the "
+                        f"client and the memory sampler, sharing the cores) {cpu[0]:.1f} s"
                     )
             if args.to_zarr:  # the public-API alternative: xarray's to_zarr, the order Dask's scheduler picks
                 dask_memory = PeakMemory(client)
