@@ -419,4 +419,4 @@ def _stream_regions(client: Any, regions: RegionGraph, *, on_done: Callable[[int
     for future in wait(in_flight).done:
         future.result()
     on_done(len(in_flight))
-    del kept
+    del kept  # held to here: the scheduler forgets the shared keys once no future names them
