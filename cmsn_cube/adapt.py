@@ -227,6 +227,8 @@ class FitOptions:
         Checkpoint path (``.pt``; the card goes next to it as ``.json``). None: a new temporary folder, so a
         fit never writes next to a (possibly remote or read-only) store unless asked; see :func:`fitted_path`
         for the CLI's default.
+    overwrite : bool
+        Replace a checkpoint (or card) already at ``out``; without it one there is an error, raised before the fit.
     device : str or None
         ``"cpu"``, ``"cuda"``...; None: CUDA when present.
     progress : bool
@@ -250,6 +252,7 @@ class FitOptions:
     sources: Sequence[MaskSource]
     augment: bool
     out: str | os.PathLike[str] | None
+    overwrite: bool
     device: str | None
     progress: bool
 
@@ -360,6 +363,7 @@ def fit(
     sources: Sequence[MaskSource] = ("store",),
     augment: bool = True,
     out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
 ) -> FitResult:
@@ -376,7 +380,7 @@ def fit(
 
     Other Parameters
     ----------------
-    steps, time_budget, lr, seed, patch_size, batch_size, validation_fraction, patience, validate_every, sources, augment, out, device, progress
+    steps, time_budget, lr, seed, patch_size, batch_size, validation_fraction, patience, validate_every, sources, augment, out, overwrite, device, progress
         The options of the fit, each documented (and checked) in :class:`FitOptions`.
 
     Returns
@@ -408,9 +412,17 @@ def fit(
     options = FitOptions(
         steps=steps, time_budget=time_budget, lr=lr, seed=seed, patch_size=patch_size, batch_size=batch_size,
         validation_fraction=validation_fraction, patience=patience, validate_every=validate_every,
-        sources=sources, augment=augment, out=out, device=device, progress=progress,
+        sources=sources, augment=augment, out=out, overwrite=overwrite, device=device, progress=progress,
     )  # fmt: skip
-    return _fit(cube_or_store, model, options)
+    from cmsn_cube.model.checkpoint import claim_checkpoint
+    from cmsn_cube.outputs import exclusive_writer
+
+    if out is None:
+        return _fit(cube_or_store, model, options)
+    path = claim_checkpoint(out, overwrite=overwrite)  # before any work
+    with exclusive_writer(path):
+        claim_checkpoint(path, overwrite=overwrite)  # again, now that it is ours
+        return _fit(cube_or_store, model, options)
 
 
 def _fit(cube_or_store: xr.Dataset | str | os.PathLike[str], model: Any, options: FitOptions) -> FitResult:
@@ -459,7 +471,7 @@ def _fit(cube_or_store: xr.Dataset | str | os.PathLike[str], model: Any, options
     }
     path = Path(options.out) if options.out is not None else Path(tempfile.mkdtemp(prefix="cmsn-fit-")) / "fitted.pt"
     metadata = {"adaptation": adaptation, "metrics": _plain(after), "training": dict(result.extra.get("run", {}))}
-    save_checkpoint(path, fitted, metadata=metadata)
+    save_checkpoint(path, fitted, metadata=metadata, overwrite=options.overwrite)
     if options.progress:
         print(f"hold-out cloudy PSNR {before['psnr_cloudy']:.2f} -> {after['psnr_cloudy']:.2f} dB; saved {path}")
     return FitResult(

@@ -42,18 +42,94 @@ class DemoResult:
     cloud_percent: dict[str, float] = field(default_factory=dict)
     cloudy_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    written: dict[str, str] = field(default_factory=dict)  # output name -> sha256 (a store: its write id)
 
 
-def _is_embedded_scene(path: str) -> bool:
-    """Whether ``path`` holds an embedded synthetic scene (what the demo may replace); False when it holds nothing."""
+#: Attribute of the scene store the demo writes: the only store it replaces without ``overwrite``.
+DEMO_STORE_ATTR = "cmsn_cube_demo_scene"
+
+#: What the demo writes into its folder besides its figures (``*.png``).
+DEMO_FILES = (
+    "report.md", "demo.json", "evaluation.csv", "evaluation.json", "reconstruction.zarr", "adapted.pt", "adapted.json",
+)  # fmt: skip
+
+
+def _root_attrs_of(path: str | Path) -> dict[str, Any]:
+    """The root attributes of the Zarr store at ``path`` ({} where it is none or unreadable)."""
     import zarr
 
-    from cmsn_cube.sources import synthetic
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # not a store, or a damaged one: it is not the demo's
+        return {}
+
+
+def _is_demo_scene(path: str) -> bool:
+    """Whether ``path`` holds a scene an earlier demo wrote (what the demo may replace); False when it holds nothing."""
     from cmsn_cube.store import writable_kind
 
-    if writable_kind(path) != "zarr":
-        return False
-    return str(zarr.open_group(path, mode="r").attrs.get("source", "")).startswith(synthetic.__name__)
+    return writable_kind(path) == "zarr" and _root_attrs_of(path).get(DEMO_STORE_ATTR) is True
+
+
+def _demo_outputs(out: Path) -> list[Path]:
+    """What of the demo's outputs is in ``out`` now."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name in DEMO_FILES or p.suffix == ".png")
+
+
+def _digest(path: Path) -> str:
+    """A file's sha256, or a store's write id: what says it is still what the demo wrote."""
+    import hashlib
+
+    from cmsn_cube.store import WRITE_ID_ATTR
+
+    if path.is_dir():
+        return str(_root_attrs_of(path).get(WRITE_ID_ATTR, ""))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def claim_demo_folder(out: Path, *, store: str, overwrite: bool) -> None:
+    """Check, before any work, that the demo replaces nothing of the user's in ``out`` and at ``store``.
+
+    Outputs of an earlier demo that nobody changed since (recorded with their digests in ``demo.json``) are
+    replaced; anything else of the demo's names (a user's ``report.md``, a PNG, another reconstruction) needs
+    ``overwrite``. The scene store is replaced only when an earlier demo wrote it.
+
+    Raises
+    ------
+    OutputExistsError
+        Something would be replaced; the message names it.
+    StoreError
+        ``out`` or ``store`` is inside a Zarr store, or ``store`` is a folder that is not a store.
+    """
+    from cmsn_cube.exceptions import OutputExistsError
+    from cmsn_cube.outputs import claim_folder
+    from cmsn_cube.store import writable_kind
+
+    claim_folder(out, (), overwrite=True, what="demo folder")
+    if overwrite:
+        writable_kind(store)
+        return
+    if writable_kind(store) == "zarr" and not _is_demo_scene(store):
+        raise OutputExistsError(
+            f"{store} holds a store the demo did not write; pass --overwrite to replace it, or another --store"
+        )
+    try:
+        recorded = json.loads((out / "demo.json").read_text()).get("written", {})
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    foreign = [
+        path.name
+        for path in _demo_outputs(out)
+        if not (path.name == "demo.json" and recorded) and recorded.get(path.name) != _digest(path)
+    ]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise OutputExistsError(
+            f"{out} holds {shown}, not written by an earlier demo or changed since; "
+            "pass --overwrite to replace them, or another --out"
+        )
 
 
 def _cloudiest_window(mask: np.ndarray, size: int) -> tuple[slice, slice]:
@@ -78,6 +154,7 @@ def run_demo(
     model: str | None = None,
     adapt_seconds: float = 0.0,
     workers: int = 2,
+    overwrite: bool = False,
     echo: Callable[[str], object] = print,
 ) -> DemoResult:
     """Run the whole story on the embedded scene and write figures, tables and ``report.md`` to ``out_dir``.
@@ -99,6 +176,8 @@ def run_demo(
         (``ds.cmsn.fit``).
     workers : int
         Dask LocalCluster worker processes for the reconstruction.
+    overwrite : bool
+        Replace outputs the demo did not write itself (see :func:`claim_demo_folder`), checked before any work.
     echo : callable
         Where progress lines go.
 
@@ -107,9 +186,30 @@ def run_demo(
     DemoResult
         Paths of the store, the reconstruction, the figures and ``report.md``, and what the demo measured.
     """
+    from cmsn_cube.outputs import exclusive_writer
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     store_path = str(store or Path("stores") / "demo.zarr")
+    claim_demo_folder(out, store=store_path, overwrite=overwrite)
+    with exclusive_writer(out):
+        claim_demo_folder(out, store=store_path, overwrite=overwrite)  # again, now that the folder is ours
+        return _run_demo(
+            out, store_path, size=size, seed=seed, model=model, adapt_seconds=adapt_seconds, workers=workers, echo=echo
+        )
+
+
+def _run_demo(
+    out: Path,
+    store_path: str,
+    *,
+    size: int,
+    seed: int,
+    model: str | None,
+    adapt_seconds: float,
+    workers: int,
+    echo: Callable[[str], object],
+) -> DemoResult:
+    out.mkdir(parents=True, exist_ok=True)
     reconstruction_path = str(out / "reconstruction.zarr")
     stages = _Stages(total=6)
     with stages.timed("scene"):
@@ -139,6 +239,7 @@ def run_demo(
         seconds=stages.seconds,
     )
     demo.report = _write_report(demo, cube, result, sample_line, adapted_line)
+    demo.written = {path.name: _digest(path) for path in _demo_outputs(out) if path.name != "demo.json"}
     (out / "demo.json").write_text(json.dumps(asdict(demo), indent=2))
     echo(describe_cube(cube, name=store_path))
     echo(_markdown_table(cloudy))
@@ -170,7 +271,8 @@ class _Stages:
 def _write_scene(store_path: str, *, size: int, seed: int) -> tuple[xr.Dataset, xr.Dataset]:
     """Write the embedded scene to ``store_path``; return it and the cube read back with its mask decoded anew."""
     scene = synthetic_scene(height=size, width=size, seed=seed)
-    write_cube(scene, store_path, overwrite=_is_embedded_scene(store_path))  # never replaces a user's cube
+    scene.attrs[DEMO_STORE_ATTR] = True  # the next demo may replace it (claim_demo_folder checked the rest)
+    write_cube(scene, store_path, overwrite=True)
     # decode the cloud mask afresh from the QA bits in the store, as for real Landsat
     cube = add_cloud_mask(open_cube(store_path).drop_vars("cloud_mask"))
     return scene, cube
@@ -195,7 +297,9 @@ def _choose_model(store_path: str, model: str | None, *, adapt_seconds: float, o
         return model, "packaged checkpoint used as is"
     from cmsn_cube.adapt import fit
 
-    fitted = fit(store_path, model=model, time_budget=adapt_seconds, out=out / "adapted.pt", progress=False)
+    fitted = fit(
+        store_path, model=model, time_budget=adapt_seconds, out=out / "adapted.pt", overwrite=True, progress=False
+    )
     return str(
         fitted.checkpoint
     ), f"adapted to this scene in {adapt_seconds:.0f} s budget: {fitted.card.get('validation', '')}"
@@ -227,8 +331,9 @@ def _score_methods(cube: xr.Dataset, result: xr.Dataset, out: Path) -> dict[str,
         return result["reconstructed"]
 
     table = evaluate(
-        cube.load(), methods=[auto, "nearest", "linear", "median", "regression"], truth="cube", out=out, echo=None
-    )
+        cube.load(), methods=[auto, "nearest", "linear", "median", "regression"], truth="cube", out=out, echo=None,
+        overwrite=True,  # the demo's folder was claimed before any work
+    )  # fmt: skip
     table_summary = summary(table)
     # scored on the cloudy pixels every method filled (baselines leave pixels cloudy on all dates empty),
     # with each method's coverage of all cloudy pixels beside it

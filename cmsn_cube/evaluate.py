@@ -24,6 +24,7 @@ from cmsn_cube.clouds import make_scoring_cube
 from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CMSNCubeWarning, CubeValidationError, NoDataError
 from cmsn_cube.metrics import SSIM_NAME, common_pixels, evaluate_reconstruction
+from cmsn_cube.outputs import claim_folder
 
 Method = str | Callable[[xr.Dataset], xr.DataArray]
 TruthChoice = Literal["cube", "pasted"]
@@ -124,6 +125,10 @@ def cmsn_method(
     return cmsn
 
 
+#: What :func:`write_table` writes into its folder.
+EVALUATION_FILES = ("evaluation.csv", "evaluation.json")
+
+
 def evaluate(
     cube: xr.Dataset,
     *,
@@ -133,6 +138,7 @@ def evaluate(
     out: str | os.PathLike[str] | None = None,
     echo: Callable[[str], object] | None = print,
     model: object = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Run gap-filling methods on a cube with known truth and score them.
 
@@ -153,6 +159,8 @@ def evaluate(
         Where the summary table is printed (None: silent).
     model : None, str, path or CMSN
         Checkpoint of the ``"cmsn"`` and ``"auto"`` methods (see :func:`cmsn_method`); default the packaged model.
+    overwrite : bool
+        Replace ``evaluation.csv``/``evaluation.json`` already in ``out`` (checked before any method runs).
 
     Returns
     -------
@@ -165,7 +173,11 @@ def evaluate(
         Unknown method name.
     NoDataError
         No pixel to score.
+    OutputExistsError
+        ``out`` holds an evaluation and ``overwrite`` is not set.
     """
+    if out is not None:
+        claim_folder(out, EVALUATION_FILES, overwrite=overwrite, what="evaluation folder")
     methods = [cmsn_method(model, method=m) if m in (CMSN_METHOD, AUTO_METHOD) else m for m in methods]
     unknown = [m for m in methods if isinstance(m, str) and m not in BASELINES]
     if unknown:
@@ -217,7 +229,7 @@ def write_table(table: pd.DataFrame, out: str | os.PathLike[str]) -> tuple[Path,
     """Write ``evaluation.csv`` (long table) and ``evaluation.json`` (records) into folder ``out``."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = folder / "evaluation.csv", folder / "evaluation.json"
+    csv_path, json_path = (folder / name for name in EVALUATION_FILES)
     table.to_csv(csv_path)
     records = table.reset_index().replace([np.inf, -np.inf], [1e308, -1e308])
     records = records.astype(object).where(records.notna(), None)

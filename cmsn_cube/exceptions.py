@@ -63,6 +63,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint path names no file."""
 
 
+class ModelOutputError(CMSNCubeError, FloatingPointError):
+    """A model gave NaN or infinite values: nothing it filled is written."""
+
+
 class UnknownModelError(CMSNCubeError, LookupError):
     """No packaged model is registered under that name."""
 
@@ -81,6 +85,14 @@ class ArgumentError(CMSNCubeError, ValueError):
 
 class SchedulerError(CMSNCubeError, ConnectionError):
     """A Dask scheduler address cannot be reached, or what answers there is not a Dask scheduler."""
+
+
+class OutputExistsError(StoreError, FileExistsError):
+    """An output path holds something that a command would replace, and ``overwrite`` was not asked for."""
+
+
+class OutputLockedError(StoreError):
+    """Another run is writing the same output (see :func:`cmsn_cube.outputs.exclusive_writer`)."""
 
 
 class CMSNCubeWarning(UserWarning):

@@ -18,7 +18,8 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import BANDS, crs_of
-from cmsn_cube.exceptions import CubeValidationError, MissingCRSError, StoreError
+from cmsn_cube.exceptions import CubeValidationError, MissingCRSError
+from cmsn_cube.outputs import claim_folder, exclusive_writer
 
 #: The layers written per date: variable, band descriptions, nodata.
 LAYERS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
@@ -48,24 +49,34 @@ def to_cogs(
     ------
     CubeValidationError, MissingCRSError
         ``result`` is not a reconstruction, or has no CRS.
-    StoreError
+    OutputExistsError
         A file to write exists and ``overwrite`` is not set.
+    StoreError
+        ``folder`` is, or lies inside, a Zarr store.
+    OutputLockedError
+        Another export into ``folder`` is running.
     """
-    from tqdm import tqdm
-
     missing = [variable for variable, _, _ in LAYERS.values() if variable not in result]
     if missing:
         raise CubeValidationError(f"not a reconstruction: no {missing}; export the output of reconstruct()")
     crs = crs_of(result)
     if crs is None:
         raise MissingCRSError("the reconstruction has no CRS; GeoTIFFs need one (cmsn_cube.cube.set_crs)")
-    folder = Path(folder)
     days = [str(np.datetime_as_string(t, unit="D")) for t in result["time"].values]
-    paths = {(day, layer): folder / f"{day}_{layer}.tif" for day in days for layer in LAYERS}
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise StoreError(f"{len(existing)} file(s) exist, e.g. {existing[0]}; pass overwrite=True (--overwrite)")
-    folder.mkdir(parents=True, exist_ok=True)
+    names = {(day, layer): f"{day}_{layer}.tif" for day in days for layer in LAYERS}
+    folder = claim_folder(folder, names.values(), overwrite=overwrite, what="export folder")
+    with exclusive_writer(folder):
+        claim_folder(folder, names.values(), overwrite=overwrite, what="export folder")  # again, now it is ours
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {key: folder / name for key, name in names.items()}
+        return _write_dates(result, days, paths, crs=crs, progress=progress)
+
+
+def _write_dates(
+    result: xr.Dataset, days: list[str], paths: dict[tuple[str, str], Path], *, crs: Any, progress: bool
+) -> list[str]:
+    from tqdm import tqdm
+
     profile = _profile(result, crs)
     tags = {key: str(result.attrs[key]) for key in ("model", "model_sha256", "input_store") if key in result.attrs}
     written = []

@@ -27,7 +27,13 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import BANDS, _is_lazy, check_same_grid, validate_cube
-from cmsn_cube.exceptions import CMSNCubeWarning, CubeValidationError, StoreError, TimeAxisError
+from cmsn_cube.exceptions import (
+    CMSNCubeWarning,
+    CubeValidationError,
+    OutputExistsError,
+    StoreError,
+    TimeAxisError,
+)
 
 #: Chunks on disk: one date, all bands, 512 x 512 pixels (about 4 MiB of float32 reflectance a chunk).
 DEFAULT_CHUNKS: dict[str, int] = {"time": 1, "band": len(BANDS), "y": 512, "x": 512}
@@ -113,6 +119,9 @@ def writable_kind(path: str) -> Literal["missing", "empty", "zarr"]:
 
     Anything that is not a Zarr store (a user's files) is refused with a :class:`StoreError`, ``overwrite`` or not.
     """
+    from cmsn_cube.outputs import refuse_inside_store
+
+    refuse_inside_store(path, what="store")
     kind = store_kind(path)
     if kind == "other":
         raise StoreError(f"{path} exists and is not a Zarr store; it is left alone: remove it yourself or pick another")
@@ -245,10 +254,21 @@ def write_cube(
     str
         The store's path.
     """
+    from cmsn_cube.outputs import exclusive_writer
+
     validate_cube(ds)
     path = store_path(path)
+    with exclusive_writer(path):
+        return _write_cube(ds, path, chunks=chunks, overwrite=overwrite, progress=progress)
+
+
+def _write_cube(
+    ds: xr.Dataset, path: str, *, chunks: Mapping[str, int] | None, overwrite: bool, progress: bool
+) -> str:
     if writable_kind(path) == "zarr" and not overwrite:
-        raise StoreError(f"store {path} exists; pass overwrite=True to replace it or append_cube() to add dates")
+        raise OutputExistsError(
+            f"store {path} exists; pass overwrite=True (--overwrite) to replace it or append_cube() to add dates"
+        )
     in_memory = not any(_is_lazy(variable) for variable in ds.data_vars.values())
     encodable = _encodable(ds, chunks or DEFAULT_CHUNKS)
     for variable in encodable.data_vars.values():
@@ -329,6 +349,8 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
     """
     validate_cube(ds)
     path = store_path(path)
+    if store_kind(path) != "zarr":
+        raise StoreError(f"no store at {path}; write it with write_cube first (append_cube adds dates to a store)")
     _roll_back_append(path)
     existing = open_cube(path)
     check_same_grid(existing, ds, what=f"the store {path} and the appended dates")
@@ -344,11 +366,74 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
     in_memory = not any(_is_lazy(variable) for variable in ds.data_vars.values())
     encodable = _encodable(ds, {**DEFAULT_CHUNKS, **_disk_chunks(existing)})
     encodable = encodable.drop_vars([v for v in encodable.variables if "time" not in encodable[v].dims])
+    if not in_memory:  # in memory, validate_cube checked the values already
+        encodable["reflectance"] = _checked_as_written(encodable["reflectance"], path)
     _set_attrs(path, **{COMPLETE_ATTR: False, _APPEND_ATTR: int(existing.sizes["time"])})
     encodable.attrs = _root_attrs(path)  # xarray writes these back: the flags above must survive the append
-    _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress, in_memory=in_memory)
+    try:
+        _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress, in_memory=in_memory)
+    except BaseException:
+        _roll_back_append(path)  # bad values, a damaged source, Ctrl-C: the store keeps its original dates
+        raise
     _set_attrs(path, **{_APPEND_ATTR: None, WRITE_ID_ATTR: uuid.uuid4().hex, COMPLETE_ATTR: True})
     return path
+
+
+def _checked_as_written(reflectance: xr.DataArray, path: str) -> xr.DataArray:
+    """Return lazy ``reflectance`` whose every block is checked (±inf, digital numbers) as it is written to ``path``.
+
+    A refused block fails the append, which is rolled back: the error names the store and the block's dates.
+    """
+    from cmsn_cube.cube import check_reflectance_values
+
+    dates = np.datetime_as_string(reflectance["time"].values, unit="D")
+
+    def check(block: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+        first, stop = block_info[0]["array-location"][0] if block_info else (0, len(dates))
+        span = dates[first] if stop - first == 1 else f"{dates[first]}..{dates[stop - 1]}"
+        check_reflectance_values(block, where=f"reflectance appended to {path} (date {span})")
+        return block
+
+    return reflectance.copy(data=reflectance.data.map_blocks(check, dtype=reflectance.dtype))
+
+
+def drop_dates(path: str | os.PathLike[str], times: Any) -> str:
+    """Remove dates from the cube store at ``path`` (a bad append, say), rewriting it safely.
+
+    The kept dates are written to a temporary sibling that replaces the store once complete (as
+    :func:`write_cube` with ``overwrite=True``): an interrupted call leaves the store as it was.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local cube store (a remote one cannot be rewritten from itself: write the kept dates elsewhere).
+    times : datetime-like or sequence of them
+        The dates to remove, exactly as in the store's ``time`` (e.g. ``appended["time"].values``).
+
+    Returns
+    -------
+    str
+        The store's path.
+
+    Raises
+    ------
+    CubeValidationError
+        A time is not in the store, or no date would be left.
+    """
+    path = store_path(path)
+    cube = open_cube(path)
+    stored = cube["time"].values
+    drop = np.atleast_1d(np.asarray(times, dtype="datetime64[ns]"))
+    unknown = drop[~np.isin(drop, stored)]
+    if unknown.size:
+        raise CubeValidationError(
+            f"store {path} has no date {', '.join(np.datetime_as_string(unknown))}; "
+            f"its dates are {', '.join(np.datetime_as_string(stored))}"
+        )
+    keep = ~np.isin(stored, drop)
+    if not keep.any():
+        raise CubeValidationError(f"dropping every date of {path} would leave an empty store; remove it instead")
+    return write_cube(cube.isel(time=keep), path, chunks={**DEFAULT_CHUNKS, **_disk_chunks(cube)}, overwrite=True)
 
 
 def _roll_back_append(path: str) -> None:
@@ -372,6 +457,33 @@ def _roll_back_append(path: str) -> None:
 def _disk_chunks(ds: xr.Dataset) -> dict[str, int]:
     preferred = ds["reflectance"].encoding.get("preferred_chunks", {})
     return {dim: int(size) for dim, size in preferred.items()}
+
+
+def store_state_digest(path: str | os.PathLike[str]) -> str:
+    """Digest every file of the store at ``path`` with its size and times (ETag or time on object stores).
+
+    Any write into the store, by this package or by zarr, xarray or a copy tool, changes the digest, without
+    reading a byte of data: a resumed reconstruction so sees an input edited in place. Local files count their
+    modification and change times in nanoseconds (a copy that keeps the modification time changes the change
+    time).
+    """
+    import hashlib
+
+    path = store_path(path)
+    digest = hashlib.sha256()
+    if is_local(path):
+        for folder, subfolders, files in os.walk(path):
+            subfolders.sort()
+            for name in sorted(files):
+                facts = os.stat(os.path.join(folder, name))
+                relative = os.path.relpath(os.path.join(folder, name), path)
+                digest.update(f"{relative}|{facts.st_size}|{facts.st_mtime_ns}|{facts.st_ctime_ns}\n".encode())
+        return digest.hexdigest()
+    fs, root = filesystem(path)
+    for name, info in sorted(fs.find(root, detail=True).items()):
+        stamp = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated") if k in info), "")
+        digest.update(f"{name}|{info.get('size')}|{stamp}\n".encode())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -465,6 +577,26 @@ def check_chunk_files(path: str, *, decode: bool = False) -> None:
                         f"store {path} is damaged: chunk {name}/{key} cannot be decoded "
                         f"({type(error).__name__}: {error}); restore the store or write it again"
                     ) from error
+
+
+@contextmanager
+def naming_damaged_chunks(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Re-raise a failure to read the store at ``path`` as a :class:`StoreError` naming the damaged chunk file.
+
+    A codec error (``error during blosc decompression: -1``) names neither file nor variable: when the block
+    fails with something else than a :class:`~cmsn_cube.exceptions.CMSNCubeError`, every chunk is decoded by
+    :func:`check_chunk_files` to find the one at fault; the original error is raised if none is.
+    """
+    from cmsn_cube.exceptions import CMSNCubeError
+
+    try:
+        yield
+    except CMSNCubeError:
+        raise
+    except Exception:
+        if path:
+            check_chunk_files(store_path(path), decode=True)
+        raise
 
 
 #: Bytes of reflectance a Dask chunk of a cube gathers along time by default: a task reads several dates of its

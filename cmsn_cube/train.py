@@ -99,6 +99,7 @@ def train(
     amp: bool | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     time_budget: float | None = None,
     patience: int | None = None,
     min_delta: float = 0.0,
@@ -123,7 +124,7 @@ def train(
 
     Other Parameters
     ----------------
-    epochs, steps, lr, weight_decay, schedule, warmup_steps, loss_weights, grad_clip, seed, device, amp, checkpoint_dir, resume, time_budget, patience, min_delta, monitor, restore_best, log_every, training_data, progress
+    epochs, steps, lr, weight_decay, schedule, warmup_steps, loss_weights, grad_clip, seed, device, amp, checkpoint_dir, resume, overwrite, time_budget, patience, min_delta, monitor, restore_best, log_every, training_data, progress
         The options of the run, each documented (and checked) in :class:`TrainOptions`.
 
     Returns
@@ -144,7 +145,7 @@ def train(
     options = TrainOptions(
         epochs=epochs, steps=steps, lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
         loss_weights=loss_weights, grad_clip=grad_clip, seed=seed, device=device, amp=amp,
-        checkpoint_dir=checkpoint_dir, resume=resume, time_budget=time_budget, patience=patience,
+        checkpoint_dir=checkpoint_dir, resume=resume, overwrite=overwrite, time_budget=time_budget, patience=patience,
         min_delta=min_delta, monitor=monitor, restore_best=restore_best, log_every=log_every,
         training_data=training_data, progress=progress,
     )  # fmt: skip
@@ -213,7 +214,7 @@ class StoreWindows:
 
     def split(self, store: Any, index: int) -> tuple[Holdout, dict[str, Any]]:
         """Split the ``index``-th store into training and validation windows; also return facts for the card."""
-        from cmsn_cube.store import open_cube
+        from cmsn_cube.store import WRITE_ID_ATTR, open_cube
 
         is_path = isinstance(store, (str, os.PathLike))
         cube: xr.Dataset = open_cube(store) if is_path else store
@@ -231,7 +232,7 @@ class StoreWindows:
             "dates": int(cube.sizes["time"]),
             "train_windows": len(holdout.train),
             "val_windows": len(holdout.validation),
-            **{key: cube.attrs[key] for key in ("seed", "sensor", "scale_m") if key in cube.attrs},
+            **{key: cube.attrs[key] for key in ("seed", "sensor", "scale_m", WRITE_ID_ATTR) if key in cube.attrs},
         }
         return holdout, facts
 
@@ -350,6 +351,11 @@ def train_on_stores(
     NoDataError
         If a store has no usable window.
     """
+    from cmsn_cube.training.loop import claim_run_folder
+
+    claim_run_folder(
+        out, resume=bool(train_options.get("resume")), overwrite=bool(train_options.get("overwrite"))
+    )  # before the windows are read
     stores = _store_list(stores)
     model = _initial_model(init, width=width, depth=depth, fusion_depth=fusion_depth, skip_width=skip_width)
     if threads is not None:

@@ -86,6 +86,15 @@ def test_demo_writes_report_tables_and_figures(tmp_path, tiny_checkpoint):
     assert (out / "evaluation.csv").stat().st_size > 0
     assert (out / "reconstruction.zarr").exists()
 
+    again = ["demo", "--out", str(out), "--store", str(tmp_path / "demo.zarr"), "--size", "64", "--model", tiny_checkpoint]
+    rerun = CliRunner().invoke(main, again)
+    assert rerun.exit_code == 0, rerun.output  # a demo replaces what an earlier demo wrote
+    assert json.loads((out / "demo.json").read_text())["written"]["report.md"] != summary["written"]["report.md"]
+    (out / "report.md").write_text("edited by hand")
+    refused = CliRunner().invoke(main, again)
+    assert refused.exit_code == 1 and "report.md, not written by an earlier demo" in refused.output, refused.output
+    assert (out / "report.md").read_text() == "edited by hand"
+
 
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
@@ -132,16 +141,23 @@ def test_accessor_plot_draws_the_panel_with_truth(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "other.png").exists() and not (tmp_path / "two.png").exists()
 
 
-def test_demo_never_replaces_a_users_cube(tmp_path):
-    from cmsn_cube.demo import _is_embedded_scene
+def test_demo_never_replaces_a_users_cube_or_files(tmp_path):
     from cmsn_cube.sources.synthetic import synthetic_scene
     from cmsn_cube.store import open_cube, write_cube
 
-    users = synthetic_scene(height=32, width=32, seed=1)
-    users.attrs["source"] = "my own Landsat pull"
+    users = synthetic_scene(height=32, width=32, seed=1)  # a synth store of the user's, another seed
     path = write_cube(users, tmp_path / "mine.zarr")
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--store", path, "--size", "64"])
-    assert result.exit_code == 1 and "exists; pass overwrite=True" in result.output, result.output
-    assert open_cube(path).attrs["source"] == "my own Landsat pull"
-    assert _is_embedded_scene(write_cube(synthetic_scene(height=32, width=32), tmp_path / "demo.zarr"))
-    assert not _is_embedded_scene(str(tmp_path / "nothing.zarr"))
+    assert result.exit_code == 1 and "the demo did not write; pass --overwrite" in result.output, result.output
+    np.testing.assert_array_equal(open_cube(path)["reflectance"].values, users["reflectance"].values)
+    assert not (tmp_path / "demo").exists(), "refused before any work"
+
+    own = tmp_path / "d"
+    own.mkdir()
+    (own / "report.md").write_text("my notes")
+    result = CliRunner().invoke(
+        main, ["demo", "--out", str(own), "--store", str(tmp_path / "fresh.zarr"), "--size", "64"]
+    )
+    assert result.exit_code == 1 and "report.md, not written by an earlier demo" in result.output, result.output
+    assert (own / "report.md").read_text() == "my notes"
+    assert not (tmp_path / "fresh.zarr").exists(), "refused before the scene was written"

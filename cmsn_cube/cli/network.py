@@ -75,6 +75,7 @@ def reconstruct(
     from cmsn_cube.cluster import get_client
     from cmsn_cube.inference import reconstruct as reconstruct_cube
     from cmsn_cube.inference import reconstruction_state, write_reconstruction
+    from cmsn_cube.outputs import exclusive_writer
     from cmsn_cube.store import open_cube
 
     result = reconstruct_cube(
@@ -88,15 +89,16 @@ def reconstruct(
         fill_unobserved=fill_unobserved,
         method=method,
     )
-    state = reconstruction_state(result, out, overwrite=overwrite)
-    if state == "complete":
-        click.echo(f"{out} is already complete for this input, model and tiling: nothing to do")
-        return
-    with get_client(scheduler, workers=workers, dashboard=True) as client:
-        click.echo(f"Dask dashboard: {client.dashboard_link}")
-        if state == "resume":
-            click.echo(f"resuming {out}: regions already written are kept")
-        write_reconstruction(result, out, overwrite=overwrite)
+    with exclusive_writer(out):  # held from the check to the end: a second run into OUT is refused at once
+        state = reconstruction_state(result, out, overwrite=overwrite)
+        if state == "complete":
+            click.echo(f"{out} is already complete for this input, model and tiling: nothing to do")
+            return
+        with get_client(scheduler, workers=workers, dashboard=True) as client:
+            click.echo(f"Dask dashboard: {client.dashboard_link}")
+            if state == "resume":
+                click.echo(f"resuming {out}: regions already written are kept")
+            write_reconstruction(result, out, overwrite=overwrite)
     click.echo(f"wrote {out}: reconstructed, filled, ndvi, ndvi_observed, observed_dates ({result.attrs['model']})")
     if method == "auto":
         from cmsn_cube.selfcheck import format_quality, quality_table
@@ -148,7 +150,8 @@ def reconstruct(
 @click.option("--no-augment", is_flag=True, help="No random flips and quarter turns.")
 @click.option("--radiometric", is_flag=True, help="Per-date, per-band gain/offset/haze augmentation.")
 @click.option("--balance", is_flag=True, help="Every store gives the same share of each epoch's windows.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same stores and windows).")
+@click.option("--overwrite", is_flag=True, help="Start a new run in an OUT that holds an earlier run's checkpoints.")
 def train_command(
     stores: tuple[str, ...],
     out: Path,
@@ -192,13 +195,31 @@ def train_command(
 @click.option("--lr", type=POSITIVE, default=5e-4, help="Peak AdamW learning rate.")
 @click.option("--seed", default=0, help="Seed of the pasted clouds, shuffling and torch.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Checkpoint [default: STORE-fitted.pt].")
+@click.option("--overwrite", is_flag=True, help="Replace a checkpoint already at --out.")
 def fit_command(
-    store: str, model: str | None, steps: int, time_budget: float, lr: float, seed: int, out: Path | None
+    store: str,
+    model: str | None,
+    steps: int,
+    time_budget: float,
+    lr: float,
+    seed: int,
+    out: Path | None,
+    overwrite: bool,
 ) -> None:
-    """Adapt a checkpoint to the cube in STORE (path or URL) from its own clear pixels; write the checkpoint."""
+    """Adapt a checkpoint to the cube in STORE (path or URL) from its own clear pixels; write the checkpoint.
+
+    An existing checkpoint at --out is kept unless --overwrite is given (checked before the fit starts).
+    """
     from cmsn_cube.adapt import fit, fitted_path
 
     result = fit(
-        store, model=model, steps=steps, time_budget=time_budget, lr=lr, seed=seed, out=out or fitted_path(store)
+        store,
+        model=model,
+        steps=steps,
+        time_budget=time_budget,
+        lr=lr,
+        seed=seed,
+        out=out or fitted_path(store),
+        overwrite=overwrite,
     )
     click.echo(result.summary())

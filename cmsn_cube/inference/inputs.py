@@ -54,8 +54,10 @@ def count_observed_dates(cube: xr.Dataset) -> xr.DataArray:
     return clear.sum("time").astype(np.uint16).rename("observed_dates")
 
 
-def check_observed(observed_dates: np.ndarray, *, what: str) -> None:
+def check_observed(observed_dates: np.ndarray, *, what: str, stacklevel: int = 3) -> None:
     """Raise :class:`NoDataError` when no pixel was ever observed clear; warn with the share never observed.
+
+    ``stacklevel``: of the warning, counted from this function (3: the caller of its caller).
 
     Raises
     ------
@@ -70,7 +72,7 @@ def check_observed(observed_dates: np.ndarray, *, what: str) -> None:
             f"{never} pixels ({100 * never / observed_dates.size:.2f} %) of {what} are observed on no date: they stay NaN "
             "(flagged 2 in 'filled'), or are the network's guess with fill_unobserved=True (flagged 3)",
             CMSNCubeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -78,15 +80,18 @@ def input_fingerprint(cube: xr.Dataset) -> str:
     """Digest what a reconstruction reads, so that a resumed write never mixes inputs.
 
     The digest covers the data (their content when in memory; for lazy data their graph, which names the
-    store, its modification time and every operation), the store's write id, the times, the grid and the CRS.
-    Any change gives another digest.
+    store and every operation), the store's write id and the state of every file in it (sizes and times: an
+    edit in place with zarr or ``to_zarr(region=...)`` changes it, see :func:`cmsn_cube.store.store_state_digest`),
+    the times, the grid and the CRS. Any change gives another digest.
     """
     from cmsn_cube.cube import crs_of
-    from cmsn_cube.store import WRITE_ID_ATTR
+    from cmsn_cube.store import WRITE_ID_ATTR, store_state_digest
 
+    source = cube.encoding.get("source")
     parts = (
         dask.base.tokenize(cube["reflectance"].data, cube["cloud_mask"].data),
         cube.attrs.get(WRITE_ID_ATTR),
+        store_state_digest(source) if source else None,
         cube["time"].values.astype("datetime64[ns]").astype("int64").tolist(),
         [float(v) for v in (cube.y[0], cube.y[-1], cube.x[0], cube.x[-1])],
         cube.sizes["y"],

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cmsn_cube.cube import BANDS
+from cmsn_cube.exceptions import ModelOutputError
 
 if TYPE_CHECKING:  # torch loads only when a model runs
     import torch
@@ -54,10 +55,11 @@ def model_spec(model: ModelLike = None) -> ModelSpec:
     """
     import torch
 
-    from cmsn_cube.model.checkpoint import load_model
+    from cmsn_cube.model.checkpoint import check_finite_weights, load_model
 
     if isinstance(model, torch.nn.Module):
         config, state, name = dict(model.config), model.state_dict(), "in-memory model"  # type: ignore[arg-type]
+        check_finite_weights(state, name)
     else:
         source = DEFAULT_MODEL if model is None else model
         loaded = load_model(source, bands=BANDS)  # verified: digest, architecture, band order, weights fit
@@ -114,6 +116,11 @@ def run_filler(
         output = weighted.copy()
     else:
         output = _run_model(_filler_on_worker(method, spec, device), windows, device)
+        if not np.isfinite(output).all():  # never write NaN or inf as a fill (a region is written whole or not)
+            raise ModelOutputError(
+                f"the {method} filler of {spec.name} gave {int((~np.isfinite(output)).sum())} non-finite values "
+                f"on a batch of {len(windows)} windows; nothing of this region was written"
+            )
     if method != "regression":
         return output
     for k, window in enumerate(windows):

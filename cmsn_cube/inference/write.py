@@ -123,7 +123,14 @@ def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, ov
     stored = json.loads(text) if isinstance(text, str) else None
     wanted = json.loads(json.dumps(record(result)))
     if stored == wanted:
-        return "complete" if attrs.get(COMPLETE_ATTR) is True else "resume"
+        if attrs.get(COMPLETE_ATTR) is not True:
+            return "resume"
+        damage = _damage(path)
+        if damage is None:
+            return "complete"
+        if overwrite:
+            return "replace"
+        raise StoreError(f"{damage}; pass overwrite=True (--overwrite) to write it again")
     if overwrite:
         return "replace"
     if stored is None:
@@ -134,6 +141,17 @@ def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, ov
         f"{path} holds a reconstruction with another {', '.join(differs)}; "
         "pass overwrite=True (--overwrite) to replace it, or write to another path"
     )
+
+
+def _damage(path: str) -> str | None:
+    """Say what is missing from a finished store (a deleted chunk file), or ``None`` when nothing is."""
+    from cmsn_cube.store import check_chunk_files
+
+    try:
+        check_chunk_files(path)
+    except StoreError as error:
+        return str(error).split("; restore", 1)[0]
+    return None
 
 
 def write_reconstruction(
@@ -181,16 +199,28 @@ def write_reconstruction(
     NoDataError
         The input has no clear pixel on any date. A warning names the share of pixels observed on no date.
     """
-    from cmsn_cube.store import filesystem, mark_store_complete, store_path
+    from cmsn_cube.outputs import exclusive_writer
+    from cmsn_cube.store import store_path
 
     check_positive(max_regions=max_regions)
     path = store_path(path)
-    result = _with_coordinates_computed(result)
+    with exclusive_writer(path):
+        return _write_reconstruction(
+            _with_coordinates_computed(result), path, overwrite=overwrite, progress=progress, max_regions=max_regions
+        )
+
+
+def _write_reconstruction(
+    result: xr.Dataset, path: str, *, overwrite: bool, progress: bool, max_regions: int | None
+) -> str:
+    """:func:`write_reconstruction` once the output's lock is held."""
+    from cmsn_cube.store import filesystem, mark_store_complete
+
     state = reconstruction_state(result, path, overwrite=overwrite)
     if state == "complete":
         return path
     values = _small_variables(result)
-    check_observed(values["observed_dates"], what=f"the input of {path}")
+    check_observed(values["observed_dates"], what=f"the input of {path}", stacklevel=4)  # the user's call
     _start_store(result, path, values, new=state in ("new", "replace"))
     computed = computed_chunks({name: result[name].data for name in values}, values)
     spatial = _spatial_variables(result, values)

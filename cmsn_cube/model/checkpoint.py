@@ -99,6 +99,7 @@ def save_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     training_state: Mapping[str, Any] | None = None,
     write_card: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (and optionally the training state) atomically, with its JSON card.
 
@@ -114,6 +115,8 @@ def save_checkpoint(
         Optimizer state, step, RNG states... for resuming; tensors and plain data only.
     write_card : bool
         Write ``<path>.json`` with the sha256 of the weights file.
+    overwrite : bool
+        Replace an existing checkpoint (or card) at ``path``; without it an existing one is an error.
 
     Returns
     -------
@@ -124,8 +127,12 @@ def save_checkpoint(
     ------
     CheckpointError
         If ``metadata`` is not JSON-serialisable or ``model`` has no ``config``.
+    OutputExistsError
+        ``path`` or its card exists and ``overwrite`` is not set.
+    StoreError
+        ``path`` is a folder or lies inside a Zarr store.
     """
-    path = Path(path)
+    path = claim_checkpoint(path, overwrite=overwrite)
     config = getattr(model, "config", None)
     if not isinstance(config, Mapping) or config.get("architecture") != ARCHITECTURE:
         raise CheckpointError(f"model has no CMSN config (architecture {ARCHITECTURE!r}); cannot save it")
@@ -165,6 +172,15 @@ def save_checkpoint(
     return path
 
 
+def claim_checkpoint(path: PathLike, *, overwrite: bool) -> Path:
+    """Check that a checkpoint and its card may be written at ``path`` (before any training); return the path."""
+    from cmsn_cube.outputs import claim_file
+
+    path = claim_file(path, overwrite=overwrite, what="checkpoint")
+    claim_file(_card_path(path), overwrite=overwrite, what="checkpoint card")
+    return path
+
+
 def list_models() -> list[str]:
     """Names of the packaged checkpoints (those with a ``.pt`` file and a card in :data:`WEIGHTS_DIR`)."""
     if not WEIGHTS_DIR.is_dir():
@@ -179,6 +195,10 @@ def _resolve(path_or_name: PathLike) -> tuple[Path, bool]:
         return candidate, False
     text = os.fspath(path_or_name)
     looks_like_name = candidate.suffix == "" and os.sep not in text and "/" not in text
+    if candidate.is_dir() and not (looks_like_name and (WEIGHTS_DIR / f"{text}.pt").is_file()):
+        inside = sorted(p.name for p in candidate.glob("*.pt"))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise CheckpointError(f"{text} is a directory, not a checkpoint file: give the path of a .pt file{hint}")
     if looks_like_name:
         registered = WEIGHTS_DIR / f"{text}.pt"
         if registered.is_file():
@@ -253,7 +273,14 @@ def load_checkpoint(path_or_name: PathLike, *, map_location: str | torch.device 
             )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as error:
+    except PermissionError:
+        raise
+    except (OSError, EOFError, RuntimeError) as error:  # a zip archive cut short: [Errno 22], "failed finding..."
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a torch file ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:120]}); copy or save it again (cmsn_cube.model.save_checkpoint)"
+        ) from None
+    except (pickle.UnpicklingError, ValueError, AttributeError, TypeError) as error:
         raise CheckpointError(
             f"{path} is not a loadable cmsn-cube checkpoint: torch.load(weights_only=True) refused it "
             f"({type(error).__name__}). Only files written by cmsn_cube.model.save_checkpoint are accepted"
@@ -275,7 +302,24 @@ def load_checkpoint(path_or_name: PathLike, *, map_location: str | torch.device 
         raise CheckpointError(
             f"the weights in {path} do not match their recorded digest: the checkpoint was altered after saving"
         )
+    check_finite_weights(state_dict, path)
     return payload
+
+
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], source: PathLike) -> None:
+    """Raise :class:`CheckpointError` if weights hold NaN or infinity (every pixel filled would be NaN or wrong)."""
+    bad = {
+        key: int((~torch.isfinite(tensor)).sum())
+        for key, tensor in state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    }
+    if bad:
+        first = next(iter(bad))
+        raise CheckpointError(
+            f"checkpoint {os.fspath(source)} has non-finite weights: {bad[first]} NaN/inf values in {first!r}"
+            + (f" and in {len(bad) - 1} more tensors" if len(bad) > 1 else "")
+            + "; the training that wrote it diverged: use another checkpoint"
+        )
 
 
 def build_model(config: Mapping[str, Any]) -> CMSN:

@@ -26,7 +26,8 @@ from cmsn_cube.metrics import SSIM_NAME
 from cmsn_cube.model.checkpoint import build_model, load_model, save_checkpoint
 from cmsn_cube.model.cmsn import ARCHITECTURE, CMSN
 from cmsn_cube.model.losses import DEFAULT_LOSS_WEIGHTS, CMSNLoss
-from cmsn_cube.training.history import LossLog, write_history
+from cmsn_cube.exceptions import CMSNCubeError
+from cmsn_cube.training.history import HISTORY_JSON, HISTORY_PNG, LossLog, write_history
 from cmsn_cube.training.loaders import batch_to_device
 from cmsn_cube.training.schedule import SCHEDULES, Schedule, WarmupSchedule, default_warmup
 from cmsn_cube.training.state import TrainingState
@@ -72,6 +73,9 @@ class TrainOptions:
     checkpoint_dir : str, path-like or None
         Where ``last.pt`` (resumable), ``best.pt`` (best validation), their ``.json`` cards, ``history.json``
         and ``loss.png`` are written (atomically).
+    overwrite : bool
+        Start a new run in a ``checkpoint_dir`` that holds an earlier run's files (replacing them); without it
+        (and without ``resume``) they are an error, raised before any training.
     resume : bool
         Continue from ``checkpoint_dir/last.pt`` if present: weights and the whole
         :class:`~cmsn_cube.training.state.TrainingState` (optimizer, step, epoch, history, best validation, RNG
@@ -120,6 +124,7 @@ class TrainOptions:
     amp: bool | None
     checkpoint_dir: str | os.PathLike[str] | None
     resume: bool
+    overwrite: bool
     time_budget: float | None
     patience: int | None
     min_delta: float
@@ -233,14 +238,63 @@ def _adamw(model: CMSN, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
     )
 
 
+#: What a run writes into its folder: an earlier run's files are kept unless resumed or overwritten.
+RUN_FILES = (LAST_CHECKPOINT, "last.json", BEST_CHECKPOINT, "best.json", HISTORY_JSON, HISTORY_PNG)
+
+#: What a run's validation scores depend on: a resume with other values would compare incomparable scores.
+_VALIDATION_FACTS = ("stores", "patch_size", "overlap", "val_fraction", "levels", "reference_masks")
+
+
+def claim_run_folder(directory: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> Path:
+    """Check, before any work, that a run may write into ``directory``; return it.
+
+    A folder with an earlier run's files is continued (``resume``, when it has ``last.pt``) or replaced
+    (``overwrite``); otherwise it is an :class:`~cmsn_cube.exceptions.OutputExistsError`.
+    """
+    from cmsn_cube.outputs import claim_folder
+
+    directory = Path(directory)
+    if resume and (directory / LAST_CHECKPOINT).is_file():
+        return claim_folder(directory, (), overwrite=True, what="checkpoint folder")
+    return claim_folder(directory, RUN_FILES, overwrite=overwrite, what="checkpoint folder")
+
+
+def check_resumed_data(last: Path, training_data: Mapping[str, Any] | None) -> None:
+    """Refuse to resume the run of ``last`` on other data: its best score was measured on its own validation set."""
+    from cmsn_cube.exceptions import ArgumentError
+    from cmsn_cube.model.checkpoint import model_card
+
+    try:
+        recorded = model_card(last).get("training", {}).get("training_data") or {}
+    except CMSNCubeError:
+        return  # no card: nothing recorded to compare
+    given = dict(training_data or {})
+    differs = [key for key in _VALIDATION_FACTS if key in recorded and key in given and recorded[key] != given[key]]
+    if differs:
+        raise ArgumentError(
+            f"resume continues the run in {last.parent} on the data it was trained on; its {', '.join(differs)} "
+            "differ from this call's (its best validation score is not comparable): train into another folder, "
+            f"or fine-tune from it with init={str(last)!r} (--init)"
+        )
+
+
 def run_training(
     model_or_config: CMSN | Mapping[str, Any] | str | os.PathLike[str] | None,
     train_loader: Iterable[Mapping[str, Any]],
     val_loader: Iterable[Mapping[str, Any]] | None,
     options: TrainOptions,
 ) -> TrainResult:
-    """Train as :func:`cmsn_cube.train.train` describes (which checks nothing more before calling this)."""
-    return _Run(model_or_config, train_loader, val_loader, options).run()
+    """Train as :func:`cmsn_cube.train.train` describes, holding the checkpoint folder's lock for the run."""
+    from cmsn_cube.outputs import exclusive_writer
+
+    if options.checkpoint_dir is None:
+        return _Run(model_or_config, train_loader, val_loader, options).run()
+    directory = claim_run_folder(options.checkpoint_dir, resume=options.resume, overwrite=options.overwrite)
+    with exclusive_writer(directory):
+        claim_run_folder(directory, resume=options.resume, overwrite=options.overwrite)  # now that it is ours
+        if options.resume and (directory / LAST_CHECKPOINT).is_file():
+            check_resumed_data(directory / LAST_CHECKPOINT, options.training_data)
+        return _Run(model_or_config, train_loader, val_loader, options).run()
 
 
 class _Run:
@@ -401,7 +455,9 @@ class _Run:
             state.validations_without_improvement = 0
             state.keep_best_weights()
             if self.directory is not None:
-                save_checkpoint(self.directory / BEST_CHECKPOINT, state.model, metadata=self._card_metadata())
+                save_checkpoint(
+                    self.directory / BEST_CHECKPOINT, state.model, metadata=self._card_metadata(), overwrite=True
+                )
         else:
             state.validations_without_improvement += 1
         if options.progress:
@@ -417,7 +473,7 @@ class _Run:
             return None
         path = save_checkpoint(
             self.directory / LAST_CHECKPOINT, self.state.model, metadata=self._card_metadata(),
-            training_state=self.state.state_dict(),
+            training_state=self.state.state_dict(), overwrite=True,
         )  # fmt: skip
         write_history(self.state.history, self.directory)
         return path
@@ -428,7 +484,9 @@ class _Run:
         if self.val_loader is None and directory is not None:
             # Without validation the final weights are the ones to use (no validation metrics describe them,
             # even when a resumed earlier call had some).
-            save_checkpoint(directory / BEST_CHECKPOINT, state.model, metadata=self._card_metadata() | {"metrics": {}})
+            save_checkpoint(
+                directory / BEST_CHECKPOINT, state.model, metadata=self._card_metadata() | {"metrics": {}}, overwrite=True
+            )
         best_path = directory / BEST_CHECKPOINT if directory is not None else None
         if best_path is not None and not best_path.is_file():
             best_path = None
