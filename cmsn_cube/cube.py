@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from cmsn_cube.exceptions import (
@@ -77,7 +78,8 @@ def make_cube(
     reflectance : array-like
         ``(time, 4, y, x)`` reflectance in [0, 1], bands in :data:`BANDS` order; cast to float32.
     time : sequence of datetime-like
-        Acquisition times.
+        Acquisition times in UTC. Time-zone-aware times (a tz-aware ``pandas.DatetimeIndex``, say) are converted
+        to UTC and stored naive, as every cube's times are.
     y, x : numpy.ndarray
         Pixel-centre coordinates in the CRS's units.
     crs : Any
@@ -96,7 +98,11 @@ def make_cube(
     xarray.Dataset
         A valid cube.
     """
-    times = np.asarray(time, dtype="datetime64[ns]")
+    times = _naive_utc(time)
+    _check_shape("reflectance", reflectance, (len(times), len(BANDS), len(y), len(x)))
+    for name, array in (("qa_pixel", qa_pixel), ("cloud_mask", cloud_mask)):
+        if array is not None:
+            _check_shape(name, array, (len(times), len(y), len(x)))
     sensors = [sensor] * len(times) if isinstance(sensor, str) else list(sensor)
     if len(sensors) != len(times):
         raise CubeValidationError(
@@ -119,6 +125,36 @@ def make_cube(
     ds["reflectance"].attrs.update({"long_name": "TOA reflectance", "units": "1"})
     ds = set_crs(ds, crs)
     return validate_cube(ds)
+
+
+def _naive_utc(time: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """Return ``time`` as naive UTC ``datetime64[ns]``: time-zone-aware times are converted to UTC first."""
+    if isinstance(time, pd.DatetimeIndex | pd.Series) or (
+        not isinstance(time, np.ndarray) and any(getattr(t, "tzinfo", None) is not None for t in time)
+    ):
+        try:
+            index = pd.DatetimeIndex(time)
+        except (TypeError, ValueError) as error:
+            raise TimeAxisError(f"times cannot be read as datetimes: {error}") from None
+        if index.tz is not None:
+            index = index.tz_convert("UTC").tz_localize(None)
+        return index.to_numpy(dtype="datetime64[ns]")
+    return np.asarray(time, dtype="datetime64[ns]")
+
+
+def _check_shape(name: str, array: Any, expected: tuple[int, ...]) -> None:
+    """Raise an error naming ``name``'s shape and the one the dims, bands and coordinates ask for."""
+    shape = tuple(int(n) for n in np.shape(array))
+    if shape == expected:
+        return
+    dims = _DIMS[name]
+    wanted = ", ".join(f"{dim}={n}" for n, dim in zip(expected, dims, strict=True))
+    if name == "reflectance" and len(shape) == 4 and shape[1] != len(BANDS):
+        raise BandMismatchError(
+            f"reflectance has {shape[1]} bands (shape {shape}), expected {len(BANDS)}: {', '.join(BANDS)} in that "
+            f"order; select them (with cmsn_cube.cube.SENSOR_BANDS) before make_cube"
+        )
+    raise DimensionError(f"{name} has shape {shape}, expected ({wanted}) from the times, bands, y and x given")
 
 
 def _as_float32(array: Any) -> Any:
@@ -244,6 +280,13 @@ def _check_dtypes(ds: xr.Dataset) -> None:
 def _check_time(ds: xr.Dataset) -> None:
     if "time" not in ds.coords:
         raise DimensionError("cube has no 'time' coordinate")
+    zone = getattr(ds.indexes.get("time"), "tz", None)
+    if zone is not None:
+        raise TimeAxisError(
+            f"times must be naive UTC; got tz-aware times ({zone}): convert them with "
+            "ds.assign_coords(time=ds.indexes['time'].tz_convert('UTC').tz_localize(None)) "
+            "(cmsn_cube.make_cube does this itself)"
+        )
     times = ds["time"].values
     if not np.issubdtype(times.dtype, np.datetime64):
         raise TimeAxisError(f"time must be datetime64, got {times.dtype}")

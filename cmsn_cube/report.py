@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import crs_of
-from cmsn_cube.store import open_cube, open_store
+from cmsn_cube.store import naming_damaged_chunks, open_cube, open_store
 
 
 def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:
@@ -73,8 +73,12 @@ def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction")
 
 
 def describe_store(path: str | os.PathLike[str]) -> str:
-    """:func:`describe_cube` or :func:`describe_reconstruction` of the store at ``path``."""
+    """:func:`describe_cube` or :func:`describe_reconstruction` of the store at ``path``.
+
+    A chunk that cannot be decoded is a :class:`~cmsn_cube.exceptions.StoreError` naming its file.
+    """
     ds = open_store(path)
-    if "reconstructed" in ds:
-        return describe_reconstruction(ds, name=str(path))
-    return describe_cube(open_cube(path), name=str(path))
+    with naming_damaged_chunks(path):
+        if "reconstructed" in ds:
+            return describe_reconstruction(ds, name=str(path))
+        return describe_cube(open_cube(path), name=str(path))

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from cmsn_cube.cli.group import main
-from cmsn_cube.cli.options import COUNT, workers_option
+from cmsn_cube.cli.options import COUNT, SEED, FloatList, workers_option
 
 
 @main.command()
@@ -21,21 +21,30 @@ from cmsn_cube.cli.options import COUNT, workers_option
 @click.option(
     "--cloud",
     "cloud_fractions",
+    type=FloatList(),
     default="0.25,0.15,0.10",
     help="Cloud fraction per date, comma-separated (repeated to --dates).",
 )
 @click.option("--sensor", type=click.Choice(["LANDSAT_5", "LANDSAT_8"]), default="LANDSAT_8")
-@click.option("--seed", default=0, help="Random seed: the same seed gives the same scene.")
+@click.option("--seed", type=SEED, default=0, help="Random seed: the same seed gives the same scene.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 def synth(
-    store: str, height: int, width: int, n_dates: int, cloud_fractions: str, sensor: str, seed: int, overwrite: bool
+    store: str,
+    height: int,
+    width: int,
+    n_dates: int,
+    cloud_fractions: tuple[float, ...],
+    sensor: str,
+    seed: int,
+    overwrite: bool,
 ) -> None:
     """Write the embedded synthetic Landsat scene (with its cloud-free truth) to a Zarr STORE."""
     from cmsn_cube.sources.synthetic import synthetic_scene
     from cmsn_cube.store import write_cube
 
-    levels = [float(v) for v in cloud_fractions.split(",") if v.strip()]
-    levels = [levels[i % len(levels)] for i in range(n_dates)]
+    if not cloud_fractions:
+        raise click.BadParameter("give at least one cloud fraction", param_hint="'--cloud'")
+    levels = [cloud_fractions[i % len(cloud_fractions)] for i in range(n_dates)]
     cube = synthetic_scene(
         height=height, width=width, n_dates=n_dates, cloud_fractions=levels, sensor=sensor, seed=seed
     )
@@ -62,7 +71,7 @@ def info(store: str) -> None:
 )
 @click.option("--store", type=str, default="stores/demo.zarr", help="Zarr store the demo writes.")
 @click.option("--size", type=click.IntRange(min=64), default=512, help="Scene height and width in pixels.")
-@click.option("--seed", default=2026, help="Scene seed (not one the packaged model was trained on).")
+@click.option("--seed", type=SEED, default=2026, help="Scene seed (not one the packaged model was trained on).")
 @click.option("--model", default=None, help="Checkpoint path or packaged name (default: the packaged model).")
 @click.option(
     "--adapt-seconds",
@@ -78,13 +87,28 @@ def demo(out_dir: Path, **options: Any) -> None:
     run_demo(out_dir, echo=click.echo, **options)
 
 
+def _method_names(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """Split ``--methods`` at commas; none at all is a usage error that gives an example."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        from cmsn_cube.evaluate import DEFAULT_METHODS
+
+        raise click.BadParameter(f"give at least one method, e.g. {','.join(DEFAULT_METHODS)},cmsn")
+    return names
+
+
 @main.command("evaluate")
 @click.argument("store", type=str)
-@click.option("--methods", default="nearest,linear,median,regression", help="Comma-separated gap-fillers to score.")
+@click.option(
+    "--methods",
+    default="nearest,linear,median,regression",
+    callback=_method_names,
+    help="Comma-separated gap-fillers to score.",
+)
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Folder for evaluation.csv and evaluation.json."
 )
-@click.option("--seed", default=0, help="Seed of the pasted clouds (stores without a truth variable).")
+@click.option("--seed", type=SEED, default=0, help="Seed of the pasted clouds (stores without a truth variable).")
 @click.option(
     "--truth",
     type=click.Choice(["cube", "pasted"]),
@@ -93,14 +117,13 @@ def demo(out_dir: Path, **options: Any) -> None:
 )
 @click.option("--model", default=None, help="Checkpoint of the cmsn method: packaged name or path.")
 def evaluate_command(
-    store: str, methods: str, out: Path | None, seed: int, truth: str | None, model: str | None
+    store: str, methods: tuple[str, ...], out: Path | None, seed: int, truth: str | None, model: str | None
 ) -> None:
     """Score gap-filling METHODS (baselines, cmsn) on a cube STORE whose truth is known; print the table."""
     from cmsn_cube.evaluate import evaluate
     from cmsn_cube.store import open_cube
 
-    names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    evaluate(open_cube(store), methods=names, seed=seed, truth=truth, out=out, echo=click.echo, model=model)  # type: ignore[arg-type]
+    evaluate(open_cube(store), methods=methods, seed=seed, truth=truth, out=out, echo=click.echo, model=model)  # type: ignore[arg-type]
     if out is not None:
         click.echo(f"wrote {out / 'evaluation.csv'} and {out / 'evaluation.json'}")
 

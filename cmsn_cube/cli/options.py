@@ -6,11 +6,13 @@ from typing import Any
 
 import click
 
-__all__ = ["COUNT", "POSITIVE", "FloatList", "device_option", "workers_option"]
+__all__ = ["COUNT", "POSITIVE", "SEED", "FloatList", "device_option", "workers_option"]
 
-#: Click types of the numeric options: counts and sizes at least 1, rates above 0.
+#: Click types of the numeric options: counts and sizes at least 1, rates above 0, seeds at least 0 (numpy's
+#: generators refuse negative seeds).
 COUNT = click.IntRange(min=1)
 POSITIVE = click.FloatRange(min=0, min_open=True)
+SEED = click.IntRange(min=0)
 
 #: ``--device`` of the commands that run the network: None leaves the choice to
 #: :func:`cmsn_cube.device.default_device`.
