@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
 from click.testing import CliRunner
 
 from cmsn_cube.cli import main
-from cmsn_cube.exceptions import CubeValidationError, StoreError
+from cmsn_cube.exceptions import CubeValidationError, OutputExistsError, StoreError
 from cmsn_cube.export import to_cogs
 from cmsn_cube.inference import reconstruct, write_reconstruction
 from cmsn_cube.sources.synthetic import synthetic_scene
@@ -39,6 +41,9 @@ def test_cogs_read_back_with_values_grid_names_and_overviews(written, tmp_path):
     with rasterio.open(tmp_path / "cogs" / f"{day}_filled.tif") as cog:
         np.testing.assert_array_equal(cog.read(1), result.filled.values[1])
         assert "unobserved_left_nan" in cog.tags()["flag_meanings"]
+        # 0 is a flag ("observed"), not no data: GIS tools must not hide the observed pixels
+        assert cog.nodata is None and (result.filled.values[1] == 0).any()
+        assert not cog.read(1, masked=True).mask.any()
     with rasterio.open(tmp_path / "cogs" / f"{day}_ndvi.tif") as cog:
         np.testing.assert_array_equal(cog.read(1), result.ndvi.values[1])
 
@@ -47,7 +52,7 @@ def test_existing_files_are_kept_unless_overwrite(written, tmp_path):
     result = open_reconstruction(written)
     to_cogs(result, tmp_path, progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tif")}
-    with pytest.raises(StoreError, match="exist"):
+    with pytest.raises(OutputExistsError, match=r"already holds \d{4}-\d\d-\d\d_\w+\.tif"):
         to_cogs(result, tmp_path, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tif")} == before
     to_cogs(result, tmp_path, overwrite=True, progress=False)
@@ -61,3 +66,15 @@ def test_cli_export(written, tmp_path):
     assert run.exit_code == 0 and "wrote 9 GeoTIFFs" in run.output, run.output
     run = CliRunner().invoke(main, ["export", str(tmp_path / "missing.zarr"), str(tmp_path / "cogs")])
     assert run.exit_code == 1 and run.stderr.startswith("error: no store at")
+
+
+def test_export_never_writes_into_a_zarr_store(written, tmp_path):
+    from cmsn_cube.store import write_cube
+
+    cube = write_cube(synthetic_scene(height=32, width=32, seed=1), tmp_path / "cube.zarr")
+    for store, folder in ((written, written), (written, cube), (written, f"{cube}/cogs")):
+        before = sorted(p.relative_to(cube) for p in Path(cube).rglob("*"))
+        run = CliRunner().invoke(main, ["export", store, folder])
+        assert run.exit_code == 1 and "Zarr store" in run.stderr and len(run.stderr.splitlines()) == 1, run.output
+        assert sorted(p.relative_to(cube) for p in Path(cube).rglob("*")) == before
+    assert not list(Path(written).rglob("*.tif")) and open_reconstruction(written) is not None

@@ -26,8 +26,12 @@ from cmsn_cube.cli import main
 from cmsn_cube.cluster import get_client
 from cmsn_cube.exceptions import (
     ArgumentError,
+    CheckpointError,
     CMSNCubeWarning,
+    ModelOutputError,
     NoDataError,
+    OutputExistsError,
+    OutputLockedError,
     ReflectanceRangeError,
     SchedulerError,
     StoreError,
@@ -38,6 +42,7 @@ from cmsn_cube.sources.synthetic import synthetic_scene
 from cmsn_cube.store import append_cube, open_cube, open_reconstruction, write_cube
 
 TILING = {"tile": 64, "overlap": 8, "chunk": 128}
+CLI_TILING = ["--tile", "64", "--overlap", "8", "--chunk", "128", "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -461,3 +466,178 @@ def test_a_cube_and_a_reconstruction_are_not_opened_as_each_other(store, checkpo
         open_reconstruction(store)
     with pytest.raises(StoreError, match="is a reconstruction, not a cube"):
         open_cube(out)
+
+
+# ------------------------------------------------------------------------------------------ every writer
+
+
+def test_fit_and_train_never_replace_checkpoints_unasked(store, checkpoint, tmp_path):
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(checkpoint.read_bytes())
+    fit = ["fit", store, "--steps", "1", "--model", str(checkpoint)]
+    assert "mine.pt exists; pass --overwrite" in one_line_error(CliRunner().invoke(main, [*fit, "--out", str(mine)]))
+    assert mine.read_bytes() == checkpoint.read_bytes()
+    default = Path(store).with_name("scene-fitted.pt")  # the default --out of an earlier fit
+    default.write_bytes(b"an earlier fit")
+    assert "scene-fitted.pt exists" in one_line_error(CliRunner().invoke(main, fit))
+    assert default.read_bytes() == b"an earlier fit"
+    assert "is a Zarr store, not a file" in one_line_error(CliRunner().invoke(main, [*fit, "--out", store]))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "best.pt").write_bytes(b"an earlier run")
+    run = CliRunner().invoke(main, ["train", store, "--out", str(runs), "--steps", "1"])
+    assert "already holds best.pt; pass --overwrite" in one_line_error(run)
+    assert (runs / "best.pt").read_bytes() == b"an earlier run" and sorted(p.name for p in runs.iterdir()) == ["best.pt"]
+    with pytest.raises(OutputExistsError):
+        save_checkpoint(mine, CMSN(width=8, depth=1, fusion_depth=1, skip_width=4))
+    assert mine.read_bytes() == checkpoint.read_bytes()
+
+
+def test_a_resume_on_other_stores_is_refused(store, scene, tmp_path):
+    tiny = ["--width", "4", "--depth", "1", "--fusion-depth", "0", "--skip-width", "2", "--patch-size", "32", "--overlap", "8"]
+    options = [*tiny, "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "run")]
+    first = CliRunner().invoke(main, ["train", store, *options])
+    assert first.exit_code == 0, first.output
+    best = (tmp_path / "run" / "best.pt").read_bytes()
+    other = write_cube(scene.isel(y=slice(0, 120)), tmp_path / "other.zarr")
+    run = CliRunner().invoke(main, ["train", other, *options, "--resume"])
+    assert "its stores differ from this call's" in one_line_error(run)
+    assert (tmp_path / "run" / "best.pt").read_bytes() == best
+
+
+def test_a_store_is_never_written_inside_another(store, scene, checkpoint, tmp_path):
+    for inside in (f"{store}/nested.zarr", f"{store}/reflectance/x.zarr"):
+        with pytest.raises(StoreError, match="is inside the Zarr store"):
+            write_cube(scene, inside)
+        with pytest.raises(StoreError, match="is inside the Zarr store"):
+            write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), inside, progress=False)
+    assert not list(Path(store).rglob("nested.zarr")) and not list(Path(store).rglob(".*.lock"))
+
+
+# ------------------------------------------------------------------------------------------ one writer per output
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_recovered(
+    store, scene, checkpoint, tmp_path
+):
+    out = tmp_path / "out.zarr"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from cmsn_cube.outputs import exclusive_writer
+            with exclusive_writer({str(out)!r}):
+                print("held", flush=True)
+                time.sleep(300)
+            """)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        run = CliRunner().invoke(main, ["reconstruct", store, str(out), "--model", str(checkpoint), *CLI_TILING])
+        assert f"is being written by process {holder.pid}" in one_line_error(run)
+        with pytest.raises(OutputLockedError, match=f"process {holder.pid}"):
+            write_cube(scene, out)
+        assert not out.exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up ran, the lock file stays; the kernel released the lock
+        holder.wait()
+    assert (tmp_path / ".out.zarr.lock").exists()
+    run = CliRunner().invoke(main, ["reconstruct", store, str(out), "--model", str(checkpoint), *CLI_TILING])
+    assert run.exit_code == 0, run.output
+    assert "reconstructed" in open_reconstruction(out) and not (tmp_path / ".out.zarr.lock").exists()
+
+
+def test_two_runs_started_together_leave_one_whole_output(store, checkpoint, tmp_path):
+    out = str(tmp_path / "out.zarr")
+    code = textwrap.dedent(f"""
+        import dask
+        from cmsn_cube.inference import reconstruct, write_reconstruction
+        from cmsn_cube.store import open_cube
+        dask.config.set(scheduler="synchronous")
+        write_reconstruction(reconstruct(open_cube({store!r}), model={str(checkpoint)!r}, **{TILING!r}), {out!r},
+                             progress=False)
+        """)
+    runs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(run.wait(timeout=300), run.stderr.read() if run.stderr else "") for run in runs]
+    assert all(code == 0 or "is being written by process" in error for code, error in outcomes), outcomes
+    assert any(code == 0 for code, _ in outcomes)
+    expected = reconstruct(open_cube(store), model=checkpoint, **TILING).compute()
+    xr.testing.assert_identical(open_reconstruction(out)["reconstructed"].load(), expected["reconstructed"])
+
+
+# ------------------------------------------------------------------------------------------ inputs that change
+
+
+@pytest.mark.parametrize("edit", ["reflectance halved with zarr", "cloud_mask rewritten with to_zarr(region=...)"])
+def test_a_resume_sees_an_input_edited_in_place(store, checkpoint, tmp_path, edit):
+    import zarr
+
+    out = str(tmp_path / "out.zarr")
+    write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, max_regions=2, progress=False)
+    if edit.startswith("reflectance"):
+        reflectance = zarr.open_group(store, mode="r+")["reflectance"]
+        reflectance[1] = reflectance[1] / 2
+    else:
+        cube = open_cube(store)
+        rows = cube[["cloud_mask"]].isel(time=[1], y=slice(0, 64)).load()
+        rows["cloud_mask"][:] = ~rows["cloud_mask"]
+        rows.drop_vars([n for n in rows.coords if n not in ("time", "y", "x")]).drop_indexes(["time", "y", "x"]).to_zarr(
+            store, region={"time": slice(1, 2), "y": slice(0, 64), "x": slice(None)}
+        )
+    with pytest.raises(StoreError, match="another input_fingerprint"):
+        write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, progress=False)
+
+
+def test_equal_data_of_another_write_is_another_input(scene):
+    from cmsn_cube.inference import input_fingerprint
+    from cmsn_cube.store import WRITE_ID_ATTR
+
+    first, second = scene.copy(), scene.copy()
+    first.attrs[WRITE_ID_ATTR], second.attrs[WRITE_ID_ATTR] = "a" * 32, "b" * 32
+    assert input_fingerprint(first) != input_fingerprint(second)
+    assert input_fingerprint(first) == input_fingerprint(first.copy())
+
+
+def test_a_finished_output_missing_a_chunk_is_not_called_complete(store, checkpoint, tmp_path):
+    out = tmp_path / "out.zarr"
+    reconstruct_out = ["reconstruct", store, str(out), "--model", str(checkpoint), *CLI_TILING]
+    assert CliRunner().invoke(main, reconstruct_out).exit_code == 0
+    next(p for p in (out / "reconstructed").rglob("*") if p.is_file() and p.name != "zarr.json").unlink()
+    assert "is missing; pass overwrite=True (--overwrite)" in one_line_error(CliRunner().invoke(main, reconstruct_out))
+    run = CliRunner().invoke(main, [*reconstruct_out, "--overwrite"])
+    assert run.exit_code == 0 and "already complete" not in run.output, run.output
+    open_reconstruction(out)  # every chunk is there again
+
+
+@pytest.mark.parametrize("change", [{"tile": 32}, {"overlap": 4}])
+def test_a_resume_with_another_tiling_is_refused_and_the_regions_kept(store, checkpoint, tmp_path, change):
+    out = tmp_path / "out.zarr"
+    write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, max_regions=2, progress=False)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(StoreError):
+        write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **{**TILING, **change}), out, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, progress=False)  # resumes
+    assert len(open_reconstruction(out).ndvi) == 3
+
+
+# ------------------------------------------------------------------------------------------ models that yield NaN
+
+
+def test_a_model_that_yields_non_finite_values_is_refused_before_anything_is_written(store, tmp_path):
+    broken = CMSN(width=8, depth=1, fusion_depth=1, skip_width=4).eval()
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    nan_weights = save_checkpoint(tmp_path / "nan.pt", broken)
+    out = tmp_path / "out.zarr"
+    run = CliRunner().invoke(main, ["reconstruct", store, str(out), "--model", str(nan_weights), "--method", "cmsn"])
+    assert "has non-finite weights" in one_line_error(run) and not out.exists()
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        reconstruct(open_cube(store), model=broken, method="cmsn", **TILING)
+    with torch.no_grad():  # finite weights whose output overflows
+        for parameter in broken.parameters():
+            parameter.fill_(1e30)
+    with pytest.raises(ModelOutputError, match="non-finite values"):
+        write_reconstruction(reconstruct(open_cube(store), model=broken, method="cmsn", **TILING), out, progress=False)
+    with pytest.raises(StoreError, match="incomplete: 0 of"):
+        open_reconstruction(out)

@@ -145,3 +145,21 @@ def test_the_check_stays_lazy_until_computed(scene_store, no_compute):
 
     result = reconstruct(open_cube(scene_store))  # the check is part of the graph, not run here
     assert result["quality"].chunks is not None and result["method_used"].chunks is not None
+
+
+def test_a_date_keeps_its_own_winner_only_by_the_date_margin():
+    """choose() on fixed scores: a date overrides the scene's pooled winner only when it wins by 1 dB."""
+    from cmsn_cube.selfcheck import METHODS, METRICS, choose
+
+    psnr = {  # per date: cmsn, regression, weighted-regression (dB); pooled winner: regression (31.0 vs 30.7)
+        0: (28.0, 31.0, 30.0),
+        1: (31.5, 31.0, 30.0),  # the network wins the date by 0.5 dB: sampling noise, the scene's winner stays
+        2: (32.6, 31.0, 30.0),  # by 1.6 dB: the date's own winner
+    }
+    scores = np.zeros((3, len(METHODS), len(METRICS)))
+    scores[..., METRICS.index("pixels")] = 1000
+    for date, row in psnr.items():
+        scores[date, :, METRICS.index("psnr_db")] = row
+    assert choose(scores) == ("regression", "regression", "cmsn")
+    scores[:, :, METRICS.index("psnr_db")] = 30.0  # a tie everywhere: the classical regression
+    assert choose(scores) == ("regression",) * 3

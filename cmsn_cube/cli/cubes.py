@@ -70,6 +70,11 @@ def info(store: str) -> None:
     help="Folder for figures, tables and report.md.",
 )
 @click.option("--store", type=str, default="stores/demo.zarr", help="Zarr store the demo writes.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace outputs (in --out, at --store) that an earlier demo did not write; its own are replaced anyway.",
+)
 @click.option("--size", type=click.IntRange(min=64), default=512, help="Scene height and width in pixels.")
 @click.option("--seed", type=SEED, default=2026, help="Scene seed (not one the packaged model was trained on).")
 @click.option("--model", default=None, help="Checkpoint path or packaged name (default: the packaged model).")

@@ -59,9 +59,11 @@ def test_models_of_both_priors_run_and_record_it():
 
 
 def _regression_fill_pixel_by_pixel(values, clear, radius):
-    """The weighted local regression of prior.py's docstring, written out one pixel and one pair at a time."""
-    from cmsn_cube.model.prior import _RESIDUAL_FLOOR, _RIDGE
+    """The weighted local regression of prior.py's docstring, written out one pixel and one pair at a time.
 
+    Its constants are written here, not imported: a changed ridge or residual floor in prior.py must fail.
+    """
+    ridge, residual_floor = 0.1, 0.01  # in standardised units (see prior.py)
     values, clear = values.double().numpy(), clear.double().numpy()[:, :, 0]
     batch, dates, channels, height, width = values.shape
     filled = values * clear[:, :, None]
@@ -79,8 +81,8 @@ def _regression_fill_pixel_by_pixel(values, clear, radius):
             var_x = np.maximum((both * source**2).sum((1, 2)) / max(count, 1) - mean_x**2, 0)
             var_y = np.maximum((both * target**2).sum((1, 2)) / max(count, 1) - mean_y**2, 0)
             cov = (both * source * target).sum((1, 2)) / max(count, 1) - mean_x * mean_y
-            gain = (cov + _RIDGE) / (var_x + _RIDGE)
-            residual = np.maximum(var_y - gain * cov, 0).mean() + _RESIDUAL_FLOOR
+            gain = (cov + ridge) / (var_x + ridge)
+            residual = np.maximum(var_y - gain * cov, 0).mean() + residual_floor
             trust = clear[b, helper, y, x] * max(count / (count + 20.0) / residual, 0)
             total += trust * (gain * values[b, helper, :, y, x] + mean_y - gain * mean_x)
             weight += trust
