@@ -55,7 +55,7 @@ DEMO_FILES = (
 
 
 def _root_attrs_of(path: str | Path) -> dict[str, Any]:
-    """The root attributes of the Zarr store at ``path`` ({} where it is none or unreadable)."""
+    """Return the root attributes of the Zarr store at ``path`` ({} where it is none or unreadable)."""
     import zarr
 
     try:
@@ -72,14 +72,14 @@ def _is_demo_scene(path: str) -> bool:
 
 
 def _demo_outputs(out: Path) -> list[Path]:
-    """What of the demo's outputs is in ``out`` now."""
+    """Return the demo's outputs that are in ``out`` now."""
     if not out.is_dir():
         return []
     return sorted(p for p in out.iterdir() if p.name in DEMO_FILES or p.suffix == ".png")
 
 
 def _digest(path: Path) -> str:
-    """A file's sha256, or a store's write id: what says it is still what the demo wrote."""
+    """Return a file's sha256, or a store's write id: what says it is still what the demo wrote."""
     import hashlib
 
     from cmsn_cube.store import WRITE_ID_ATTR

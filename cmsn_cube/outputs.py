@@ -106,7 +106,7 @@ def claim_folder(
 
 
 def lock_path(path: str | os.PathLike[str]) -> Path:
-    """The lock file of output ``path``: a hidden sibling, so that replacing the output leaves it in place."""
+    """Return the lock file of output ``path``: a hidden sibling, so that replacing the output leaves it in place."""
     target = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     return target.with_name(f".{target.name}.lock")
 

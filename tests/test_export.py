@@ -10,7 +10,7 @@ import rasterio
 from click.testing import CliRunner
 
 from cmsn_cube.cli import main
-from cmsn_cube.exceptions import CubeValidationError, OutputExistsError, StoreError
+from cmsn_cube.exceptions import CubeValidationError, OutputExistsError
 from cmsn_cube.export import to_cogs
 from cmsn_cube.inference import reconstruct, write_reconstruction
 from cmsn_cube.sources.synthetic import synthetic_scene

@@ -487,14 +487,29 @@ def test_fit_and_train_never_replace_checkpoints_unasked(store, checkpoint, tmp_
     (runs / "best.pt").write_bytes(b"an earlier run")
     run = CliRunner().invoke(main, ["train", store, "--out", str(runs), "--steps", "1"])
     assert "already holds best.pt; pass --overwrite" in one_line_error(run)
-    assert (runs / "best.pt").read_bytes() == b"an earlier run" and sorted(p.name for p in runs.iterdir()) == ["best.pt"]
+    assert (runs / "best.pt").read_bytes() == b"an earlier run" and sorted(p.name for p in runs.iterdir()) == [
+        "best.pt"
+    ]
     with pytest.raises(OutputExistsError):
         save_checkpoint(mine, CMSN(width=8, depth=1, fusion_depth=1, skip_width=4))
     assert mine.read_bytes() == checkpoint.read_bytes()
 
 
 def test_a_resume_on_other_stores_is_refused(store, scene, tmp_path):
-    tiny = ["--width", "4", "--depth", "1", "--fusion-depth", "0", "--skip-width", "2", "--patch-size", "32", "--overlap", "8"]
+    tiny = [
+        "--width",
+        "4",
+        "--depth",
+        "1",
+        "--fusion-depth",
+        "0",
+        "--skip-width",
+        "2",
+        "--patch-size",
+        "32",
+        "--overlap",
+        "8",
+    ]
     options = [*tiny, "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "run")]
     first = CliRunner().invoke(main, ["train", store, *options])
     assert first.exit_code == 0, first.output
@@ -581,9 +596,9 @@ def test_a_resume_sees_an_input_edited_in_place(store, checkpoint, tmp_path, edi
         cube = open_cube(store)
         rows = cube[["cloud_mask"]].isel(time=[1], y=slice(0, 64)).load()
         rows["cloud_mask"][:] = ~rows["cloud_mask"]
-        rows.drop_vars([n for n in rows.coords if n not in ("time", "y", "x")]).drop_indexes(["time", "y", "x"]).to_zarr(
-            store, region={"time": slice(1, 2), "y": slice(0, 64), "x": slice(None)}
-        )
+        rows.drop_vars([n for n in rows.coords if n not in ("time", "y", "x")]).drop_indexes(
+            ["time", "y", "x"]
+        ).to_zarr(store, region={"time": slice(1, 2), "y": slice(0, 64), "x": slice(None)})
     with pytest.raises(StoreError, match="another input_fingerprint"):
         write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, progress=False)
 
@@ -609,13 +624,15 @@ def test_a_finished_output_missing_a_chunk_is_not_called_complete(store, checkpo
     open_reconstruction(out)  # every chunk is there again
 
 
-@pytest.mark.parametrize("change", [{"tile": 32}, {"overlap": 4}])
+@pytest.mark.parametrize("change", [{"tile": 32}, {"overlap": 4}, {"tile": 60, "overlap": 4}])
 def test_a_resume_with_another_tiling_is_refused_and_the_regions_kept(store, checkpoint, tmp_path, change):
     out = tmp_path / "out.zarr"
     write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, max_regions=2, progress=False)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     with pytest.raises(StoreError):
-        write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **{**TILING, **change}), out, progress=False)
+        write_reconstruction(
+            reconstruct(open_cube(store), model=checkpoint, **{**TILING, **change}), out, progress=False
+        )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     write_reconstruction(reconstruct(open_cube(store), model=checkpoint, **TILING), out, progress=False)  # resumes
     assert len(open_reconstruction(out).ndvi) == 3

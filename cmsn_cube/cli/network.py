@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cmsn_cube.cli.group import main
-from cmsn_cube.cli.options import COUNT, POSITIVE, FloatList, device_option, workers_option
+from cmsn_cube.cli.options import COUNT, POSITIVE, SEED, FloatList, device_option, workers_option
 from cmsn_cube.selfcheck import METHODS  # numpy only: --help stays instant
 
 
@@ -143,7 +143,7 @@ def reconstruct(
 @click.option("--skip-width", type=COUNT, default=None, help="Channels of the full-resolution path (new model).")
 @click.option("--time-budget", type=POSITIVE, default=None, help="Seconds of wall clock; stops cleanly.")
 @click.option("--patience", type=COUNT, default=None, help="Early stopping after this many epochs without gain.")
-@click.option("--seed", default=0, help="Seed of clouds, shuffling, augmentation and initialisation.")
+@click.option("--seed", type=SEED, default=0, help="Seed of clouds, shuffling, augmentation and initialisation.")
 @device_option
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes.")
 @click.option("--threads", type=COUNT, default=None, help="Torch CPU threads (default: torch's choice).")
@@ -193,7 +193,7 @@ def train_command(
 @click.option("--steps", type=COUNT, default=1000, help="Optimizer steps at most.")
 @click.option("--time-budget", type=POSITIVE, default=240.0, help="Seconds of wall clock for the whole fit.")
 @click.option("--lr", type=POSITIVE, default=5e-4, help="Peak AdamW learning rate.")
-@click.option("--seed", default=0, help="Seed of the pasted clouds, shuffling and torch.")
+@click.option("--seed", type=SEED, default=0, help="Seed of the pasted clouds, shuffling and torch.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Checkpoint [default: STORE-fitted.pt].")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already at --out.")
 def fit_command(

@@ -6,20 +6,19 @@ leaves a marker inside the store (:func:`write_region`), so a killed write resum
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import dask
 import numpy as np
 import xarray as xr
 
-from cmsn_cube.exceptions import CMSNCubeError, StoreError, check_positive
+from cmsn_cube.exceptions import StoreError, check_positive
 from cmsn_cube.inference.graph import Index, compute_regions, computed_chunks, region_graph
 from cmsn_cube.inference.inputs import check_observed
+from cmsn_cube.store import naming_damaged_chunks
 
 #: Attribute of a reconstruction store: what it was made from (:func:`record`); a resume needs the same.
 RECORD_ATTR = "cmsn_cube_reconstruction"
@@ -254,7 +253,7 @@ def _small_variables(result: xr.Dataset) -> dict[str, np.ndarray]:
     these values are written directly and handed to the region tasks as values.
     """
     names = ["observed_dates", *(str(name) for name in result.data_vars if not {"y", "x"} <= set(result[name].dims))]
-    with _naming_damaged_chunks(result.attrs.get("input_store")):
+    with naming_damaged_chunks(result.attrs.get("input_store")):
         return dict(zip(names, dask.compute(*(result[name].data for name in names)), strict=True))
 
 
@@ -310,23 +309,5 @@ def _write_regions(
         writers[i, j] = functools.partial(write_region, path=path, index=index, key=f"{i}_{j}")
     arrays = {name: (dims[name], spatial[name].data) for name in dims}
     graph = region_graph(arrays, writers, label=path, computed=computed)
-    with _naming_damaged_chunks(spatial.attrs.get("input_store")):
+    with naming_damaged_chunks(spatial.attrs.get("input_store")):
         compute_regions(graph, progress=progress, description=f"writing {os.path.basename(path)}")
-
-
-@contextlib.contextmanager
-def _naming_damaged_chunks(source: str | None) -> Iterator[None]:
-    """Re-raise a failure to read the input as a :class:`StoreError` naming the damaged chunk when there is one.
-
-    A codec error names neither file nor variable.
-    """
-    try:
-        yield
-    except CMSNCubeError:
-        raise
-    except Exception:
-        if source:
-            from cmsn_cube.store import check_chunk_files
-
-            check_chunk_files(source, decode=True)
-        raise

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from cmsn_cube.device import default_device
+from cmsn_cube.exceptions import CMSNCubeError
 from cmsn_cube.metrics import SSIM_NAME
 from cmsn_cube.model.checkpoint import build_model, load_model, save_checkpoint
 from cmsn_cube.model.cmsn import ARCHITECTURE, CMSN
 from cmsn_cube.model.losses import DEFAULT_LOSS_WEIGHTS, CMSNLoss
-from cmsn_cube.exceptions import CMSNCubeError
 from cmsn_cube.training.history import HISTORY_JSON, HISTORY_PNG, LossLog, write_history
 from cmsn_cube.training.loaders import batch_to_device
 from cmsn_cube.training.schedule import SCHEDULES, Schedule, WarmupSchedule, default_warmup
@@ -485,7 +485,10 @@ class _Run:
             # Without validation the final weights are the ones to use (no validation metrics describe them,
             # even when a resumed earlier call had some).
             save_checkpoint(
-                directory / BEST_CHECKPOINT, state.model, metadata=self._card_metadata() | {"metrics": {}}, overwrite=True
+                directory / BEST_CHECKPOINT,
+                state.model,
+                metadata=self._card_metadata() | {"metrics": {}},
+                overwrite=True,
             )
         best_path = directory / BEST_CHECKPOINT if directory is not None else None
         if best_path is not None and not best_path.is_file():
