@@ -262,9 +262,7 @@ def write_cube(
         return _write_cube(ds, path, chunks=chunks, overwrite=overwrite, progress=progress)
 
 
-def _write_cube(
-    ds: xr.Dataset, path: str, *, chunks: Mapping[str, int] | None, overwrite: bool, progress: bool
-) -> str:
+def _write_cube(ds: xr.Dataset, path: str, *, chunks: Mapping[str, int] | None, overwrite: bool, progress: bool) -> str:
     if writable_kind(path) == "zarr" and not overwrite:
         raise OutputExistsError(
             f"store {path} exists; pass overwrite=True (--overwrite) to replace it or append_cube() to add dates"
@@ -347,10 +345,17 @@ def append_cube(ds: xr.Dataset, path: str | os.PathLike[str], *, progress: bool 
     The store records its date count before the append starts; an interrupted append is rolled back to it
     (by :func:`open_store`, which shows the original dates, and by the next call, which truncates the store).
     """
+    from cmsn_cube.outputs import exclusive_writer
+
     validate_cube(ds)
     path = store_path(path)
     if store_kind(path) != "zarr":
         raise StoreError(f"no store at {path}; write it with write_cube first (append_cube adds dates to a store)")
+    with exclusive_writer(path):
+        return _append_cube(ds, path, progress=progress)
+
+
+def _append_cube(ds: xr.Dataset, path: str, *, progress: bool) -> str:
     _roll_back_append(path)
     existing = open_cube(path)
     check_same_grid(existing, ds, what=f"the store {path} and the appended dates")
@@ -481,7 +486,9 @@ def store_state_digest(path: str | os.PathLike[str]) -> str:
         return digest.hexdigest()
     fs, root = filesystem(path)
     for name, info in sorted(fs.find(root, detail=True).items()):
-        stamp = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated") if k in info), "")
+        stamp = next(
+            (info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated") if k in info), ""
+        )
         digest.update(f"{name}|{info.get('size')}|{stamp}\n".encode())
     return digest.hexdigest()
 

@@ -163,3 +163,6 @@ def test_a_date_keeps_its_own_winner_only_by_the_date_margin():
     assert choose(scores) == ("regression", "regression", "cmsn")
     scores[:, :, METRICS.index("psnr_db")] = 30.0  # a tie everywhere: the classical regression
     assert choose(scores) == ("regression",) * 3
+    scores[:, 0, METRICS.index("psnr_db")] = 33.0  # the network wins the scene...
+    scores[1, :, METRICS.index("psnr_db")] = np.nan  # ...but date 1 is too cloudy to check: regression, as documented
+    assert choose(scores) == ("cmsn", "regression", "cmsn")
