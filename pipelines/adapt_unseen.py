@@ -112,7 +112,7 @@ def measure(
 
     store = write_cube(cube, folder / f"{label}.zarr", overwrite=True)
     started = time.monotonic()
-    fitted = fit(store, model=model, out=folder / f"{label}-fitted.pt", **options)
+    fitted = fit(store, model=model, out=folder / f"{label}-fitted.pt", overwrite=True, **options)
     wall = time.monotonic() - started
     rows = tuple(fitted.card["split"]["validation_rows"])
     results = score(cube, {"packaged": network(model, "packaged"), "adapted": network(fitted.model, "adapted")}, rows)

@@ -260,7 +260,16 @@ def run_finetuning(init: Path, phase: int) -> Path:
         "balance": True,
     }
     out = finetune_dir(phase)
-    train(model, loader, val_loader, checkpoint_dir=out, device="cpu", training_data=description, **settings)
+    train(
+        model,
+        loader,
+        val_loader,
+        checkpoint_dir=out,
+        device="cpu",
+        training_data=description,
+        overwrite=True,
+        **settings,
+    )  # a phase run again starts afresh
     return out / "best.pt"
 
 
@@ -371,7 +380,7 @@ def package() -> Path:
     }  # fmt: skip
     model = load_model(best)
     target = WEIGHTS_DIR / f"{NAME}.pt"
-    save_checkpoint(target, model, metadata=metadata)
+    save_checkpoint(target, model, metadata=metadata, overwrite=True)  # this pipeline makes the packaged model
     training = metadata["training"]
     size_mb = target.stat().st_size / 1e6
     config = model.config

@@ -53,20 +53,12 @@ def test_cli_reports_bad_store_without_traceback(tmp_path):
 
 def test_demo_writes_report_tables_and_figures(tmp_path, tiny_checkpoint):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(
-        main,
-        [
-            "demo",
-            "--out",
-            str(out),
-            "--store",
-            str(tmp_path / "demo.zarr"),
-            "--size",
-            "256",
-            "--model",
-            tiny_checkpoint,
-        ],
-    )
+
+    def demo(size: int) -> list[str]:
+        return ["demo", "--out", str(out), "--store", str(tmp_path / "demo.zarr"), "--size", str(size), "--model",
+                tiny_checkpoint]  # fmt: skip
+
+    result = CliRunner().invoke(main, demo(256))
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["cloudy_summary"]) == {"auto", "nearest", "linear", "median", "regression"}
@@ -86,7 +78,7 @@ def test_demo_writes_report_tables_and_figures(tmp_path, tiny_checkpoint):
     assert (out / "evaluation.csv").stat().st_size > 0
     assert (out / "reconstruction.zarr").exists()
 
-    again = ["demo", "--out", str(out), "--store", str(tmp_path / "demo.zarr"), "--size", "64", "--model", tiny_checkpoint]
+    again = demo(64)
     rerun = CliRunner().invoke(main, again)
     assert rerun.exit_code == 0, rerun.output  # a demo replaces what an earlier demo wrote
     assert json.loads((out / "demo.json").read_text())["written"]["report.md"] != summary["written"]["report.md"]
