@@ -7,7 +7,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from cmsn_cube.exceptions import GridError, MissingDateError
+from cmsn_cube.exceptions import CubeValidationError, GridError, MissingDateError
 from cmsn_cube.sources.geotiff import open_seed_patches
 
 DATES = ["2013-05-12", "2013-06-13", "2013-07-31"]
@@ -86,6 +86,28 @@ def test_mismatched_grids(seed_folder):
     write_patch(seed_folder / "Wuhan_T3_Patch7.tif", patch_values(3), origin=(500_300.0, 3_400_000.0))
     with pytest.raises(GridError, match="another grid"):
         open_seed_patches(seed_folder, region="Wuhan", patch=7, dates=DATES)
+
+
+def test_a_date_one_pixel_north_is_refused(seed_folder):
+    # at y = 3.4e6 m a tolerance relative to the coordinates let a 30 m shift north through
+    write_patch(seed_folder / "Wuhan_T2_Patch7.tif", patch_values(2), origin=(500_000.0, 3_400_030.0))
+    with pytest.raises(
+        GridError, match=r"Wuhan_T2_Patch7.tif is on another grid than Wuhan_T1_Patch7.tif: .* 1 px off"
+    ):
+        open_seed_patches(seed_folder, region="Wuhan", patch=7, dates=DATES)
+    # a transform that differs by float noise is the same grid
+    write_patch(seed_folder / "Wuhan_T2_Patch7.tif", patch_values(2), origin=(500_000.0 + 1e-7, 3_400_000.0))
+    cube = open_seed_patches(seed_folder, region="Wuhan", patch=7, dates=DATES)
+    np.testing.assert_allclose(cube.reflectance.values[1], patch_values(2)[:4])
+
+
+def test_a_truncated_patch_is_named_in_one_line(seed_folder):
+    path = seed_folder / "Wuhan_T3_Patch7.tif"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # GDAL writes this small file's directory last: it is cut off
+    with pytest.raises(CubeValidationError, match=r"^Wuhan_T3_Patch7.tif is not a raster GDAL can read: .*") as error:
+        open_seed_patches(seed_folder, region="Wuhan", patch=7, dates=DATES)
+    assert "\n" not in str(error.value)
 
 
 def test_dates_are_required_or_warned(seed_folder):

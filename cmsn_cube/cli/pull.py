@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cmsn_cube.cli.group import fail, main
-from cmsn_cube.cli.options import COUNT, FloatList
+from cmsn_cube.cli.options import COUNT, POSITIVE, FloatList
 
 
 @main.command()
@@ -53,6 +53,11 @@ from cmsn_cube.cli.options import COUNT, FloatList
     help="Leave out scenes with eo:cloud_cover above this fraction (--stac).",
 )
 @click.option("--n-dates", type=COUNT, help="Keep the N clearest dates instead of --levels (with --stac).")
+@click.option(
+    "--timeout",
+    type=POSITIVE,
+    help="Seconds each HTTP request to the catalog or an asset may wait for an answer (--stac) [default: 30].",
+)
 @click.pass_context
 def pull(
     ctx: click.Context,
@@ -75,6 +80,7 @@ def pull(
     collection: str | None,
     max_cloud: float | None,
     n_dates: int | None,
+    timeout: float | None,
 ) -> None:
     """Pull Landsat TOA or surface reflectance into a Zarr cube, from Earth Engine (via xee) or a STAC catalog.
 
@@ -84,10 +90,24 @@ def pull(
     """
     if stac:
         _pull_stac(
-            ctx, stac, collection, product, bbox, start, end, levels, n_dates, max_cloud, out, overwrite, dry_run
+            ctx,
+            stac,
+            collection,
+            product,
+            bbox,
+            start,
+            end,
+            levels,
+            n_dates,
+            max_cloud,
+            timeout,
+            out,
+            overwrite,
+            dry_run,
         )
         return
-    given = [f"--{name}" for name, value in (("collection", collection), ("max-cloud", max_cloud)) if value is not None]
+    stac_only = (("collection", collection), ("max-cloud", max_cloud), ("timeout", timeout))
+    given = [f"--{name}" for name, value in stac_only if value is not None]
     given += ["--n-dates"] if n_dates is not None else []
     if given:
         raise click.UsageError(f"{', '.join(given)} only apply with --stac URL")
@@ -134,6 +154,7 @@ def _pull_stac(
     levels: tuple[float, ...],
     n_dates: int | None,
     max_cloud: float | None,
+    timeout: float | None,
     out: str | None,
     overwrite: bool,
     dry_run: bool,
@@ -153,7 +174,9 @@ def _pull_stac(
     if n_dates is not None and explicit("levels"):
         raise click.UsageError("give --levels or --n-dates, not both")
     try:
-        from cmsn_cube.sources.stac import DEFAULT_COLLECTION, load_stac, plan_stac
+        from cmsn_cube.sources.stac import DEFAULT_COLLECTION, DEFAULT_TIMEOUT_S, load_stac, plan_stac
+
+        timeout = timeout or DEFAULT_TIMEOUT_S
 
         plan = plan_stac(
             stac,
@@ -165,13 +188,16 @@ def _pull_stac(
             max_cloud=max_cloud,
             levels=None if n_dates else levels,
             n_dates=n_dates,
+            timeout=timeout,
         )
         click.echo(plan.describe())
         if dry_run:
             return
         from cmsn_cube.store import write_cube
 
-        path = write_cube(load_stac(plan), out or "stores/stac.zarr", overwrite=overwrite, progress=True)
+        path = write_cube(
+            load_stac(plan, timeout=timeout), out or "stores/stac.zarr", overwrite=overwrite, progress=True
+        )
     except ImportError as error:  # the stac extra is missing: its message names the pip command
         fail(str(error))
     click.echo(f"wrote {path}")

@@ -16,7 +16,8 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import BANDS, SENSOR_BANDS, make_cube
-from cmsn_cube.exceptions import BandMismatchError, GridError, MissingDateError
+from cmsn_cube.exceptions import BandMismatchError, MissingDateError
+from cmsn_cube.sources.stack import check_one_grid, read_raster
 
 QA_BAND = "QA_PIXEL"
 
@@ -41,11 +42,7 @@ def _band_names(da: xr.DataArray) -> list[str]:
 
 def _read_date(path: Path, sensor: str) -> tuple[xr.DataArray, xr.DataArray | None]:
     """Reflectance (band, y, x) in common band order and QA (y, x) of one file."""
-    import rioxarray
-
-    raster = rioxarray.open_rasterio(path, masked=True)
-    if not isinstance(raster, xr.DataArray):
-        raise BandMismatchError(f"{path.name} holds several subdatasets; expected one multi-band GeoTIFF")
+    raster = read_raster(path, masked=True)
     names = _band_names(raster)
     wanted = [SENSOR_BANDS[sensor][band] for band in BANDS]
     if names and all(name in names for name in wanted):
@@ -106,13 +103,15 @@ def open_seed_patches(
     MissingDateError
         A date file is missing.
     GridError
-        The dates are not on one grid (CRS, transform or size differ).
+        The dates are not on one grid (CRS or size differ, or pixels lie more than 1e-3 px apart).
+    CubeValidationError, MissingCRSError
+        A file GDAL cannot open or read (truncated, corrupt); a file without CRS or georeferencing.
     """
     if sensor not in SENSOR_BANDS:
         raise BandMismatchError(f"unknown sensor {sensor!r}; choose from {sorted(SENSOR_BANDS)}")
     paths = seed_patch_paths(folder, region, patch, n_dates=n_dates)
     layers = [_read_date(path, sensor) for path in paths]
-    _check_one_grid(paths, [reflectance for reflectance, _ in layers])
+    check_one_grid([reflectance for reflectance, _ in layers], paths)
     dates = _dates_or_placeholders(dates, n_dates)
     first = layers[0][0]
     qas = [qa for _, qa in layers]
@@ -132,22 +131,6 @@ def open_seed_patches(
 
         cube = add_cloud_mask(cube)
     return cube
-
-
-def _check_one_grid(paths: list[Path], rasters: list[xr.DataArray]) -> None:
-    """Raise a GridError unless every date's raster has the first one's CRS, shape and transform."""
-    first = rasters[0]
-    for path, reflectance in zip(paths[1:], rasters[1:], strict=True):
-        same = (
-            reflectance.rio.crs == first.rio.crs
-            and reflectance.shape == first.shape
-            and np.allclose(reflectance.rio.transform(), first.rio.transform())
-        )
-        if not same:
-            raise GridError(
-                f"{path.name} is on another grid than {paths[0].name}: "
-                f"CRS {reflectance.rio.crs} vs {first.rio.crs}, shape {reflectance.shape[1:]} vs {first.shape[1:]}"
-            )
 
 
 def _dates_or_placeholders(dates: Sequence[Any] | None, n_dates: int) -> Sequence[Any]:

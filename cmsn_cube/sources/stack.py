@@ -13,6 +13,7 @@ reflectance; the dates; an optional cloud-mask band) and refuses a file that doe
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,53 +22,237 @@ import numpy as np
 import xarray as xr
 
 from cmsn_cube.cube import BANDS, make_cube
-from cmsn_cube.exceptions import BandMismatchError, CubeValidationError, MissingCRSError, MissingDateError
+from cmsn_cube.exceptions import (
+    BandMismatchError,
+    CubeValidationError,
+    GridError,
+    MissingCRSError,
+    MissingDateError,
+    ReflectanceRangeError,
+)
 
-__all__ = ["open_stack"]
+__all__ = ["check_one_grid", "grid_mismatch", "open_stack", "read_raster"]
 
 PathLike = str | os.PathLike[str]
 
+#: Two rasters are on one grid when every corner of one lies within this fraction of a pixel of the other's: float
+#: noise passes, a shift does not (a relative tolerance on coordinates let 34 m through at y = 3.4e6 m).
+GRID_TOLERANCE_PX = 1e-3
 
-def _read(path: Path, variable: str | None) -> xr.DataArray:
-    """Read one raster file as ``(band, y, x)`` digital numbers with its CRS (GeoTIFF, or NetCDF through GDAL)."""
-    import rioxarray
+#: The brightest scaled value of a whole stack (four bands, every date) must reach this: land, cloud and haze all
+#: do, while a wrong scale stays below (uint8 DN x 1e-4 reach 0.0255, float reflectance x 1e-4 reach 1e-4).
+MIN_BRIGHTEST_REFLECTANCE = 0.05
 
+#: Beyond these, scaled values are no reflectance (bright cloud tops reach ~1.5): the cube's own bounds.
+REFLECTANCE_LIMITS = (-0.5, 2.0)
+
+#: 1-D coordinate variables looked for, in this order, in a NetCDF file whose x/y GDAL does not recognise.
+NETCDF_AXES = (("x", "y"), ("lon", "lat"), ("longitude", "latitude"))
+
+
+def read_raster(path: PathLike, *, variable: str | None = None, masked: bool = False) -> xr.DataArray:
+    """Read one raster file, in memory, as ``(band, y, x)`` with its CRS and grid; refuse it in one line otherwise.
+
+    GeoTIFF, or NetCDF through GDAL. A NetCDF whose x/y lack the CF attributes GDAL looks for is put on the grid
+    of its own 1-D ``x``/``y`` (or ``lon``/``lat``) variables, its rows in the file's order; a file without such
+    variables is refused, never given an invented grid. The scale and offset the file declares per band (GDAL's:
+    GeoTIFF scale/offset tags, NetCDF ``scale_factor``/``add_offset``; 1 and 0 where none) come along as the
+    band coordinates ``declared_scale`` and ``declared_offset``.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    variable : str, optional
+        The variable of a NetCDF file that holds the bands.
+    masked : bool
+        No data as NaN (rioxarray's ``masked``); digital numbers as stored otherwise.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``(band, y, x)``, loaded.
+
+    Raises
+    ------
+    MissingDateError
+        The file does not exist.
+    CubeValidationError
+        GDAL cannot open the file or read its pixels (not a raster, truncated, corrupt).
+    BandMismatchError
+        A NetCDF file of several variables and no ``variable``.
+    MissingCRSError
+        The file has no CRS.
+    GridError
+        The file has no georeferencing, or NetCDF coordinates that are not a regular grid.
+    """
+    path = Path(path)
     if not path.exists():
         raise MissingDateError(f"{path} does not exist")
-    try:
-        raster = rioxarray.open_rasterio(path, masked=False, variable=variable)
-    except Exception as error:  # rasterio raises its own errors for files that are not rasters
-        raise CubeValidationError(f"{path.name} is not a raster GDAL can read: {error}") from None
-    if isinstance(raster, list) or isinstance(raster, xr.Dataset):
-        names = list(raster.data_vars) if isinstance(raster, xr.Dataset) else "several groups"
-        raise BandMismatchError(f"{path.name} holds several variables ({names}); pass variable=<name>")
+    raster = _open(path, variable=variable, masked=masked)
     if raster.rio.crs is None:
         raise MissingCRSError(f"{path.name} has no CRS: georeference it (e.g. gdal_edit.py -a_srs) first")
+    if tuple(raster.rio.transform())[:6] == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0):
+        # GDAL found no georeferencing and numbered the pixels 0.5, 1.5, ... instead
+        raster = _on_file_coordinates(path, raster, variable=variable, masked=masked)
     if "band" not in raster.dims:
         raster = raster.expand_dims(band=[1])
-    return raster
+    return _with_declared_scaling(raster)
 
 
-def _scaled(raster: xr.DataArray, path: Path, scale: float | None, offset: float, nodata: float | None) -> np.ndarray:
-    """Return reflectance from digital numbers: ``DN * scale + offset``, NaN at ``nodata`` (default: the file's)."""
-    values = np.asarray(raster.values)
-    missing = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
-    nodata = raster.rio.nodata if nodata is None else nodata
-    if nodata is not None and np.isfinite(nodata):
-        missing |= values == nodata
-    if scale is None:
-        # only float reflectance needs no scale; integers are scaled digital numbers of some product
-        finite = values[~missing]
-        if values.dtype.kind != "f" or (finite.size and (finite.min() < -0.5 or finite.max() > 2.0)):
-            raise CubeValidationError(
-                f"{path.name} holds {values.dtype} values in [{finite.min() if finite.size else 'n/a'}, "
-                f"{finite.max() if finite.size else 'n/a'}], not reflectance: give scale= and offset= "
-                "(e.g. scale=1e-4 for reflectance x 10^4; scale=2.75e-5, offset=-0.2 for Landsat Collection 2 "
-                "surface reflectance; scale=1/255 for 8-bit imagery)"
+def _open(path: Path, *, variable: str | None, masked: bool, gdal: Mapping[str, str] | None = None) -> xr.DataArray:
+    """Open and load one raster with rioxarray (GDAL options ``gdal``); what GDAL raises becomes one line."""
+    import rasterio
+    import rioxarray
+
+    with warnings.catch_warnings(), rasterio.Env(**(gdal or {})):
+        # read_raster checks the georeferencing and reads per-band scales itself
+        warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+        warnings.filterwarnings("ignore", message=r"(Scales|Offsets) differ across bands")
+        try:
+            # the dates are arguments: a NetCDF's time axis is only the order of its bands, and need not decode
+            raster = rioxarray.open_rasterio(path, masked=masked, variable=variable, decode_times=False)
+        except Exception as error:  # rasterio raises its own errors for files that are not rasters
+            raise CubeValidationError(f"{path.name} is not a raster GDAL can read: {_one_line(error)}") from None
+        if isinstance(raster, xr.Dataset) and len(raster.data_vars) == 1:
+            raster = next(iter(raster.data_vars.values()))  # the one variable asked for, of a file of several
+        if isinstance(raster, list) or isinstance(raster, xr.Dataset):
+            names = list(raster.data_vars) if isinstance(raster, xr.Dataset) else "several groups"
+            raise BandMismatchError(f"{path.name} holds several variables ({names}); pass variable=<name>")
+        if raster.ndim == 3 and "band" not in raster.dims:
+            # a NetCDF variable (time, y, x): its extra axis holds the bands
+            extra = raster.dims[0]
+            raster = raster.drop_vars([extra], errors="ignore").rename({extra: "band"})
+            raster = raster.assign_coords(band=np.arange(1, raster.sizes["band"] + 1))
+        try:
+            return raster.load()
+        except Exception as error:  # the header opened but the pixels did not: a truncated or corrupt file
+            raise CubeValidationError(f"{path.name} cannot be read, truncated or corrupt: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    """Return an error's message on one line (GDAL's span several)."""
+    return " ".join(str(error).split())
+
+
+def _on_file_coordinates(path: Path, raster: xr.DataArray, *, variable: str | None, masked: bool) -> xr.DataArray:
+    """Return ``raster`` re-read on the grid of the NetCDF file's own 1-D x/y variables, or raise a GridError."""
+    axes = _netcdf_axes(path, width=raster.sizes["x"], height=raster.sizes["y"]) if _is_netcdf(path) else None
+    if axes is None:
+        where = (
+            " and no 1-D x/y (or lon/lat) variables of its width and height; give x/y the CF attributes "
+            "(standard_name projection_x_coordinate / projection_y_coordinate, units)"
+            if _is_netcdf(path)
+            else "; georeference it (e.g. gdal_edit.py -a_ullr ulx uly lrx lry)"
+        )
+        raise GridError(f"{path.name} has no georeferencing: GDAL finds no geotransform{where}")
+    for name, values in zip(("x", "y"), axes, strict=True):
+        steps = np.diff(values)
+        irregular = not np.isfinite(values).all() or (
+            steps.size > 0 and (steps[0] == 0 or np.abs(steps - steps[0]).max() > GRID_TOLERANCE_PX * abs(steps[0]))
+        )
+        if irregular:
+            raise GridError(
+                f"{path.name} has no georeferencing: its {name} variable is not a regular grid "
+                f"(steps {np.nanmin(steps):g} .. {np.nanmax(steps):g}, or missing values)"
             )
-        scale = 1.0
-    reflectance = values.astype(np.float64) * scale + offset
-    return np.where(missing, np.nan, reflectance).astype(np.float32)
+    # without coordinates GDAL turns the rows upside down (it assumes south-up files): read them as stored
+    stored = _open(path, variable=variable, masked=masked, gdal={"GDAL_NETCDF_BOTTOMUP": "NO"})
+    on_grid = stored.assign_coords(x=axes[0], y=axes[1])
+    return on_grid.rio.write_transform(on_grid.rio.transform(recalc=True))
+
+
+def _is_netcdf(path: Path) -> bool:
+    """Tell a NetCDF file (classic ``CDF``, or NetCDF-4's HDF5) by its first bytes."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    return head[:3] == b"CDF" or head == b"\x89HDF"
+
+
+def _netcdf_axes(path: Path, *, width: int, height: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return the first pair of :data:`NETCDF_AXES` whose 1-D variables have lengths ``width``, ``height``."""
+    for x_name, y_name in NETCDF_AXES:
+        x, y = _netcdf_vector(path, x_name), _netcdf_vector(path, y_name)
+        if x is not None and y is not None and (x.size, y.size) == (width, height):
+            return x, y
+    return None
+
+
+def _netcdf_vector(path: Path, name: str) -> np.ndarray | None:
+    """Return the 1-D variable ``name`` of a NetCDF file read through GDAL, or None where there is none."""
+    import rasterio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(f'NETCDF:"{path}":{name}') as vector:
+                values = vector.read(1) if vector.count == 1 and vector.height == 1 else None
+    except rasterio.errors.RasterioError:
+        return None
+    return None if values is None else values.astype("float64").ravel()
+
+
+def _with_declared_scaling(raster: xr.DataArray) -> xr.DataArray:
+    """Add the file's own per-band scale and offset (1 and 0 where it declares none) as band coordinates."""
+    count = raster.sizes["band"]
+    scales = raster.attrs.get("scales", [raster.attrs.get("scale_factor", 1.0)] * count)
+    offsets = raster.attrs.get("offsets", [raster.attrs.get("add_offset", 0.0)] * count)
+    return raster.assign_coords(
+        declared_scale=("band", np.asarray(scales, dtype="float64")),
+        declared_offset=("band", np.asarray(offsets, dtype="float64")),
+    )
+
+
+def grid_mismatch(transform: Sequence[float], other: Sequence[float], shape: tuple[int, int]) -> str | None:
+    """Say how the grid of transform ``other`` differs from that of ``transform``, or None when they are one.
+
+    Both grids have ``shape`` (rows, columns); transforms are affine, in GDAL/rasterio order ``a, b, c, d, e, f``.
+    They are one when every corner of the ``other`` grid lies within :data:`GRID_TOLERANCE_PX` of a pixel of the
+    same corner of the first: origins, pixel sizes and rotations alike, compared in pixels, not with a tolerance
+    relative to the coordinates (which let a 30 m shift pass at y = 3.4e6 m and refused it in x).
+
+    Examples
+    --------
+    >>> from affine import Affine
+    >>> grid_mismatch(Affine(30, 0, 5e5, 0, -30, 3.4e6), Affine(30, 0, 5e5, 0, -30, 3.4e6 + 30), (10, 10))
+    'its pixels lie up to 1 px off (origin moved by +0, +30 in x, y; pixel size 30 x -30 vs 30 x -30)'
+    >>> grid_mismatch(Affine(30, 0, 5e5, 0, -30, 3.4e6), Affine(30, 0, 5e5 + 1e-6, 0, -30, 3.4e6), (10, 10)) is None
+    True
+    """
+    from affine import Affine
+
+    first, second = Affine(*tuple(transform)[:6]), Affine(*tuple(other)[:6])
+    to_first_pixels = ~first
+    height, width = shape
+    worst = 0.0
+    for corner in ((0, 0), (width, 0), (0, height), (width, height)):
+        col, row = to_first_pixels * (second * corner)
+        worst = max(worst, abs(col - corner[0]), abs(row - corner[1]))
+    if worst <= GRID_TOLERANCE_PX:
+        return None
+    return (
+        f"its pixels lie up to {worst:.3g} px off (origin moved by {second.c - first.c:+g}, {second.f - first.f:+g} "
+        f"in x, y; pixel size {second.a:g} x {second.e:g} vs {first.a:g} x {first.e:g})"
+    )
+
+
+def check_one_grid(rasters: Sequence[xr.DataArray], names: Sequence[Path]) -> None:
+    """Raise a GridError naming the first raster whose CRS, size or pixels (see :func:`grid_mismatch`) differ.
+
+    ``rasters`` are ``(..., y, x)`` with a CRS, ``names`` their files; each is compared with the first.
+    """
+    first = rasters[0]
+    first_shape = first.shape[-2], first.shape[-1]
+    for path, raster in zip(names[1:], rasters[1:], strict=True):
+        shape = raster.shape[-2], raster.shape[-1]
+        if raster.rio.crs != first.rio.crs:
+            reason: str | None = f"CRS {raster.rio.crs} vs {first.rio.crs}"
+        elif shape != first_shape:
+            reason = f"size {shape[1]} x {shape[0]} vs {first_shape[1]} x {first_shape[0]} px"
+        else:
+            reason = grid_mismatch(first.rio.transform(), raster.rio.transform(), first_shape)
+        if reason:
+            raise GridError(f"{path.name} is on another grid than {names[0].name}: {reason}")
 
 
 def open_stack(
@@ -77,7 +262,7 @@ def open_stack(
     bands: Mapping[str, int],
     bands_per_date: int | None = None,
     scale: float | None = None,
-    offset: float = 0.0,
+    offset: float | None = None,
     nodata: float | None = None,
     mask_band: int | None = None,
     cloud_values: Sequence[int] = (),
@@ -92,7 +277,8 @@ def open_stack(
     ----------
     paths : path or sequence of paths
         One file holding every date (its bands date-major: date 1's bands, then date 2's...), or one file per
-        date, in date order. GeoTIFF or NetCDF (anything GDAL reads, with a CRS).
+        date, in date order. GeoTIFF or NetCDF (anything GDAL reads, with a CRS and a grid: a NetCDF file's own
+        1-D ``x``/``y`` variables where GDAL does not recognise them).
     dates : sequence of datetime-like
         Acquisition date of each date (files rarely carry them).
     bands : mapping
@@ -100,9 +286,12 @@ def open_stack(
     bands_per_date : int, optional
         Bands per date in a single-file stack (required there); default the file's band count for one file
         per date.
-    scale, offset : float
-        Reflectance = digital number * ``scale`` + ``offset``. ``scale`` may be left out only for files that
-        already hold float reflectance.
+    scale, offset : float, optional
+        Reflectance = digital number * ``scale`` + ``offset``. Default: the scale and offset the files declare
+        (GeoTIFF scale/offset tags, NetCDF ``scale_factor``/``add_offset``); for files that declare none,
+        ``scale`` may be left out only where they already hold float reflectance. Given ones must agree with
+        the files' own. The scaled stack must look like reflectance (within [-0.5, 2], its brightest value
+        at least 0.05), or the scale is refused with the reason.
     nodata : float, optional
         Digital number of missing pixels; default the file's nodata value. Missing pixels become NaN.
     mask_band : int, optional
@@ -131,8 +320,13 @@ def open_stack(
         The band map is incomplete or points past a date's bands; the band count does not match the dates.
     MissingCRSError
         A file has no CRS.
+    GridError
+        A file has no georeferencing; dates on different grids (CRS, size, or pixels more than 1e-3 px apart).
+    ReflectanceRangeError
+        The scaled values cannot be reflectance (a wrong ``scale`` or ``offset``).
     CubeValidationError
-        Integer digital numbers without ``scale``; a file GDAL cannot read; dates on different grids.
+        Integer digital numbers without ``scale``; a scale unlike the one the file declares; a file GDAL cannot
+        open or read (not a raster, truncated, corrupt).
     MissingDateError
         A file is missing, or the number of dates does not match the files.
     """
@@ -170,7 +364,7 @@ def _read_dates(
     files: list[Path], n_dates: int, bands_per_date: int | None, *, variable: str | None, crop_to_common: bool
 ) -> tuple[list[xr.DataArray], list[Path]]:
     """Read the files and return each date's ``(band, y, x)`` raster and file, the dates checked to share a grid."""
-    rasters = [_read(path, variable) for path in files]
+    rasters = [read_raster(path, variable=variable) for path in files]
     if len(files) == 1:
         if bands_per_date is None:
             raise BandMismatchError(f"{files[0].name} is one file: give bands_per_date (its bands per date)")
@@ -194,18 +388,12 @@ def _read_dates(
 
 
 def _check_one_grid(per_date: list[xr.DataArray], names: list[Path], bands_per_date: int | None) -> None:
-    """Raise unless every date has the first date's band count, CRS, size and transform."""
+    """Raise unless every date has the first date's band count and grid (:func:`check_one_grid`)."""
     first = per_date[0]
     for path, raster in zip(names, per_date, strict=True):
         if raster.sizes["band"] != (bands_per_date or first.sizes["band"]):
             raise BandMismatchError(f"{path.name} has {raster.sizes['band']} bands, {first.sizes['band']} expected")
-        on_grid = (
-            raster.rio.crs == first.rio.crs
-            and raster.shape[1:] == first.shape[1:]
-            and np.allclose(raster.rio.transform(), first.rio.transform())
-        )
-        if not on_grid:
-            raise CubeValidationError(f"{path.name} is on another grid (CRS, size or transform) than {names[0].name}")
+    check_one_grid(per_date, names)
 
 
 def _check_positions(bands: Mapping[str, int], mask_band: int | None, *, count: int) -> None:
@@ -221,16 +409,122 @@ def _reflectance(
     bands: Mapping[str, int],
     *,
     scale: float | None,
-    offset: float,
+    offset: float | None,
     nodata: float | None,
 ) -> np.ndarray:
-    """Return the ``(time, band, y, x)`` reflectance of the four bands in :data:`BANDS` order."""
-    return np.stack(
-        [
-            _scaled(raster.isel(band=[bands[band] - 1 for band in BANDS]), path, scale, offset, nodata)
-            for path, raster in zip(names, per_date, strict=True)
-        ]
+    """Return the ``(time, band, y, x)`` reflectance of the four bands in :data:`BANDS` order, checked to be one."""
+    scaled = [
+        _scaled(raster.isel(band=[bands[band] - 1 for band in BANDS]), path, scale=scale, offset=offset, nodata=nodata)
+        for path, raster in zip(names, per_date, strict=True)
+    ]
+    reflectance = np.stack([values for values, _ in scaled])
+    _check_reflectance(reflectance, names, dtype=per_date[0].dtype, formula=scaled[0][1])
+    return reflectance
+
+
+def _scaled(
+    raster: xr.DataArray, path: Path, *, scale: float | None, offset: float | None, nodata: float | None
+) -> tuple[np.ndarray, str]:
+    """Return reflectance from digital numbers (``DN * scale + offset`` per band, NaN at ``nodata``) and the formula.
+
+    ``nodata`` defaults to the file's; ``scale`` and ``offset`` to the file's own (:func:`_scaling`).
+    """
+    values = np.asarray(raster.values)
+    missing = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
+    nodata = raster.rio.nodata if nodata is None else nodata
+    if nodata is not None and np.isfinite(nodata):
+        missing |= values == nodata
+    factors = _scaling(raster, path, scale=scale, offset=offset)
+    if factors is None:
+        # only float reflectance needs no scale; integers are scaled digital numbers of some product
+        finite = values[~missing]
+        if values.dtype.kind != "f" or (finite.size and (finite.min() < -0.5 or finite.max() > 2.0)):
+            raise CubeValidationError(
+                f"{path.name} holds {values.dtype} values in [{finite.min() if finite.size else 'n/a'}, "
+                f"{finite.max() if finite.size else 'n/a'}], not reflectance, and declares no scale: give scale= "
+                "and offset= (e.g. scale=1e-4 for reflectance x 10^4; scale=2.75e-5, offset=-0.2 for Landsat "
+                "Collection 2 surface reflectance; scale=1/255 for 8-bit imagery)"
+            )
+        factors = np.ones(raster.sizes["band"]), np.full(raster.sizes["band"], float(offset or 0.0))
+    scales, offsets = factors
+    # float64 for the affine step, then float32: DN x 2.75e-5 - 0.2 exact before the cast
+    reflectance = values.astype(np.float64) * scales[:, None, None] + offsets[:, None, None]
+    return np.where(missing, np.nan, reflectance).astype(np.float32), _formula(scales, offsets)
+
+
+def _scaling(
+    raster: xr.DataArray, path: Path, *, scale: float | None, offset: float | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return each band's scale and offset: the file's own where it declares them, else the given ones.
+
+    None where the file declares none and no ``scale`` is given. A scale or offset given for a file
+    that declares other ones is refused: one of the two is wrong, and which one cannot be told from here.
+    """
+    declared = raster["declared_scale"].values, raster["declared_offset"].values
+    if not ((declared[0] != 1).any() or (declared[1] != 0).any()):
+        count = raster.sizes["band"]
+        return None if scale is None else (np.full(count, float(scale)), np.full(count, float(offset or 0.0)))
+    disagree = (scale is not None and not np.allclose(declared[0], scale, rtol=1e-6, atol=0)) or (
+        offset is not None and not np.allclose(declared[1], offset)
     )
+    if disagree:
+        raise CubeValidationError(
+            f"{path.name} declares reflectance = {_formula(*declared)} in its metadata, but scale={scale}, "
+            f"offset={offset} were given: leave scale and offset out to use the file's, or remove its own"
+        )
+    return declared
+
+
+def _formula(scales: np.ndarray, offsets: np.ndarray) -> str:
+    """Write ``DN x scale + offset`` (one value for all bands where they agree).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> _formula(np.full(4, 2.75e-5), np.full(4, -0.2)), _formula(np.array([1e-4, 2e-4]), np.zeros(2))
+    ('DN x 2.75e-05 - 0.2', 'DN x (0.0001, 0.0002)')
+    """
+
+    def written(values: np.ndarray) -> str:
+        return f"{abs(values[0]):g}" if (values == values[0]).all() else f"({', '.join(f'{v:g}' for v in values)})"
+
+    if not offsets.any():
+        return f"DN x {written(scales)}"
+    sign = "-" if (offsets == offsets[0]).all() and offsets[0] < 0 else "+"
+    return f"DN x {written(scales)} {sign} {written(offsets)}"
+
+
+def _check_reflectance(reflectance: np.ndarray, names: list[Path], *, dtype: np.dtype, formula: str) -> None:
+    """Raise a ReflectanceRangeError naming the files when their scaled values cannot be surface reflectance.
+
+    Too bright or too negative: beyond :data:`REFLECTANCE_LIMITS`. Too dark: the brightest value of the whole
+    stack below :data:`MIN_BRIGHTEST_REFLECTANCE`, which no scene of land, cloud or haze stays under.
+    """
+    finite = reflectance[np.isfinite(reflectance)]
+    if finite.size == 0:
+        return  # all no data: the cube's own checks and later stages report an empty cube
+    low, high = float(finite.min()), float(finite.max())
+    files = sorted({path.name for path in names})
+    where = files[0] if len(files) == 1 else f"{files[0]} and {len(files) - 1} other files"
+    values = f"values of {where} ({dtype}) scaled as {formula}"
+    products = (
+        "reflectance x 10^4 needs scale=1e-4; Landsat Collection 2 surface reflectance scale=2.75e-5, offset=-0.2"
+    )
+    if low < REFLECTANCE_LIMITS[0] or high > REFLECTANCE_LIMITS[1]:
+        raise ReflectanceRangeError(
+            f"{values} range {low:.4g} .. {high:.4g}: this is not reflectance (about 0 .. 1.5); {products}"
+        )
+    if high < MIN_BRIGHTEST_REFLECTANCE:
+        if np.dtype(dtype) == np.uint8:
+            hint = "uint8 data need scale=1/255 (or their product's own scale)"
+        elif np.dtype(dtype).kind == "f":
+            hint = f"float files that already hold reflectance need no scale: leave scale out (else {products})"
+        else:
+            hint = products
+        raise ReflectanceRangeError(
+            f"{values} reach at most {high:.4g}: this is not surface reflectance (land, cloud and haze reach "
+            f"{MIN_BRIGHTEST_REFLECTANCE:g}); {hint}"
+        )
 
 
 def _cloud_mask(per_date: list[xr.DataArray], mask_band: int | None, cloud_values: Sequence[int]) -> np.ndarray:

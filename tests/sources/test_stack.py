@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from cmsn_cube.cube import validate_cube
-from cmsn_cube.exceptions import BandMismatchError, CubeValidationError, MissingCRSError, MissingDateError
+from cmsn_cube.exceptions import (
+    BandMismatchError,
+    CubeValidationError,
+    GridError,
+    MissingCRSError,
+    MissingDateError,
+)
 from cmsn_cube.sources.stack import open_stack
 from cmsn_cube.testing import shared_data_path
 
@@ -43,22 +49,34 @@ def test_one_file_of_dates_times_bands():
     assert not cube.cloud_mask.values.any()
 
 
-def test_one_file_per_date_cropped_to_the_common_extent():
+def test_one_file_per_date_on_one_grid_and_cropped_to_the_common_extent(tmp_path):
     import rasterio
 
     files = sorted(NAIP.glob("*.tif"))
     dates = [f"{f.stem[-8:-4]}-{f.stem[-4:-2]}-{f.stem[-2:]}" for f in files]
     bands = {"red": 1, "green": 2, "blue": 3, "nir": 4}
-    with pytest.raises(CubeValidationError, match="another grid"):
+    # the real NAIP years are resampled onto grids up to 0.6 px apart (2010's origin lies 2 m south of 2009's):
+    # cropping cannot align them, so they are refused, not stacked pixel by pixel
+    with pytest.raises(GridError, match=r"20100629.tif is on another grid than .*20090818.tif: size"):
         open_stack(files, dates=dates, bands=bands, scale=1 / 255)
-    cube = open_stack(files, dates=dates, bands=bands, scale=1 / 255, crop_to_common=True)
-    shapes = []
-    for f in files:
-        with rasterio.open(f) as raster:
-            shapes.append(raster.shape)
-    assert (cube.sizes["y"], cube.sizes["x"]) == tuple(min(s[i] for s in shapes) for i in (0, 1))
-    with rasterio.open(files[-1]) as raster:
-        blue = raster.read(3)[: cube.sizes["y"], : cube.sizes["x"]]
+    with pytest.raises(GridError, match=r"20100629.tif is on another grid than .*20090818.tif: .* 0.4 px off"):
+        open_stack(files, dates=dates, bands=bands, scale=1 / 255, crop_to_common=True)
+    # 2010, 2012, 2014 and 2015 share one grid; a copy of 2014 cut to 700 rows keeps its upper-left corner
+    same_grid = [f for f in files if f.stem[-8:-4] in ("2010", "2012", "2014", "2015")]
+    with rasterio.open(same_grid[2]) as raster:
+        profile, cut = raster.profile, raster.read()[:, :700]
+    profile.update(height=700)
+    with rasterio.open(tmp_path / same_grid[2].name, "w", **profile) as short:
+        short.write(cut)
+    stacked = [*same_grid[:2], tmp_path / same_grid[2].name, same_grid[3]]
+    stacked_dates = [d for d, f in zip(dates, files, strict=True) if f in same_grid]
+    with pytest.raises(GridError, match="size 934 x 700 vs 934 x 723 px"):
+        open_stack(stacked, dates=stacked_dates, bands=bands, scale=1 / 255)
+    cube = open_stack(stacked, dates=stacked_dates, bands=bands, scale=1 / 255, crop_to_common=True)
+    assert (cube.sizes["y"], cube.sizes["x"]) == (700, 934)
+    with rasterio.open(same_grid[-1]) as raster:
+        blue = raster.read(3)[:700]
+        assert cube.x.values[0] == raster.transform.c + 2.5 and cube.y.values[0] == raster.transform.f - 2.5
     expected = np.where(blue == 0, np.nan, blue / 255)  # the files' nodata is 0
     assert np.allclose(cube.reflectance.isel(time=-1).sel(band="blue").values, expected, equal_nan=True)
 

@@ -12,12 +12,14 @@ The flow is find items -> plan (choose acquisitions by ``eo:cloud_cover``) -> ``
 The catalog may be a STAC API URL (searched with ``pystac_client``), a static catalog (a ``catalog.json`` path or
 URL, walked), a :class:`pystac.Catalog`, an :class:`pystac.ItemCollection` or a list of :class:`pystac.Item`;
 only an API URL or a remote static catalog touches the network, and planning reads metadata only (no pixels).
+Every HTTP request (catalog, search page, asset read) gives up after ``timeout`` s (:data:`DEFAULT_TIMEOUT_S`).
 
 What is read, from the Planetary Computer / USGS ``landsat-c2-l2`` collection: the assets ``blue``, ``green``,
 ``red``, ``nir08`` (surface reflectance, uint16, DN 0 = fill; reflectance = DN x 2.75e-5 - 0.2, USGS Collection 2
-Level-2 Science Product Guide) and ``qa_pixel`` (the Collection 2 QA bits of :mod:`cmsn_cube.qa`); the item
-properties ``datetime``, ``platform`` (``landsat-8`` or ``LANDSAT_8`` -> sensor ``LANDSAT_8``), ``eo:cloud_cover``
-(percent of the scene) and the projection extension (native grid).
+Level-2 Science Product Guide, unless the items' ``raster:bands`` declare another scale and offset) and ``qa_pixel``
+(the Collection 2 QA bits of :mod:`cmsn_cube.qa`); the item properties ``datetime``, ``platform`` (``landsat-8`` or
+``LANDSAT_8`` -> sensor ``LANDSAT_8``), ``eo:cloud_cover`` (percent of the scene) and the projection extension
+(native grid).
 
 One module per step: ``products`` (asset keys, scaling, odc-stac's asset defaults), ``search`` (finding items and
 reading their metadata), ``plan`` (acquisitions, the dates kept, :class:`StacPlan`), ``grid`` (the output grid on
@@ -34,11 +36,12 @@ from cmsn_cube.sources.stac.grid import snap_to_grid
 from cmsn_cube.sources.stac.load import DEFAULT_STAC_CHUNKS, load_stac, open_stac
 from cmsn_cube.sources.stac.plan import StacAcquisition, StacPlan, plan_stac
 from cmsn_cube.sources.stac.products import DEFAULT_COLLECTION, PRODUCTS, StacProduct, missing_package_message
-from cmsn_cube.sources.stac.search import find_items, sensor_for_platform
+from cmsn_cube.sources.stac.search import DEFAULT_TIMEOUT_S, find_items, sensor_for_platform
 
 __all__ = [
     "DEFAULT_COLLECTION",
     "DEFAULT_STAC_CHUNKS",
+    "DEFAULT_TIMEOUT_S",
     "PRODUCTS",
     "StacAcquisition",
     "StacPlan",

@@ -16,7 +16,14 @@ from cmsn_cube.qa import select_dates
 from cmsn_cube.sources._common import STORE_BYTES_PER_PIXEL, BBox, check_bbox, iso_day
 from cmsn_cube.sources.stac.grid import output_grid
 from cmsn_cube.sources.stac.products import DEFAULT_COLLECTION, PRODUCTS, check_assets, product_spec
-from cmsn_cube.sources.stac.search import cloud_cover, describe_source, find_items, item_time, sensor_for_platform
+from cmsn_cube.sources.stac.search import (
+    DEFAULT_TIMEOUT_S,
+    cloud_cover,
+    describe_source,
+    find_items,
+    item_time,
+    sensor_for_platform,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pystac
@@ -256,12 +263,13 @@ def plan_stac(
     dates: Sequence[str | dt.date] | None = None,
     crs: str | None = None,
     resolution: float = LANDSAT_SCALE_M,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> StacPlan:
     """Find the items, choose the dates by scene cloud cover and fix the grid; reads metadata only.
 
     Parameters
     ----------
-    catalog, bbox, start, end, collection, max_cloud
+    catalog, bbox, start, end, collection, max_cloud, timeout
         What to find, as :func:`find_items` takes them (a local catalog or items in hand need no network; the
         default collection is the Planetary Computer/USGS ``landsat-c2-l2``); the grid covers ``bbox``.
     product : str
@@ -298,7 +306,9 @@ def plan_stac(
     spec = product_spec(product, assets)
     _check_counts(n_dates=n_dates, resolution=resolution)
     box = check_bbox(bbox)
-    items = find_items(catalog, bbox=box, start=start, end=end, collection=collection, max_cloud=max_cloud)
+    items = find_items(
+        catalog, bbox=box, start=start, end=end, collection=collection, max_cloud=max_cloud, timeout=timeout
+    )
     check_assets(items, spec, collection)
     found = group_acquisitions(items, lon=(box[0] + box[2]) / 2)
     chosen = choose_acquisitions(found, levels=levels, n_dates=n_dates, dates=dates)

@@ -116,6 +116,28 @@ def stac_cfg(product: StacProduct) -> dict[str, Any]:
     }
 
 
+def declared_scaling(asset: pystac.Asset) -> tuple[float, float] | None:
+    """Return the ``(scale, offset)`` a one-band asset declares (reflectance = DN x scale + offset), or None.
+
+    Read from ``raster:bands`` (raster extension 1.x) or from ``raster:scale``/``raster:offset`` on the asset or
+    its ``bands`` (STAC 1.1); a missing scale is 1 and a missing offset 0, as the extension says.
+    """
+    fields = asset.extra_fields
+    declarations = [
+        {"scale": fields.get("raster:scale"), "offset": fields.get("raster:offset")},
+        *(
+            {"scale": band.get("raster:scale"), "offset": band.get("raster:offset")}
+            for band in fields.get("bands") or []
+        ),
+        *(fields.get("raster:bands") or []),
+    ]
+    for band in declarations:
+        scale, offset = band.get("scale"), band.get("offset")
+        if scale is not None or offset is not None:
+            return float(1.0 if scale is None else scale), float(0.0 if offset is None else offset)
+    return None
+
+
 def check_assets(items: Sequence[pystac.Item], product: StacProduct, collection: str) -> None:
     """Raise a BandMismatchError naming the first item that lacks one of the product's asset keys."""
     assets = product.asset_keys

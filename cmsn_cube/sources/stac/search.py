@@ -13,12 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmsn_cube.exceptions import ArgumentError, CubeValidationError, NoDataError
+from cmsn_cube.exceptions import ArgumentError, CubeValidationError, NoDataError, check_positive
 from cmsn_cube.sources._common import BBox, check_bbox, check_window
 from cmsn_cube.sources.stac.products import DEFAULT_COLLECTION, import_stac_module
 
 if TYPE_CHECKING:  # pragma: no cover
     import pystac
+
+#: Seconds one HTTP request of the STAC path (catalog, search page, asset read) may wait for an answer: a server
+#: that accepts the connection and never answers must not hold a pull forever.
+DEFAULT_TIMEOUT_S = 30.0
 
 
 def sensor_for_platform(platform: str | None, *, item_id: str = "") -> str:
@@ -84,18 +88,47 @@ def _is_url(value: str) -> bool:
     return re.match(r"^[a-z][a-z0-9+.-]*://", value, flags=re.IGNORECASE) is not None
 
 
-def _open_client(where: str) -> Any:
-    """Open a STAC API or a static catalog at a URL or path with pystac-client."""
+def _open_client(where: str, *, timeout: float) -> Any:
+    """Open a STAC API or a static catalog at a URL or path with pystac-client, ``timeout`` s per request."""
     if not _is_url(where) and not Path(where).exists():
         raise ArgumentError(f"no STAC catalog at {where}: give an API URL, a catalog.json path or pystac items")
     pystac_client = import_stac_module("pystac_client", "pystac-client")
     with warnings.catch_warnings():
         # a static catalog advertises no conformance classes: that is expected, it is walked below
         warnings.simplefilter("ignore", getattr(pystac_client.warnings, "NoConformsTo", UserWarning))
+        from pystac_client.stac_api_io import StacApiIO
+        from urllib3 import Retry
+
+        # no request is sent again after a timeout or a failed connection: pystac-client's own 5 retries made
+        # a silent server hold the search six times the timeout
+        stac_io = StacApiIO(max_retries=Retry(total=5, connect=0, read=0))
         try:
-            return pystac_client.Client.open(where)
+            return pystac_client.Client.open(where, stac_io=stac_io, timeout=timeout)
         except Exception as error:  # requests, JSON and STAC errors alike: one line with the address
-            raise ArgumentError(f"cannot open the STAC catalog {where}: {type(error).__name__}: {error}") from None
+            raise _catalog_error(where, error, timeout=timeout) from None
+
+
+def _catalog_error(where: str, error: BaseException, *, timeout: float) -> ArgumentError:
+    """Return the one-line error for a failed request to the catalog at ``where`` (a timeout said as such)."""
+    if _timed_out(error):
+        return ArgumentError(
+            f"the STAC catalog {where} did not answer within {timeout:g} s: check the address and the network, "
+            "or allow more time (timeout=, cmsn-cube pull --timeout)"
+        )
+    return ArgumentError(
+        f"cannot open the STAC catalog {where}: {type(error).__name__}: {' '.join(str(error).split())}"
+    )
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """Tell whether ``error`` or one it was raised from is a timeout (pystac-client wraps requests' in APIError)."""
+    import requests
+
+    while error is not None:
+        if isinstance(error, TimeoutError | requests.exceptions.Timeout):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _items_in_hand(catalog: Any) -> list[pystac.Item] | None:
@@ -116,15 +149,20 @@ def _items_in_hand(catalog: Any) -> list[pystac.Item] | None:
     return None
 
 
-def _search_or_walk(catalog: Any, *, collection: str, bbox: BBox, start: str, end: str) -> list[pystac.Item]:
-    """Return the items of ``catalog``: an API search where the catalog offers one, else every item (filtered later)."""
+def _search_or_walk(
+    catalog: Any, *, collection: str, bbox: BBox, start: str, end: str, timeout: float
+) -> list[pystac.Item]:
+    """Return the items of ``catalog``: an API search where the catalog offers one, else every item (filtered later).
+
+    A catalog opened here from a URL or path waits at most ``timeout`` s for each request.
+    """
     items = _items_in_hand(catalog)
     if items is not None:
         return items
     if not isinstance(catalog, (str, os.PathLike)) and type(catalog).__module__.startswith("pystac_client"):
         client = catalog
     elif isinstance(catalog, (str, os.PathLike)):
-        client = _open_client(str(catalog))
+        client = _open_client(str(catalog), timeout=timeout)
     else:
         raise ArgumentError(
             f"catalog must be a STAC API URL, a catalog.json path, a pystac Catalog/ItemCollection or a list of "
@@ -132,13 +170,16 @@ def _search_or_walk(catalog: Any, *, collection: str, bbox: BBox, start: str, en
         )
     from pystac_client import ConformanceClasses
 
-    if client.conforms_to(ConformanceClasses.ITEM_SEARCH):
-        # the window's end day is included: pystac-client expands a bare end date to its last second
-        search = client.search(collections=[collection], bbox=list(bbox), datetime=f"{start}/{end}")
-        return list(search.items())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # FallbackToPystac: a static catalog has no /search, walking it is the way
-        return list(client.get_items(recursive=True))
+    try:
+        if client.conforms_to(ConformanceClasses.ITEM_SEARCH):
+            # the window's end day is included: pystac-client expands a bare end date to its last second
+            search = client.search(collections=[collection], bbox=list(bbox), datetime=f"{start}/{end}")
+            return list(search.items())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FallbackToPystac: a static catalog has no /search, walking it is the way
+            return list(client.get_items(recursive=True))
+    except Exception as error:  # a page or a child catalog that fails: one line with the address, as opening
+        raise _catalog_error(describe_source(catalog), error, timeout=timeout) from None
 
 
 def find_items(
@@ -149,6 +190,7 @@ def find_items(
     start: str | dt.date,
     end: str | dt.date,
     max_cloud: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> list[pystac.Item]:
     """Find the STAC items of ``collection`` over ``bbox`` in the window, at most ``max_cloud`` cloudy.
 
@@ -164,6 +206,9 @@ def find_items(
         First and last day (UTC), both included.
     max_cloud : float, optional
         Leave out items whose ``eo:cloud_cover`` is above this fraction (0-1); items without one, too.
+    timeout : float
+        Seconds each request to a catalog given as a URL may wait for an answer (opening, search pages, child
+        catalogs); then the search fails with an ArgumentError that names the URL.
 
     Returns
     -------
@@ -175,14 +220,16 @@ def find_items(
     NoDataError
         No item fits; the message says which filter left none.
     RegionError, ArgumentError
-        A bad bbox, window or ``max_cloud``; a catalog that cannot be opened.
+        A bad bbox, window, ``max_cloud`` or ``timeout``; a catalog that cannot be opened or searched, or does
+        not answer within ``timeout``.
     """
     box = check_bbox(bbox)
     start_day, end_day = check_window(start, end)
     if max_cloud is not None and not 0.0 <= max_cloud <= 1.0:
         hint = f" (did you mean {max_cloud / 100:g}?)" if 1 < max_cloud <= 100 else ""
         raise ArgumentError(f"max_cloud is a fraction in [0, 1] (eo:cloud_cover / 100), got {max_cloud:g}{hint}")
-    items = _search_or_walk(catalog, collection=collection, bbox=box, start=start_day, end=end_day)
+    check_positive(timeout=timeout)
+    items = _search_or_walk(catalog, collection=collection, bbox=box, start=start_day, end=end_day, timeout=timeout)
     where = describe_source(catalog)
     if not items:
         raise NoDataError(f"no STAC items of {collection} in {where} for bbox {box} and {start_day} .. {end_day}")
