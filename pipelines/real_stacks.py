@@ -11,7 +11,9 @@ naip-5m    NAIP, 10 summers, 720 x 930 px at 5 m       rows 0-359               
 =========  =========================================  ===========================  ============================
 
 The two NAIP sets cover the same ground at two pixel sizes; both split at the same line, so no scored pixel of
-either was seen in training.
+either was seen in training. The NAIP years lie on grids up to 0.6 px apart: each is resampled onto the 2009 grid
+(before 2026-12-08 they were stacked pixel by pixel, misaligned; the NAIP figures of earlier releases came from
+those stacks).
 """
 
 from __future__ import annotations
@@ -47,23 +49,43 @@ def s2_sr() -> xr.Dataset:
 
 
 def _naip(factor: int) -> xr.Dataset:
-    from cmsn_cube.sources.stack import open_stack
+    """The ten NAIP summers on the 2009 grid: the years lie up to 0.6 px apart (2010 is 2 m south of 2009), so
+    each is resampled (bilinear) onto the first, then cropped to the rows and columns every year covers."""
+    import numpy as np
+    import rioxarray
+    from rasterio.enums import Resampling
+
+    from cmsn_cube.cube import make_cube
 
     files = sorted((DATA / "naip_10dates").glob("*.tif"))
-    cube = open_stack(
-        files,
-        dates=[f"{f.stem[-8:-4]}-{f.stem[-4:-2]}-{f.stem[-2:]}" for f in files],
-        bands={"red": 1, "green": 2, "blue": 3, "nir": 4},
-        scale=1 / 255,
+    first = rioxarray.open_rasterio(files[0]).astype("float32")
+    years = [first] + [
+        rioxarray.open_rasterio(f).astype("float32").rio.reproject_match(first, resampling=Resampling.bilinear)
+        for f in files[1:]
+    ]
+    stack = np.stack([year.values for year in years]) / 255  # (time, band: red, green, blue, nir, y, x)
+    stack[stack > 1] = np.nan  # reproject_match's fill outside a year's footprint
+    covered = np.isfinite(stack).all(axis=(0, 1))
+    rows, cols = np.flatnonzero(covered.all(axis=1)), np.flatnonzero(covered.all(axis=0))
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    reflectance = stack[:, [2, 1, 0, 3]][..., window[0], window[1]]  # blue, green, red, nir
+    cube = make_cube(
+        reflectance,
+        time=[f"{f.stem[-8:-4]}-{f.stem[-4:-2]}-{f.stem[-2:]}" for f in files],
+        y=first.y.values[window[0]],
+        x=first.x.values[window[1]],
+        crs=first.rio.crs,
         sensor="NAIP",
-        crop_to_common=True,
-        source="NAIP 10 summers, North Dakota",
+        cloud_mask=np.zeros((len(files), *reflectance.shape[2:]), dtype=bool),
+        source="NAIP 10 summers, North Dakota, on the 2009 grid",
+        attrs={"scale_m": abs(float(first.rio.resolution()[0]))},
     )
     height, width = (cube.sizes[d] // 6 * 6 for d in ("y", "x"))
     cube = cube.isel(y=slice(0, height), x=slice(0, width))
     if factor > 1:
         coarse = cube.coarsen(y=factor, x=factor).mean()
         cube = coarse.assign(cloud_mask=coarse["cloud_mask"] > 0).rio.write_crs(cube.rio.crs)
+        cube.attrs["scale_m"] = cube.attrs["scale_m"] * factor
     return cube.load()
 
 
