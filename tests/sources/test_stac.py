@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from stac_items import set_footprint
 
 from cmsn_cube.cube import SENSOR_BANDS
 from cmsn_cube.exceptions import ArgumentError, BandMismatchError, CubeValidationError, MissingDateError, NoDataError
@@ -77,9 +78,7 @@ def _make_item(
 ) -> pystac.Item:
     """One item with real COGs of rows ``rows`` of one scene's crop (placed at those rows of the common grid),
     with Planetary-Computer style metadata; ``keys`` renames the assets."""
-    from pyproj import Transformer
     from pystac.extensions.eo import EOExtension
-    from pystac.extensions.projection import ProjectionExtension
     from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
     acquired, (row, col), platform, shift = SCENES[scene]
@@ -111,15 +110,7 @@ def _make_item(
             raster.bands = [RasterBand.create(nodata=0, data_type=DataType.UINT16, scale=2.75e-5, offset=-0.2)]
     valid = (qa & 1) == 0
     EOExtension.ext(item, add_if_missing=True).cloud_cover = round(100 * float(((qa & 0b11110) > 0)[valid].mean()), 2)
-    right, bottom = left + 30 * SIZE, top - 30 * height
-    lons, lats = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True).transform(
-        [left, right, right, left], [top, top, bottom, bottom]
-    )
-    ring = [[float(lon), float(lat)] for lon, lat in zip(lons, lats, strict=True)]
-    item.geometry = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
-    item.bbox = [float(min(lons)), float(min(lats)), float(max(lons)), float(max(lats))]
-    proj = ProjectionExtension.ext(item, add_if_missing=True)
-    proj.code, proj.shape, proj.transform = CRS, [height, SIZE], [30.0, 0.0, left, 0.0, -30.0, top]
+    set_footprint(item, crs=CRS, left=left, top=top, height=height, width=SIZE)
     return item
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stac_items import set_footprint
 
 from cmsn_cube.exceptions import ArgumentError, CubeValidationError
 from cmsn_cube.testing import shared_data_path
@@ -50,8 +51,6 @@ def _write_cog(array: np.ndarray, path: Path, nodata: int) -> None:
 
 def _item(folder: Path, *, hrefs: dict[str, str] | None = None) -> pystac.Item:
     """One item, raster:bands declaring DN x 1e-4 - 0.1; ``hrefs`` replaces the asset files (no pixels written)."""
-    from pyproj import Transformer
-    from pystac.extensions.projection import ProjectionExtension
     from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
     item = pystac.Item(
@@ -70,15 +69,7 @@ def _item(folder: Path, *, hrefs: dict[str, str] | None = None) -> pystac.Item:
         RasterExtension.ext(asset, add_if_missing=True).bands = [
             RasterBand.create(nodata=1 if is_qa else 0, data_type=DataType.UINT16, **declared)
         ]
-    right, bottom = LEFT + 30 * SIZE, TOP - 30 * SIZE
-    lons, lats = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True).transform(
-        [LEFT, right, right, LEFT], [TOP, TOP, bottom, bottom]
-    )
-    ring = [[float(lon), float(lat)] for lon, lat in zip(lons, lats, strict=True)]
-    item.geometry = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
-    item.bbox = [float(min(lons)), float(min(lats)), float(max(lons)), float(max(lats))]
-    proj = ProjectionExtension.ext(item, add_if_missing=True)
-    proj.code, proj.shape, proj.transform = CRS, [SIZE, SIZE], [30.0, 0.0, LEFT, 0.0, -30.0, TOP]
+    set_footprint(item, crs=CRS, left=LEFT, top=TOP, height=SIZE, width=SIZE)
     return item
 
 
