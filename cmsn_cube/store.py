@@ -5,6 +5,7 @@
   that name runs.
 - Every chunk is written, fill values included, so a missing chunk file is damage: :func:`open_store` names
   it instead of reading NaN reflectance or a cloud-free mask.
+- A store written by plain ``xarray.Dataset.to_zarr`` (none of this bookkeeping) opens read-only as it is.
 - An interrupted :func:`append_cube` is rolled back: the store opens with its original dates, and the next
   append starts from them.
 - fsspec URLs (``s3://``, ``gs://``, ``memory://``) are kept as URLs; a protocol whose package is missing is a
@@ -501,11 +502,13 @@ def open_store(
 ) -> xr.Dataset:
     """Open any store written by cmsn-cube (a cube or a reconstruction) lazily, with its CRS.
 
+    A store written by plain ``xarray.Dataset.to_zarr`` (no cmsn-cube bookkeeping) opens too, read as it is.
+
     Raises
     ------
     StoreError
-        The store is missing, was interrupted while being written (how far it got is said), lacks chunk
-        files, or cannot be read.
+        The store is missing, is this tool's write that was interrupted (how far it got is said), lacks
+        chunk files (stores of this tool's format only), or cannot be read.
     """
     path = store_path(path)
     if store_kind(path) != "zarr":
@@ -518,7 +521,7 @@ def open_store(
     except Exception as error:  # zarr/xarray raise many types for a damaged store
         raise StoreError(f"cannot read the Zarr store at {path}: {type(error).__name__}: {error}") from error
     interrupted_append = ds.attrs.get(COMPLETE_ATTR) is not True and ds.attrs.get(_APPEND_ATTR) is not None
-    if ds.attrs.get(COMPLETE_ATTR) is not True:
+    if ds.attrs.get(COMPLETE_ATTR) is not True and _written_by_this_tool(path, ds):
         if interrupted_append:
             n_dates = int(ds.attrs[_APPEND_ATTR])
             warnings.warn(
@@ -541,6 +544,18 @@ def open_store(
     return ds
 
 
+def _written_by_this_tool(path: str, ds: xr.Dataset) -> bool:
+    """Whether the store carries cmsn-cube's bookkeeping (a completion flag, format, append or region records).
+
+    A store written by plain ``xarray.Dataset.to_zarr`` has none: it is opened as it is, its missing chunks being
+    fill values by zarr's design; only this tool's own unfinished writes are refused as incomplete.
+    """
+    if any(key in ds.attrs for key in (COMPLETE_ATTR, _FORMAT_ATTR, _APPEND_ATTR)):
+        return True
+    fs, root = filesystem(path)
+    return bool(fs.exists(f"{root}/{REGIONS_FOLDER}"))
+
+
 def _incomplete_message(path: str, ds: xr.Dataset) -> str:
     if "reconstructed" in ds:
         fs, root = filesystem(path)
@@ -553,8 +568,8 @@ def _incomplete_message(path: str, ds: xr.Dataset) -> str:
             "run the same reconstruction again to resume it"
         )
     return (
-        f"store {path} is incomplete (its write was interrupted or it was not written by cmsn-cube); "
-        "write it again with overwrite=True"
+        f"store {path} is incomplete: its write by cmsn_cube.write_cube was interrupted; "
+        "write it again with cmsn_cube.write_cube(..., overwrite=True)"
     )
 
 

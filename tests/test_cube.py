@@ -203,11 +203,41 @@ def test_append_rejects_earlier_dates_and_other_grids(tmp_path):
 
 
 def test_interrupted_write_does_not_open_as_complete(tmp_path):
-    # simulate a killed writer: the data went to disk but the completion flag was never set
+    # simulate a killed writer of this tool: the data went to disk but the completion flag stayed False
+    from cmsn_cube.store import COMPLETE_ATTR
+
     cube = tiny_cube()
+    cube.attrs[COMPLETE_ATTR] = False
     cube.to_zarr(tmp_path / "killed.zarr", consolidated=True)
-    with pytest.raises(StoreError, match="incomplete"):
+    with pytest.raises(StoreError, match=r"is incomplete: its write by cmsn_cube\.write_cube was interrupted"):
         open_cube(tmp_path / "killed.zarr")
+
+
+def test_plain_to_zarr_store_opens_and_reconstructs(tmp_path):
+    # issue 29 item 4: a store written by plain xarray to_zarr (no cmsn-cube attrs), default chunking
+    # (write_empty_chunks off: all-NaN chunks, e.g. a fully masked tile, may be absent), is an input
+    from cmsn_cube.inference import reconstruct
+
+    scene = synthetic_scene(height=96, width=96, seed=4)
+    scene["reflectance"][0, :, :32, :32] = np.nan  # a masked chunk of fill values zarr does not write
+    scene["cloud_mask"][0, :32, :32] = True
+    scene = scene.chunk({"time": 1, "band": 4, "y": 32, "x": 32})
+    scene.to_zarr(tmp_path / "plain.zarr", consolidated=True)
+    assert not (tmp_path / "plain.zarr" / "reflectance" / "c" / "0" / "0" / "0" / "0").exists()
+    assert (tmp_path / "plain.zarr" / "reflectance" / "c" / "0" / "0" / "0" / "1").exists()
+    cube = open_cube(tmp_path / "plain.zarr")
+    assert cube.sizes == {"time": 3, "band": 4, "y": 96, "x": 96}
+    assert crs_of(cube).to_epsg() == 32650
+    assert np.isnan(cube.reflectance[0, :, :32, :32].values).all()
+    np.testing.assert_array_equal(cube.reflectance[1].values, scene.reflectance[1].values)
+    options = {"method": "regression", "tile": 64, "overlap": 8, "chunk": 128}
+    result = reconstruct(cube, **options).compute()
+    assert result.reconstructed.shape == (3, 4, 96, 96)
+    # finite wherever some date observes the pixel (flag 2: observed on no date, NaN by design)
+    assert np.isfinite(result.reconstructed.values.transpose(1, 0, 2, 3)[:, result.filled.values != 2]).all()
+    assert (result.filled.values[0, :32, :32] != 0).all()  # the absent chunk was read as masked, not observed
+    in_memory = reconstruct(scene.compute(), **options).compute()
+    np.testing.assert_allclose(result.reconstructed.values, in_memory.reconstructed.values, rtol=0, atol=1e-6)
 
 
 def test_corrupt_and_missing_store(tmp_path):
