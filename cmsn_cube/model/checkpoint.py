@@ -74,10 +74,18 @@ def _card_path(checkpoint_path: Path) -> Path:
     return checkpoint_path.with_suffix(".json")
 
 
+def _umask() -> int:
+    """Return the process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
 
-    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on one file system).
+    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on one file system). The file
+    gets the mode any new file gets (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -86,6 +94,7 @@ def _atomic_write_bytes(path: Path, write: Any) -> None:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -42,6 +42,24 @@ def test_card_describes_the_weights(saved):
     assert not list(path.parent.glob("*.tmp"))  # atomic writes leave no temporary files
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_respect_the_umask(tmp_path, tiny_config, umask, mode):
+    # issue 29 item 4: mkstemp's private 0600 leaked into checkpoints, cards and history files
+    import os
+    import stat
+
+    from cmsn_cube.training.history import write_history
+
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "tiny.pt", CMSN(**tiny_config).eval())
+        write_history({"train": [], "val": []}, tmp_path)
+    finally:
+        os.umask(previous)
+    for written in (path, path.with_suffix(".json"), tmp_path / "history.json", tmp_path / "loss.png"):
+        assert stat.S_IMODE(written.stat().st_mode) == mode, (written.name, oct(written.stat().st_mode))
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_foreign_pickle_is_refused(tmp_path):
     path = tmp_path / "foreign.pt"
