@@ -73,10 +73,12 @@ def _pasted(
 ) -> np.ndarray:
     """Return a shape to hide on ``date`` of a window, on the date's clear pixels only.
 
-    A pool shape near the date's own cloud fraction ``level`` (never the date's own mask of this window), turned,
-    flipped and shifted.
+    A pool shape near the date's own cloud fraction ``level`` (the date's own mask of this window only when no
+    other shape fits), turned, flipped and shifted.
     """
-    candidates = [shape for w, t, shape in pool if (w, t) != (window, date) and shape.shape == gap.shape[1:]]
+    fitting = [(w, t, shape) for w, t, shape in pool if shape.shape == gap.shape[1:]]
+    # the date's own shape here only when nothing else fits (one window, one cloudy date): turned and shifted
+    candidates = [shape for w, t, shape in fitting if (w, t) != (window, date)] or [shape for _, _, shape in fitting]
     if not candidates:
         return np.zeros_like(gap[date])
     fractions = np.array([shape.mean() for shape in candidates])
@@ -92,12 +94,27 @@ def _pasted(
 Sample = tuple[int, dict[str, np.ndarray], np.ndarray]
 
 
-def plan_samples(n_windows: int, n_dates: int, samples: int) -> list[tuple[int, int]]:
-    """Return the ``(date, window)`` of each sample: one date hidden at a time, the dates in turn.
+def sample_window(sample: int, n_windows: int) -> int:
+    """Return the window of the ``sample``-th sample.
 
     Each pass over the windows shifts by one, so a date meets every window.
     """
-    return [(s % n_dates, (s + s // n_windows) % n_windows) for s in range(samples)]
+    return (sample + sample // n_windows) % n_windows
+
+
+def dates_to_check(gap_pixels: np.ndarray) -> tuple[int, ...]:
+    """Return the dates with pixels to fill (``gap_pixels``: per date): the only ones a check samples."""
+    return tuple(int(t) for t in np.flatnonzero(np.asarray(gap_pixels) > 0))
+
+
+def planned_sample(sample: int, n_windows: int, dates: Sequence[int]) -> tuple[int, int] | None:
+    """Return the ``(date, window)`` of the ``sample``-th sample, the ``dates`` in turn; None past the last sample.
+
+    A check of ``n`` dates with gaps takes :func:`samples_needed` ``(n)`` samples; none when no date has one.
+    """
+    if not dates or sample >= samples_needed(len(dates)):
+        return None
+    return dates[sample % len(dates)], sample_window(sample, n_windows)
 
 
 def check_sample(
@@ -216,8 +233,8 @@ def _best(psnr: np.ndarray) -> str:
 def quality_table(result: Any) -> Any:
     """Return a reconstruction's self-check as a ``pandas.DataFrame``: one row per date and method.
 
-    The columns are ``psnr_db``, ``mae``, ``sam_deg``, ``pixels`` (hidden pixels scored) and ``chosen`` (the
-    method that filled the date). Computes the small ``quality``/``method_used`` variables (and so the check, if
+    The columns are ``psnr_db``, ``mae``, ``sam_deg``, ``pixels`` (hidden pixels scored), ``chosen`` (the
+    method that filled the date) and ``gap_pixels`` (the date's pixels to fill; -1 in stores written before it). Computes the small ``quality``/``method_used`` variables (and so the check, if
     not yet run).
 
     Raises
@@ -234,12 +251,13 @@ def quality_table(result: Any) -> Any:
         raise CubeValidationError(
             "no self-check in this dataset: it is not a reconstruction, or its method was forced (method='auto' runs it)"
         )
-    scores, used = (np.asarray(v) for v in dask.compute(result["quality"].data, result["method_used"].data))
+    gaps = result["gap_pixels"].data if "gap_pixels" in result else np.full(result.sizes["time"], -1)
+    scores, used, gaps = (np.asarray(v) for v in dask.compute(result["quality"].data, result["method_used"].data, gaps))
     rows = []
     for index, time in enumerate(np.asarray(result["time"].values)):
         for m, method in enumerate(METHODS):
             row = {"time": time, "method": method, **dict(zip(METRICS, scores[index, m], strict=True))}
-            rows.append({**row, "chosen": int(used[index]) == m})
+            rows.append({**row, "chosen": int(used[index]) == m, "gap_pixels": int(gaps[index])})
     table = pd.DataFrame(rows)
     table["pixels"] = table["pixels"].astype(int)
     return table
@@ -247,11 +265,17 @@ def quality_table(result: Any) -> Any:
 
 def format_quality(table: Any) -> str:
     """:func:`quality_table` as the lines the command line prints."""
+    if "gap_pixels" in table and (table["gap_pixels"] == 0).all():
+        return "scene self-check: nothing to fill on any date (no cloud, no no-data pixel): the reconstruction is the input"
     lines = [
         "scene self-check: clear pixels of this scene hidden under real cloud shapes, filled by each method",
         "  date        method       PSNR (dB)  MAE (refl.)  SAM (°)  hidden px",
     ]
     for row in table.itertuples():
+        if getattr(row, "gap_pixels", -1) == 0:
+            if row.method == METHODS[0]:  # one line per date
+                lines.append(f"  {str(row.time)[:10]}   nothing to fill (every pixel observed): not checked")
+            continue
         lines.append(
             f"  {str(row.time)[:10]}  {'*' if row.chosen else ' '}{row.method:<11} {row.psnr_db:9.2f}  "
             f"{row.mae:11.4f}  {row.sam_deg:7.2f}  {row.pixels:9d}"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cmsn_cube import baselines
 from cmsn_cube.cli import main
-from cmsn_cube.exceptions import ArgumentError, CubeValidationError
+from cmsn_cube.exceptions import ArgumentError, CMSNCubeWarning, CubeValidationError
 from cmsn_cube.inference import model_inputs, reconstruct, write_reconstruction
 from cmsn_cube.model import load_model, save_checkpoint
 from cmsn_cube.model.prior import RegressionFill
@@ -122,7 +122,9 @@ def test_the_report_is_stored_tidy_and_printed(scene, tmp_path):
     assert "scene self-check" in run.output and "*cmsn" in run.output
     reopened = open_reconstruction(tmp_path / "out.zarr")
     table = reopened.cmsn.quality()
-    assert list(table.columns) == ["time", "method", *METRICS, "chosen"]
+    assert list(table.columns) == ["time", "method", *METRICS, "chosen", "gap_pixels"]
+    expected_gaps = (scene.cloud_mask | scene.reflectance.isnull().any("band")).sum(("y", "x")).values
+    np.testing.assert_array_equal(table.groupby("time")["gap_pixels"].first().values, expected_gaps)
     assert len(table) == 3 * len(METHODS) and table.groupby("time")["chosen"].sum().eq(1).all()
     direct = reconstruct(scene)
     np.testing.assert_allclose(reopened.quality.values, direct.quality.values)
@@ -166,3 +168,37 @@ def test_a_date_keeps_its_own_winner_only_by_the_date_margin():
     scores[:, 0, METRICS.index("psnr_db")] = 33.0  # the network wins the scene...
     scores[1, :, METRICS.index("psnr_db")] = np.nan  # ...but date 1 is too cloudy to check: regression, as documented
     assert choose(scores) == ("cmsn", "regression", "cmsn")
+
+
+def test_only_dates_with_gaps_are_checked_and_nothing_to_fill_is_said_at_once(scene, tmp_path, monkeypatch):
+    """A date with nothing to fill is not sampled (no model run for it); a scene with nothing to fill says so."""
+    from cmsn_cube.inference import tasks
+
+    one_gap = scene.copy(deep=True)
+    one_gap["cloud_mask"][[0, 2]] = False  # only date 1 keeps its clouds
+    one_gap["reflectance"] = one_gap.reflectance.fillna(0.1)
+    dates: list[int] = []
+    run_sample = tasks.run_check_sample
+
+    def counted(*args, **kwargs):
+        sample = run_sample(*args, **kwargs)
+        dates.extend([] if sample is None else [sample[0]])
+        return sample
+
+    monkeypatch.setattr(tasks, "run_check_sample", counted)
+    result = reconstruct(one_gap).compute(scheduler="synchronous")
+    assert dates and set(dates) == {1}, dates
+    assert result.gap_pixels.values.tolist() == [0, int(scene.cloud_mask[1].sum()), 0]
+    assert [m for m in result.method_used.values[[0, 2]]] == [METHODS.index("regression")] * 2
+
+    clear = one_gap.assign(cloud_mask=xr.zeros_like(one_gap.cloud_mask))
+    dates.clear()
+    with pytest.warns(CMSNCubeWarning, match="nothing to fill in the cube"):
+        result = reconstruct(clear)
+    computed = result.compute(scheduler="synchronous")
+    assert dates == [] and (computed.filled.values == 0).all()
+    np.testing.assert_array_equal(computed.reconstructed.values, clear.reflectance.values)
+    store = write_cube(clear, tmp_path / "clear.zarr")
+    run = CliRunner().invoke(main, ["reconstruct", store, str(tmp_path / "out.zarr"), "--workers", "1"])
+    assert run.exit_code == 0 and "nothing to fill on any date" in run.output, run.output
+    assert "nothing to fill in the input" in run.stderr

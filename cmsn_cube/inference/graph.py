@@ -230,6 +230,7 @@ def self_check(
     spec: ModelSpec,
     triplets: tuple[tuple[int, int, int], ...],
     *,
+    gap_pixels: Any,
     days: tuple[float, ...],
     device: str,
     seed: int,
@@ -237,9 +238,10 @@ def self_check(
     """Build the scene self-check: one task per sample, one that pools their scores and one that picks.
 
     A sample is a window read from the store's chunks with one date hidden, filled by every method
-    (:func:`cmsn_cube.inference.tasks.run_check_sample`).
+    (:func:`cmsn_cube.inference.tasks.run_check_sample`). Only dates with pixels to fill (``gap_pixels``, per
+    date, numpy or Dask) are sampled: a sample task past what those dates need returns at once.
     """
-    from cmsn_cube.selfcheck import METHODS, METRICS, combine_samples, plan_samples, sample_windows, samples_needed
+    from cmsn_cube.selfcheck import METHODS, METRICS, combine_samples, sample_window, sample_windows, samples_needed
 
     arrays = _input_regions(cube)
     windows = sample_windows((cube.sizes["y"], cube.sizes["x"]))
@@ -257,15 +259,16 @@ def self_check(
     options = {"spec": model, "triplets": triplets, "days": days, "device": device}
     samples = [
         dask.delayed(tasks.run_check_sample, pure=True)(
-            reads[window],
+            reads[sample_window(k, len(windows))],
             masks,
-            date=date,
-            window=window,
+            gap_pixels,
+            sample=k,
+            window=sample_window(k, len(windows)),
             seed=(seed, k),
             dask_key_name=f"cmsn-check-sample-{token}-{k}",
             **options,
         )
-        for k, (date, window) in enumerate(plan_samples(len(windows), len(triplets), samples_needed(len(triplets))))
+        for k in range(samples_needed(len(triplets)))  # the most any set of dates with gaps needs
     ]
     scores = dask.delayed(combine_samples, pure=True)(samples, len(triplets), dask_key_name=f"cmsn-check-{token}")
     quality = da.from_delayed(scores, shape=(len(triplets), len(METHODS), len(METRICS)), dtype=np.float64)

@@ -48,10 +48,33 @@ def model_inputs(cube: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
     )
 
 
+def _clear(cube: xr.Dataset) -> xr.DataArray:
+    """Clear observations ``(time, y, x)``: not cloud, no band NaN (lazy; the same graph keys at each call)."""
+    return ~cube["cloud_mask"] & cube["reflectance"].notnull().all("band")
+
+
 def count_observed_dates(cube: xr.Dataset) -> xr.DataArray:
     """Count, per pixel, the dates with a clear observation (not cloud, no band NaN): ``(y, x)`` uint16, lazy."""
-    clear = ~cube["cloud_mask"] & cube["reflectance"].notnull().all("band")
-    return clear.sum("time").astype(np.uint16).rename("observed_dates")
+    return _clear(cube).sum("time").astype(np.uint16).rename("observed_dates")
+
+
+def count_gap_pixels(cube: xr.Dataset) -> xr.DataArray:
+    """Count, per date, the pixels to fill (cloud or no data): ``(time,)`` int64, lazy.
+
+    Built on the same reads as :func:`count_observed_dates`: computed together, the input is read once.
+    """
+    return (~_clear(cube)).sum(("y", "x")).astype(np.int64).rename("gap_pixels")
+
+
+def check_gaps(gap_pixels: np.ndarray, *, what: str, stacklevel: int = 3) -> None:
+    """Warn at once when no date of ``what`` has a pixel to fill: the reconstruction is the input, no model runs."""
+    if np.asarray(gap_pixels).size and not np.asarray(gap_pixels).any():
+        warnings.warn(
+            f"nothing to fill in {what}: no date has a cloud or a no-data pixel; the reconstruction is the input "
+            "(no model runs). Is the cloud mask right (qa_pixel decoded, or a mask band given)?",
+            CMSNCubeWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def check_observed(observed_dates: np.ndarray, *, what: str, stacklevel: int = 3) -> None:

@@ -13,8 +13,10 @@ from cmsn_cube.device import default_device
 from cmsn_cube.exceptions import CubeValidationError
 from cmsn_cube.inference.graph import block_graph, output_arrays, self_check
 from cmsn_cube.inference.inputs import (
+    check_gaps,
     check_observed,
     check_tiling,
+    count_gap_pixels,
     count_observed_dates,
     input_fingerprint,
     model_inputs,
@@ -116,12 +118,14 @@ def reconstruct(
     check_tiling(tile=tile, overlap=overlap, batch_size=batch_size, chunk=chunk, method=method)
     checked = ensure_cloud_mask(cube, min_dates=3)
     observed_dates = count_observed_dates(checked)
-    if observed_dates.chunks is None:
+    gap_pixels = count_gap_pixels(checked)
+    if observed_dates.chunks is None:  # in memory: say so now (lazy inputs: when written)
         check_observed(observed_dates.values, what="the cube")
+        check_gaps(gap_pixels.values, what="the cube")
     if adapt:
         model = _adapted_model(cube, model, device=device, fit_options=fit_options)
     settings = _Settings(tile, overlap, chunk, fill_unobserved, method, check_seed, batch_size, default_device(device))
-    result = _lazy_result(checked, model_spec(model), observed_dates, settings)
+    result = _lazy_result(checked, model_spec(model), observed_dates, gap_pixels, settings)
     if cube.encoding.get("source"):
         result.attrs["input_store"] = cube.encoding["source"]
     return result
@@ -155,7 +159,9 @@ def _adapted_model(
     return fit(cube, **{"model": model, "device": device, **(fit_options or {})}).model
 
 
-def _lazy_result(cube: xr.Dataset, spec: ModelSpec, observed_dates: xr.DataArray, settings: _Settings) -> xr.Dataset:
+def _lazy_result(
+    cube: xr.Dataset, spec: ModelSpec, observed_dates: xr.DataArray, gap_pixels: xr.DataArray, settings: _Settings
+) -> xr.Dataset:
     """Return the graph of the reconstruction of a checked ``cube`` as a dataset (see :func:`reconstruct`)."""
     from cmsn_cube.baselines import days_of
     from cmsn_cube.cube import date_triplets  # each date with its two nearest dates
@@ -168,7 +174,15 @@ def _lazy_result(cube: xr.Dataset, spec: ModelSpec, observed_dates: xr.DataArray
     days = tuple(days_of(cube).tolist())  # the regression takes helper dates nearest first
     check = None
     if settings.method == "auto":
-        check = self_check(cube, spec, triplets, days=days, device=settings.device, seed=settings.check_seed)
+        check = self_check(
+            cube,
+            spec,
+            triplets,
+            gap_pixels=gap_pixels.data,
+            days=days,
+            device=settings.device,
+            seed=settings.check_seed,
+        )
     methods = check.methods if check else np.full(cube.sizes["time"], METHODS.index(settings.method), dtype=np.uint8)
     blocks = block_graph(
         cube,
@@ -186,6 +200,7 @@ def _lazy_result(cube: xr.Dataset, spec: ModelSpec, observed_dates: xr.DataArray
     result["observed_dates"] = observed_dates.chunk(
         {"y": tilings[0].output_chunks, "x": tilings[1].output_chunks}
     ).assign_attrs(long_name="dates with a clear observation of the pixel", units="1")
+    result["gap_pixels"] = gap_pixels.assign_attrs(long_name="pixels to fill per date (cloud or no data)", units="1")
     result["method_used"] = xr.DataArray(
         check.method_used if check else methods,
         dims="time",

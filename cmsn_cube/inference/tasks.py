@@ -113,8 +113,9 @@ def read_window(reflectance: Any, cloud_mask: Any, *, origin: tuple[int, int]) -
 def run_check_sample(
     read: tuple[np.ndarray, np.ndarray],
     masks: list[np.ndarray],
+    gap_pixels: np.ndarray,
     *,
-    date: int,
+    sample: int,
     window: int,
     spec: ModelSpec,
     triplets: tuple[tuple[int, int, int], ...],
@@ -122,8 +123,18 @@ def run_check_sample(
     device: str,
     seed: tuple[int, int],
 ) -> Any:
-    """Run one sample of the scene self-check (see :func:`cmsn_cube.selfcheck.check_sample`)."""
-    from cmsn_cube.selfcheck import check_sample
+    """Run the ``sample``-th sample of the scene self-check (see :func:`cmsn_cube.selfcheck.check_sample`).
+
+    Its date comes from ``gap_pixels`` (per date): only dates with pixels to fill are checked, in turn; None
+    (no model run) past the samples those dates need, or when no date has a gap.
+    """
+    from cmsn_cube.selfcheck import check_sample, dates_to_check, planned_sample
+
+    planned = planned_sample(sample, len(masks), dates_to_check(gap_pixels))
+    if planned is None:
+        return None
+    date, planned_window = planned
+    assert planned_window == window, "the graph reads the window of sample_window()"
 
     weighted: dict[str, np.ndarray] = {}  # the two regressions share it: run once per sample
 

@@ -17,7 +17,7 @@ import xarray as xr
 
 from cmsn_cube.exceptions import StoreError, check_positive
 from cmsn_cube.inference.graph import Index, compute_regions, computed_chunks, region_graph
-from cmsn_cube.inference.inputs import check_observed
+from cmsn_cube.inference.inputs import check_gaps, check_observed
 from cmsn_cube.store import naming_damaged_chunks
 
 #: Attribute of a reconstruction store: what it was made from (:func:`record`); a resume needs the same.
@@ -219,7 +219,10 @@ def _write_reconstruction(
     if state == "complete":
         return path
     values = _small_variables(result)
-    check_observed(values["observed_dates"], what=f"the input of {path}", stacklevel=4)  # the user's call
+    source = f"the input {result.attrs['input_store']}" if "input_store" in result.attrs else "the cube"
+    check_observed(values["observed_dates"], what=source, stacklevel=4)  # stacklevel: the user's call
+    if "gap_pixels" in values:
+        check_gaps(values["gap_pixels"], what=source, stacklevel=4)
     _start_store(result, path, values, new=state in ("new", "replace"))
     computed = computed_chunks({name: result[name].data for name in values}, values)
     spatial = _spatial_variables(result, values)
