@@ -25,6 +25,7 @@ from cmsn_cube.cube import validate_cube
 from cmsn_cube.exceptions import CMSNCubeWarning, CubeValidationError, NoDataError
 from cmsn_cube.metrics import SSIM_NAME, common_pixels, evaluate_reconstruction
 from cmsn_cube.outputs import claim_folder
+from cmsn_cube.selfcheck import METHODS as FILLERS
 
 Method = str | Callable[[xr.Dataset], xr.DataArray]
 TruthChoice = Literal["cube", "pasted"]
@@ -72,6 +73,9 @@ CMSN_METHOD = "cmsn"
 #: Method name of the default :func:`cmsn_cube.inference.reconstruct` path: per date the network or the
 #: regression, as the scene self-check chose.
 AUTO_METHOD = "auto"
+#: Methods of :func:`cmsn_cube.inference.reconstruct` (``--method``) that :func:`evaluate` runs through it
+#: (:func:`cmsn_method`); ``"regression"`` is the baseline of that name.
+RECONSTRUCT_METHODS: tuple[str, ...] = tuple(m for m in (AUTO_METHOD, *FILLERS) if m not in BASELINES)
 
 
 def cmsn_method(
@@ -93,8 +97,10 @@ def cmsn_method(
         Packaged name or checkpoint path (default: the packaged model), or a loaded model.
     tile, overlap, batch_size, device
         As :func:`cmsn_cube.inference.reconstruct`.
-    method : {"cmsn", "auto"}
-        The network alone, or the default path (the scene self-check picks the network or the regression).
+    method : {"cmsn", "auto", "weighted-regression"}
+        The network alone, the default path (the scene self-check picks the network or the regression), or
+        any other method of :func:`cmsn_cube.inference.reconstruct` (:data:`RECONSTRUCT_METHODS`): the local
+        regression weighted by fit, :class:`cmsn_cube.model.prior.RegressionFill`, run as reconstruct runs it.
 
     Returns
     -------
@@ -147,7 +153,7 @@ def evaluate(
     cube : xarray.Dataset
         The cube (computed: scoring needs the values).
     methods : sequence of str or callable
-        Names from :data:`cmsn_cube.baselines.BASELINES`, or callables ``cube -> reconstructed(time, band, y,
+        Names from :data:`cmsn_cube.baselines.BASELINES` or :data:`RECONSTRUCT_METHODS`, or callables ``cube -> reconstructed(time, band, y,
         x)`` (the hook for the network; named by their ``__name__``).
     seed : int
         Seed of the pasted clouds (real data).
@@ -158,7 +164,8 @@ def evaluate(
     echo : callable, optional
         Where the summary table is printed (None: silent).
     model : None, str, path or CMSN
-        Checkpoint of the ``"cmsn"`` and ``"auto"`` methods (see :func:`cmsn_method`); default the packaged model.
+        Checkpoint of the :data:`RECONSTRUCT_METHODS` (``"cmsn"``, ``"auto"``, ``"weighted-regression"``: see
+        :func:`cmsn_method`); default the packaged model.
     overwrite : bool
         Replace ``evaluation.csv``/``evaluation.json`` already in ``out`` (checked before any method runs).
 
@@ -178,10 +185,10 @@ def evaluate(
     """
     if out is not None:
         claim_folder(out, EVALUATION_FILES, overwrite=overwrite, what="evaluation folder")
-    methods = [cmsn_method(model, method=m) if m in (CMSN_METHOD, AUTO_METHOD) else m for m in methods]
+    methods = [cmsn_method(model, method=m) if m in RECONSTRUCT_METHODS else m for m in methods]
     unknown = [m for m in methods if isinstance(m, str) and m not in BASELINES]
     if unknown:
-        choices = sorted([*BASELINES, CMSN_METHOD, AUTO_METHOD])
+        choices = sorted([*BASELINES, *RECONSTRUCT_METHODS])
         raise CubeValidationError(f"unknown method(s) {unknown}; choose from {choices} or pass a callable")
     observed, reference, scored = scoring_setup(cube, truth=truth, seed=seed)
     if not bool(scored.any()):
@@ -213,15 +220,40 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return wide.swaplevel(axis=1)[[c for c in order if c in wide.swaplevel(axis=1).columns]]
 
 
+#: Columns of the printed table: (header, metric, format), band means on the cloudy pixels.
+_PRINTED: tuple[tuple[str, str, str], ...] = (
+    ("PSNR dB", "psnr", "{:.2f}"),
+    ("SSIM", "ssim", "{:.4f}"),
+    ("SAM deg", "sam", "{:.2f}"),
+    ("MAE", "mae", "{:.4f}"),
+    ("filled %", "coverage", "{:.1%}"),
+    ("common PSNR", "psnr", "{:.2f}"),
+)
+
+
 def format_table(table: pd.DataFrame) -> str:
-    """Format the summary as text: PSNR in dB, SAM in degrees, MAE/RMSE/NDVI MAE in reflectance/NDVI units."""
-    wide = summary(table)
-    n_scored = int(table.xs(("cloudy", "mean"), level=("region", "band"))["n_pixels"].iloc[0])
+    """Format a compact summary (under 120 columns): per method, band means on the cloudy pixels.
+
+    PSNR in dB (data range 1.0), SSIM, SAM in degrees, MAE in reflectance, the share of cloudy pixels filled,
+    and the PSNR on the cloudy pixels every method filled (``common``). Every region and band, and RMSE and
+    NDVI MAE, are in the returned table and ``evaluation.csv``.
+    """
+    cloudy = table.xs(("cloudy", "mean"), level=("region", "band"))
+    common = table.xs(("common", "mean"), level=("region", "band"))
+    n_scored, n_common = int(cloudy["n_pixels"].iloc[0]), int(common["n_pixels"].iloc[0])
+    width = max(len("method"), *(len(str(name)) for name in cloudy.index))
+    header = [f"{'method':<{width}}", *(f"{title:>11}" for title, _, _ in _PRINTED)]
     lines = [
-        f"scored pixels (cloudy): {n_scored}   PSNR dB (data_range 1.0), {SSIM_NAME}, MAE/RMSE reflectance, SAM deg"
+        f"cloudy pixels scored: {n_scored} ({n_common} filled by all methods: common); band means, {SSIM_NAME}",
+        "  ".join(header),
     ]
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        lines.append(wide.to_string(float_format=lambda v: f"{v:.4f}" if np.isfinite(v) else str(v)))
+    for name in cloudy.index:
+        cells = [f"{name!s:<{width}}"]
+        for title, metric, style in _PRINTED:
+            value = float((common if title.startswith("common") else cloudy).loc[name, metric])
+            cells.append(f"{style.format(value) if np.isfinite(value) else str(value):>11}")
+        lines.append("  ".join(cells))
+    lines.append(f"regions cloudy, common, all; every band; {', '.join(SUMMARY_METRICS)}: in evaluation.csv (--out)")
     return "\n".join(lines)
 
 

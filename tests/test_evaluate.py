@@ -92,6 +92,43 @@ def test_cli_evaluate_on_a_store(scene, tmp_path):
     assert bad.exit_code == 1 and "no store" in bad.output
 
 
+def test_evaluate_accepts_every_reconstruct_method(scene, tmp_path):
+    # issue 29 item 5: `reconstruct --method weighted-regression` was accepted, `evaluate --methods` refused it
+    from cmsn_cube.selfcheck import METHODS
+
+    store = tiny_store(tmp_path / "scene.zarr", scene)
+    names = ["auto", *METHODS]
+    assert names == ["auto", "cmsn", "regression", "weighted-regression"]
+    result = CliRunner().invoke(main, ["evaluate", store, "--methods", ",".join(names)])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()[2:-1]}
+    assert list(rows) == names
+    table = evaluate(scene, methods=["weighted-regression"], echo=None)
+    cloudy = table.loc[("weighted-regression", "cloudy", "mean")]
+    assert cloudy["coverage"] == 1.0 and 30 < cloudy["psnr"] < 60  # fills every cloudy pixel, as reconstruct
+    assert rows["weighted-regression"][0] == f"{cloudy['psnr']:.2f}"
+
+
+def test_printed_table_is_compact_and_matches_the_table(scene, capsys):
+    table = evaluate(scene)  # the four baselines: the old table was 170 columns wide
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) < 120, lines
+    assert lines[0].startswith(f"cloudy pixels scored: {int(scene['cloud_mask'].sum())} ")
+    assert lines[1].split() == ["method", "PSNR", "dB", "SSIM", "SAM", "deg", "MAE", "filled", "%", "common", "PSNR"]
+    nearest = table.loc[("nearest", "cloudy", "mean")]
+    common = table.loc[("nearest", "common", "mean")]
+    expected = [
+        "nearest",
+        f"{nearest['psnr']:.2f}",
+        f"{nearest['ssim']:.4f}",
+        f"{nearest['sam']:.2f}",
+        f"{nearest['mae']:.4f}",
+        f"{nearest['coverage']:.1%}",
+        f"{common['psnr']:.2f}",
+    ]
+    assert lines[2].split() == expected
+
+
 @pytest.mark.skipif(
     shared_data_path("cbers_timeseries") is None, reason="shared data (../shared/data or $CMSN_SHARED_DATA) absent"
 )
