@@ -511,7 +511,13 @@ def open_store(
         chunk files (stores of this tool's format only), or cannot be read.
     """
     path = store_path(path)
-    if store_kind(path) != "zarr":
+    kind = store_kind(path)
+    if kind == "other":  # a user's files: GeoTIFFs or COGs of a time series, say
+        raise StoreError(
+            f"{path} is not a Zarr store (no zarr.json or .zgroup in it); to read GeoTIFFs or COGs as a cube, "
+            "convert them with `cmsn-cube import` or open them with cmsn_cube.sources.stack.open_stack"
+        )
+    if kind != "zarr":
         raise StoreError(f"no store at {path}; write one with `cmsn-cube synth {path}` or cmsn_cube.write_cube")
     try:
         # decode_coords="all" keeps spatial_ref as a coordinate, so the CRS survives the round trip

@@ -51,6 +51,21 @@ def test_cli_reports_bad_store_without_traceback(tmp_path):
     assert "error: no store" in result.output and "Traceback" not in result.output
 
 
+def test_info_on_a_folder_of_cogs_points_to_import(tmp_path):
+    # issue 29 item 5: a folder of GeoTIFFs is not a store to synthesize over
+    folder = tmp_path / "cogs"
+    folder.mkdir()
+    for date in ("2020-01-01", "2020-01-17"):
+        (folder / f"LC08_{date}.tif").write_bytes(b"II*\x00")
+    result = CliRunner().invoke(main, ["info", str(folder)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: {folder} is not a Zarr store (no zarr.json or .zgroup in it); to read GeoTIFFs or COGs as a cube, "
+        "convert them with `cmsn-cube import` or open them with cmsn_cube.sources.stack.open_stack"
+    )
+    assert "synth" not in result.output and list(folder.iterdir())  # nothing written or removed
+
+
 def test_demo_writes_report_tables_and_figures(tmp_path, tiny_checkpoint):
     out = tmp_path / "demo"
 
