@@ -2,7 +2,7 @@
 
 One cloud-optimised GeoTIFF per date and layer: ``<date>_reflectance.tif`` (the four reconstructed bands, named
 ``blue, green, red, nir``, NaN = no data), ``<date>_ndvi.tif`` and ``<date>_filled.tif`` (the ``filled`` flags,
-their meanings in the file's tags). Each has the reconstruction's CRS and grid, internal overviews and DEFLATE
+their meanings in the file's tags, with the input store's name, never its path). Each has the reconstruction's CRS and grid, internal overviews and DEFLATE
 compression. Dates are computed and written one at a time (a full scene's date at a time in memory), each file
 to a temporary name first and moved in, so an interrupted export leaves no half-written file under a final name.
 """
@@ -78,7 +78,9 @@ def _write_dates(
     from tqdm import tqdm
 
     profile = _profile(result, crs)
-    tags = {key: str(result.attrs[key]) for key in ("model", "model_sha256", "input_store") if key in result.attrs}
+    tags = {key: str(result.attrs[key]) for key in ("model", "model_sha256") if key in result.attrs}
+    if "input_store" in result.attrs:  # the store's name only: files handed on must not carry the user's paths
+        tags["input_store"] = _store_name(str(result.attrs["input_store"]))
     written = []
     for index, day in enumerate(tqdm(days, desc="exporting", unit="date", disable=not progress)):
         for layer, (variable, names, nodata) in LAYERS.items():
@@ -110,8 +112,15 @@ def _profile(result: xr.Dataset, crs: Any) -> dict[str, Any]:
     }
 
 
+def _store_name(path: str) -> str:
+    """The last part of a store's path or URL (``/data/run/scene.zarr/`` or ``s3://b/scene.zarr``: ``scene.zarr``)."""
+    return path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def _flag_tags(variable: xr.DataArray) -> dict[str, str]:
-    return {key: str(variable.attrs[key]) for key in ("flag_values", "flag_meanings") if key in variable.attrs}
+    """The layer's description and, for ``filled``, its CF flags."""
+    keys = ("long_name", "flag_values", "flag_meanings")
+    return {key: str(variable.attrs[key]) for key in keys if key in variable.attrs}
 
 
 def _write_cog(

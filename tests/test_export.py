@@ -48,6 +48,26 @@ def test_cogs_read_back_with_values_grid_names_and_overviews(written, tmp_path):
         np.testing.assert_array_equal(cog.read(1), result.ndvi.values[1])
 
 
+def test_cog_tags_name_the_input_store_without_its_path(tmp_path):
+    # issue 29 item 5: the tags carried the absolute path of the input (a user's folders, handed on with the file)
+    from cmsn_cube.store import open_cube, write_cube
+
+    store = write_cube(synthetic_scene(height=64, width=64, seed=3), tmp_path / "private" / "scene.zarr")
+    result = reconstruct(open_cube(store), method="regression", tile=64, overlap=8, chunk=128)
+    assert result.attrs["input_store"] == store
+    paths = to_cogs(result, tmp_path / "cogs", progress=False)
+    for path in paths:
+        with rasterio.open(path) as cog:
+            tags = cog.tags()
+        assert tags["input_store"] == "scene.zarr", path
+        assert not [value for value in tags.values() if "private" in value], tags
+    with rasterio.open(next(p for p in paths if p.endswith("_filled.tif"))) as cog:
+        tags = cog.tags()
+    values, meanings = tags["flag_values"].strip("[]").split(", "), tags["flag_meanings"].split()
+    assert values[:5] == ["0", "1", "2", "3", "4"] and len(values) == len(meanings)
+    assert meanings[4] == "no_data_filled_from_other_dates" and tags["long_name"].startswith("origin of each pixel")
+
+
 def test_existing_files_are_kept_unless_overwrite(written, tmp_path):
     result = open_reconstruction(written)
     to_cogs(result, tmp_path, progress=False)
