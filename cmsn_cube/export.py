@@ -2,9 +2,10 @@
 
 One cloud-optimised GeoTIFF per date and layer: ``<date>_reflectance.tif`` (the four reconstructed bands, named
 ``blue, green, red, nir``, NaN = no data), ``<date>_ndvi.tif`` and ``<date>_filled.tif`` (the ``filled`` flags,
-their meanings in the file's tags, with the input store's name, never its path). Each has the reconstruction's CRS and grid, internal overviews and DEFLATE
-compression. Dates are computed and written one at a time (a full scene's date at a time in memory), each file
-to a temporary name first and moved in, so an interrupted export leaves no half-written file under a final name.
+their meanings in the file's tags, with the input store's name, never its path). Each has the reconstruction's
+CRS and grid, internal overviews and DEFLATE compression. Dates are computed and written one at a time (a full
+scene's date at a time in memory), each file to a temporary name first and moved in, so an interrupted export
+leaves no half-written file under a final name.
 """
 
 from __future__ import annotations
@@ -113,12 +114,12 @@ def _profile(result: xr.Dataset, crs: Any) -> dict[str, Any]:
 
 
 def _store_name(path: str) -> str:
-    """The last part of a store's path or URL (``/data/run/scene.zarr/`` or ``s3://b/scene.zarr``: ``scene.zarr``)."""
+    """Return the last part of a store's path or URL (``/data/scene.zarr/``, ``s3://b/scene.zarr``: ``scene.zarr``)."""
     return path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _flag_tags(variable: xr.DataArray) -> dict[str, str]:
-    """The layer's description and, for ``filled``, its CF flags."""
+    """Return the layer's description and, for ``filled``, its CF flags."""
     keys = ("long_name", "flag_values", "flag_meanings")
     return {key: str(variable.attrs[key]) for key in keys if key in variable.attrs}
 
