@@ -31,7 +31,7 @@ from cmsn_cube.exceptions import (
     ReflectanceRangeError,
 )
 
-__all__ = ["check_one_grid", "grid_mismatch", "open_stack", "read_raster"]
+__all__ = ["QA_KINDS", "check_one_grid", "grid_mismatch", "open_stack", "pixel_size_m", "read_raster"]
 
 PathLike = str | os.PathLike[str]
 
@@ -50,8 +50,10 @@ REFLECTANCE_LIMITS = (-0.5, 2.0)
 NETCDF_AXES = (("x", "y"), ("lon", "lat"), ("longitude", "latitude"))
 
 
-def read_raster(path: PathLike, *, variable: str | None = None, masked: bool = False) -> xr.DataArray:
-    """Read one raster file, in memory, as ``(band, y, x)`` with its CRS and grid; refuse it in one line otherwise.
+def read_raster(
+    path: PathLike, *, variable: str | None = None, masked: bool = False, chunks: int | None = None
+) -> xr.DataArray:
+    """Read one raster file, in memory or lazily, as ``(band, y, x)`` with its CRS and grid; refuse it otherwise.
 
     GeoTIFF, or NetCDF through GDAL. A NetCDF whose x/y lack the CF attributes GDAL looks for is put on the grid
     of its own 1-D ``x``/``y`` (or ``lon``/``lat``) variables, its rows in the file's order; a file without such
@@ -67,11 +69,15 @@ def read_raster(path: PathLike, *, variable: str | None = None, masked: bool = F
         The variable of a NetCDF file that holds the bands.
     masked : bool
         No data as NaN (rioxarray's ``masked``); digital numbers as stored otherwise.
+    chunks : int, optional
+        Read lazily: a Dask array of ``chunks`` x ``chunks`` px tiles, each read from the file when computed (only
+        its header is read here); a tile that fails to read raises a CubeValidationError naming the file. Not
+        with ``masked``. Default: read the whole file now.
 
     Returns
     -------
     xarray.DataArray
-        ``(band, y, x)``, loaded.
+        ``(band, y, x)``, loaded (or lazy, with ``chunks``).
 
     Raises
     ------
@@ -89,19 +95,65 @@ def read_raster(path: PathLike, *, variable: str | None = None, masked: bool = F
     path = Path(path)
     if not path.exists():
         raise MissingDateError(f"{path} does not exist")
-    raster = _open(path, variable=variable, masked=masked)
+    raster = _open(path, variable=variable, masked=masked, lazy=chunks is not None)
     if raster.rio.crs is None:
         raise MissingCRSError(f"{path.name} has no CRS: georeference it (e.g. gdal_edit.py -a_srs) first")
     if tuple(raster.rio.transform())[:6] == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0):
         # GDAL found no georeferencing and numbered the pixels 0.5, 1.5, ... instead
+        # (read whole: GDAL reads such a file's rows in the file's order only inside the options set here)
         raster = _on_file_coordinates(path, raster, variable=variable, masked=masked)
+    elif chunks is not None:
+        raster = _lazily(path, raster, variable=variable, chunks=chunks)
     if "band" not in raster.dims:
         raster = raster.expand_dims(band=[1])
     return _with_declared_scaling(raster)
 
 
-def _open(path: Path, *, variable: str | None, masked: bool, gdal: Mapping[str, str] | None = None) -> xr.DataArray:
-    """Open and load one raster with rioxarray (GDAL options ``gdal``); what GDAL raises becomes one line."""
+class _TileReader:
+    """The pixels of one raster file, read window by window when indexed: the source of a lazy raster's Dask array.
+
+    Each read opens the file anew (no handle is held between tiles); an error names the file, in one line.
+    """
+
+    def __init__(self, source: str, name: str, shape: tuple[int, int, int], dtype: np.dtype) -> None:
+        self.source, self.name, self.shape, self.dtype, self.ndim = source, name, shape, np.dtype(dtype), 3
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        import rasterio
+        from rasterio.windows import Window
+
+        (b0, b1, _), (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape, strict=True))
+        if b1 <= b0 or r1 <= r0 or c1 <= c0:
+            return np.empty((max(b1 - b0, 0), max(r1 - r0, 0), max(c1 - c0, 0)), dtype=self.dtype)
+        try:
+            with warnings.catch_warnings(), rasterio.open(self.source) as file:
+                warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+                window = Window(c0, r0, c1 - c0, r1 - r0)
+                return file.read(list(range(b0 + 1, b1 + 1)), window=window, out_dtype=self.dtype)
+        except Exception as error:  # a truncated or corrupt tile, a file removed since it was opened
+            raise CubeValidationError(f"{self.name} cannot be read, truncated or corrupt: {_one_line(error)}") from None
+
+
+def _lazily(path: Path, raster: xr.DataArray, *, variable: str | None, chunks: int) -> xr.DataArray:
+    """Return ``raster`` (opened, not loaded) on a Dask array of :class:`_TileReader` tiles of ``chunks`` px."""
+    import dask.array as da
+
+    source = f'NETCDF:"{path}":{variable}' if variable is not None and _is_netcdf(path) else str(path)
+    shape = (raster.sizes.get("band", 1), raster.sizes["y"], raster.sizes["x"])
+    reader = _TileReader(source, path.name, shape, raster.dtype)
+    data = da.from_array(reader, chunks=(shape[0], chunks, chunks), meta=np.empty((0, 0, 0), raster.dtype))
+    if "band" not in raster.dims:
+        return raster.expand_dims(band=[1]).copy(data=data)
+    return raster.copy(data=data)
+
+
+def _open(
+    path: Path, *, variable: str | None, masked: bool, gdal: Mapping[str, str] | None = None, lazy: bool = False
+) -> xr.DataArray:
+    """Open and load one raster with rioxarray (GDAL options ``gdal``); what GDAL raises becomes one line.
+
+    ``lazy``: open it only (its header is read, so a file that is no raster is refused all the same).
+    """
     import rasterio
     import rioxarray
 
@@ -124,6 +176,8 @@ def _open(path: Path, *, variable: str | None, masked: bool, gdal: Mapping[str, 
             extra = raster.dims[0]
             raster = raster.drop_vars([extra], errors="ignore").rename({extra: "band"})
             raster = raster.assign_coords(band=np.arange(1, raster.sizes["band"] + 1))
+        if lazy:
+            return raster
         try:
             return raster.load()
         except Exception as error:  # the header opened but the pixels did not: a truncated or corrupt file
@@ -256,7 +310,7 @@ def check_one_grid(rasters: Sequence[xr.DataArray], names: Sequence[Path]) -> No
 
 
 def open_stack(
-    paths: PathLike | Sequence[PathLike],
+    paths: PathLike | Sequence[PathLike | Sequence[PathLike]],
     *,
     dates: Sequence[Any],
     bands: Mapping[str, int],
@@ -267,9 +321,12 @@ def open_stack(
     mask_band: int | None = None,
     cloud_values: Sequence[int] = (),
     variable: str | None = None,
-    sensor: str = "OTHER",
+    sensor: str | Sequence[str] = "OTHER",
     source: str | None = None,
     crop_to_common: bool = False,
+    qa_band: int | None = None,
+    qa: str = "landsat-c2",
+    chunks: int | None = None,
 ) -> xr.Dataset:
     """Read a GeoTIFF/NetCDF time stack into a validated cube.
 
@@ -277,15 +334,16 @@ def open_stack(
     ----------
     paths : path or sequence of paths
         One file holding every date (its bands date-major: date 1's bands, then date 2's...), or one file per
-        date, in date order. GeoTIFF or NetCDF (anything GDAL reads, with a CRS and a grid: a NetCDF file's own
+        date, in date order; or, per date, a list of files whose bands are that date's bands one after the other
+        (one file per band, as Landsat Collection 2 ships them: ``[SR_B2, SR_B3, SR_B4, SR_B5, QA_PIXEL]``). GeoTIFF or NetCDF (anything GDAL reads, with a CRS and a grid: a NetCDF file's own
         1-D ``x``/``y`` variables where GDAL does not recognise them).
     dates : sequence of datetime-like
         Acquisition date of each date (files rarely carry them).
     bands : mapping
         Position (1-based, within one date's bands) of ``blue``, ``green``, ``red`` and ``nir``.
     bands_per_date : int, optional
-        Bands per date in a single-file stack (required there); default the file's band count for one file
-        per date.
+        Bands per date in a single-file stack (required there, unless it holds one date); default the file's
+        band count for one file per date.
     scale, offset : float, optional
         Reflectance = digital number * ``scale`` + ``offset``. Default: the scale and offset the files declare
         (GeoTIFF scale/offset tags, NetCDF ``scale_factor``/``add_offset``); for files that declare none,
@@ -301,18 +359,30 @@ def open_stack(
         Values of ``mask_band`` that mean cloud (or cloud shadow).
     variable : str, optional
         The variable of a NetCDF file that holds the bands.
-    sensor : str
-        Sensor name recorded per date.
+    sensor : str or sequence of str
+        Sensor name recorded for every date, or one per date.
     source : str, optional
         Recorded in ``attrs["source"]``; default the file names.
     crop_to_common : bool
         Per-date files of different sizes that share CRS, pixel size and upper-left corner are cropped to
         their common extent (else refused as on different grids).
+    qa_band : int, optional
+        Position (1-based, within one date's bands) of a quality band decoded as ``qa`` into ``cloud_mask``
+        (instead of ``mask_band``).
+    qa : str
+        ``landsat-c2`` (Collection 2 ``QA_PIXEL`` bits, :func:`cmsn_cube.qa.cloud_mask_from_qa`; the band is
+        also kept as ``qa_pixel``), ``landsat-c1`` (Collection 1 ``BQA``: cloud bit 4, high-confidence cloud
+        shadow or cirrus) or ``scl`` (Sentinel-2 scene classes 3 shadow, 8, 9 cloud, 10 cirrus).
+    chunks : int, optional
+        Read lazily in tiles of ``chunks`` x ``chunks`` px (:func:`read_raster`): the cube is Dask-backed and
+        :func:`cmsn_cube.store.write_cube` streams it; the files are read once more to check the reflectance
+        range. Default: read everything into memory.
 
     Returns
     -------
     xarray.Dataset
-        A cube (:func:`cmsn_cube.cube.make_cube`) with the file's grid and CRS.
+        A cube (:func:`cmsn_cube.cube.make_cube`) with the file's grid and CRS, ``attrs["scale_m"]`` the files'
+        pixel size.
 
     Raises
     ------
@@ -332,26 +402,54 @@ def open_stack(
     """
     files = _file_list(paths)
     _check_band_map(bands)
-    per_date, names = _read_dates(files, len(dates), bands_per_date, variable=variable, crop_to_common=crop_to_common)
-    _check_positions(bands, mask_band, count=per_date[0].sizes["band"])
+    if mask_band is not None and qa_band is not None:
+        raise BandMismatchError("give mask_band (with cloud_values) or qa_band (with qa), not both")
+    if qa not in QA_KINDS:
+        raise BandMismatchError(f"qa must be one of {list(QA_KINDS)}, got {qa!r}")
+    per_date, names = _read_dates(
+        files, len(dates), bands_per_date, variable=variable, crop_to_common=crop_to_common, chunks=chunks
+    )
+    _check_positions(bands, mask_band if qa_band is None else qa_band, count=per_date[0].sizes["band"])
+    qa_pixel, cloud_mask = (
+        _cloud_mask(per_date, mask_band, cloud_values) if qa_band is None else _decoded_qa(per_date, qa_band, qa)
+    )
     return make_cube(
         _reflectance(per_date, names, bands, scale=scale, offset=offset, nodata=nodata),
         time=list(dates),
         y=per_date[0]["y"].values,
         x=per_date[0]["x"].values,
         crs=per_date[0].rio.crs,
-        sensor=sensor,
-        cloud_mask=_cloud_mask(per_date, mask_band, cloud_values),
-        source=source or ", ".join(sorted({p.name for p in names})),
+        sensor=sensor if isinstance(sensor, str) else list(sensor),
+        qa_pixel=qa_pixel,
+        cloud_mask=cloud_mask,
+        source=source or ", ".join(sorted({p.name for group in files for p in group})),
+        attrs={"scale_m": pixel_size_m(per_date[0])},
     )
 
 
-def _file_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
-    """Return ``paths`` as a list of paths (one path or several), or raise when there is none."""
-    files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
-    if not files:
-        raise MissingDateError("no file given")
-    return files
+def pixel_size_m(raster: xr.DataArray) -> float:
+    """Return the side in metres of a square of the pixel's area, from the raster's transform.
+
+    Metres of a projected CRS as they are; degrees of a geographic one as metres at the raster's centre
+    (1 degree of latitude = 111,320 m).
+    """
+    transform = raster.rio.transform()
+    width, height = abs(transform.a), abs(transform.e)
+    crs = raster.rio.crs
+    if crs is not None and crs.is_geographic:
+        latitude = float(np.asarray(raster["y"]).mean()) if raster.sizes.get("y") else 0.0
+        width, height = width * 111_320.0 * np.cos(np.radians(latitude)), height * 111_320.0
+    return float(np.sqrt(width * height))
+
+
+def _file_list(paths: PathLike | Sequence[PathLike | Sequence[PathLike]]) -> list[list[Path]]:
+    """Return ``paths`` as a list of file groups (one file per group, or each date's list), or raise when empty."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [[Path(paths)]]
+    groups = [[Path(p)] if isinstance(p, (str, os.PathLike)) else [Path(q) for q in p] for p in paths]
+    if not groups or not all(groups):
+        raise MissingDateError("no file given" if not groups else "a date has an empty list of files")
+    return groups
 
 
 def _check_band_map(bands: Mapping[str, int]) -> None:
@@ -361,14 +459,26 @@ def _check_band_map(bands: Mapping[str, int]) -> None:
 
 
 def _read_dates(
-    files: list[Path], n_dates: int, bands_per_date: int | None, *, variable: str | None, crop_to_common: bool
+    groups: list[list[Path]],
+    n_dates: int,
+    bands_per_date: int | None,
+    *,
+    variable: str | None,
+    crop_to_common: bool,
+    chunks: int | None = None,
 ) -> tuple[list[xr.DataArray], list[Path]]:
-    """Read the files and return each date's ``(band, y, x)`` raster and file, the dates checked to share a grid."""
-    rasters = [read_raster(path, variable=variable) for path in files]
-    if len(files) == 1:
+    """Read the files and return each date's ``(band, y, x)`` raster and file, the dates checked to share a grid.
+
+    A date of several files is named by its first.
+    """
+    rasters = [_read_group(group, variable=variable, chunks=chunks) for group in groups]
+    files = [group[0] for group in groups]
+    if len(files) == 1 and len(groups[0]) == 1:
+        total = rasters[0].sizes["band"]
+        if bands_per_date is None and n_dates == 1:
+            bands_per_date = total  # one file of one date: its bands are that date's
         if bands_per_date is None:
             raise BandMismatchError(f"{files[0].name} is one file: give bands_per_date (its bands per date)")
-        total = rasters[0].sizes["band"]
         if total != bands_per_date * n_dates:
             raise BandMismatchError(
                 f"{files[0].name} has {total} bands, but {n_dates} dates x {bands_per_date} bands per date = "
@@ -385,6 +495,18 @@ def _read_dates(
         per_date = [r.isel(y=slice(0, height), x=slice(0, width)) for r in per_date]
     _check_one_grid(per_date, names, bands_per_date)
     return per_date, names
+
+
+def _read_group(group: list[Path], *, variable: str | None, chunks: int | None) -> xr.DataArray:
+    """Read one date's files, checked to share a grid, as one raster of their bands one after the other."""
+    rasters = [read_raster(path, variable=variable, chunks=chunks) for path in group]
+    if len(rasters) == 1:
+        return rasters[0]
+    check_one_grid(rasters, group)
+    first = rasters[0]
+    on_first = [r.assign_coords(x=first["x"], y=first["y"]) for r in rasters]
+    joined = xr.concat(on_first, dim="band", coords="minimal", compat="override", combine_attrs="override")
+    return joined.assign_coords(band=np.arange(1, joined.sizes["band"] + 1))
 
 
 def _check_one_grid(per_date: list[xr.DataArray], names: list[Path], bands_per_date: int | None) -> None:
@@ -411,45 +533,106 @@ def _reflectance(
     scale: float | None,
     offset: float | None,
     nodata: float | None,
-) -> np.ndarray:
-    """Return the ``(time, band, y, x)`` reflectance of the four bands in :data:`BANDS` order, checked to be one."""
+) -> Any:
+    """Return the ``(time, band, y, x)`` reflectance of the four bands in :data:`BANDS` order, checked to be one.
+
+    Lazy (Dask) when the rasters are: their ranges are then computed in one pass over the files.
+    """
     scaled = [
         _scaled(raster.isel(band=[bands[band] - 1 for band in BANDS]), path, scale=scale, offset=offset, nodata=nodata)
         for path, raster in zip(names, per_date, strict=True)
     ]
-    reflectance = np.stack([values for values, _ in scaled])
-    _check_reflectance(reflectance, names, dtype=per_date[0].dtype, formula=scaled[0][1])
-    return reflectance
+    arrays = [values for values, _, _ in scaled]
+    ranges = _finite_ranges(arrays)
+    for (_, _, unscaled_offset), path, raster, span in zip(scaled, names, per_date, ranges, strict=True):
+        if unscaled_offset is not None and span is not None:
+            # float values taken as reflectance (no scale anywhere): the file's own values must be reflectance
+            low, high = span[0] - unscaled_offset, span[1] - unscaled_offset
+            if low < -0.5 or high > 2.0:
+                _refuse_unscaled(path, raster.dtype, (low, high))
+    spans = [span for span in ranges if span is not None]
+    span = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
+    _check_reflectance(span, names, dtype=per_date[0].dtype, formula=scaled[0][1])
+    if any(_is_dask(a) for a in arrays):
+        import dask.array as da
+
+        return da.stack(arrays)
+    return np.stack(arrays)
+
+
+def _is_dask(array: Any) -> bool:
+    return type(array).__module__.startswith("dask")
+
+
+def _finite_ranges(arrays: list[Any]) -> list[tuple[float, float] | None]:
+    """Return each array's smallest and largest finite value (None where it has none); one pass for Dask arrays."""
+    if not any(_is_dask(a) for a in arrays):
+        return [_finite_range(np.asarray(a)) for a in arrays]
+    import dask
+    import dask.array as da
+
+    bounds = []
+    for array in arrays:
+        finite = da.where(da.isfinite(array), array, np.nan)
+        bounds.append((da.nanmin(finite), da.nanmax(finite)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All-NaN", category=RuntimeWarning)
+        computed = dask.compute(*bounds)
+    return [None if np.isnan(low) else (float(low), float(high)) for low, high in computed]
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float] | None:
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values.ravel()
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
+def _refuse_unscaled(path: Path, dtype: np.dtype, span: tuple[float, float] | None) -> None:
+    low, high = ("n/a", "n/a") if span is None else (_number(span[0]), _number(span[1]))
+    raise CubeValidationError(
+        f"{path.name} holds {dtype} values in [{low}, {high}], not reflectance, and declares no scale: give scale= "
+        "and offset= (e.g. scale=1e-4 for reflectance x 10^4; scale=2.75e-5, offset=-0.2 for Landsat "
+        "Collection 2 surface reflectance; scale=1/255 for 8-bit imagery)"
+    )
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _scaled(
     raster: xr.DataArray, path: Path, *, scale: float | None, offset: float | None, nodata: float | None
-) -> tuple[np.ndarray, str]:
+) -> tuple[Any, str, float | None]:
     """Return reflectance from digital numbers (``DN * scale + offset`` per band, NaN at ``nodata``) and the formula.
 
-    ``nodata`` defaults to the file's; ``scale`` and ``offset`` to the file's own (:func:`_scaling`).
+    ``nodata`` defaults to the file's; ``scale`` and ``offset`` to the file's own (:func:`_scaling`). The third
+    item is the offset of float values taken as reflectance without any scale (to be checked), else None.
+    Lazy where ``raster`` is.
     """
-    values = np.asarray(raster.values)
-    missing = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
+    values = raster.data
+    xp: Any = np  # numpy, or dask.array for a lazy raster
+    if _is_dask(values):
+        import dask.array
+
+        xp = dask.array
+    else:
+        values = np.asarray(values)
+    missing = ~xp.isfinite(values) if values.dtype.kind == "f" else xp.zeros(values.shape, dtype=bool)
     nodata = raster.rio.nodata if nodata is None else nodata
     if nodata is not None and np.isfinite(nodata):
-        missing |= values == nodata
+        missing = missing | (values == nodata)
     factors = _scaling(raster, path, scale=scale, offset=offset)
+    unscaled_offset = None
     if factors is None:
         # only float reflectance needs no scale; integers are scaled digital numbers of some product
-        finite = values[~missing]
-        if values.dtype.kind != "f" or (finite.size and (finite.min() < -0.5 or finite.max() > 2.0)):
-            raise CubeValidationError(
-                f"{path.name} holds {values.dtype} values in [{finite.min() if finite.size else 'n/a'}, "
-                f"{finite.max() if finite.size else 'n/a'}], not reflectance, and declares no scale: give scale= "
-                "and offset= (e.g. scale=1e-4 for reflectance x 10^4; scale=2.75e-5, offset=-0.2 for Landsat "
-                "Collection 2 surface reflectance; scale=1/255 for 8-bit imagery)"
-            )
+        if values.dtype.kind != "f":
+            kept = xp.where(missing, np.nan, values.astype(np.float64))
+            _refuse_unscaled(path, values.dtype, _finite_ranges([kept])[0])
         factors = np.ones(raster.sizes["band"]), np.full(raster.sizes["band"], float(offset or 0.0))
+        unscaled_offset = float(offset or 0.0)
     scales, offsets = factors
     # float64 for the affine step, then float32: DN x 2.75e-5 - 0.2 exact before the cast
     reflectance = values.astype(np.float64) * scales[:, None, None] + offsets[:, None, None]
-    return np.where(missing, np.nan, reflectance).astype(np.float32), _formula(scales, offsets)
+    return xp.where(missing, np.nan, reflectance).astype(np.float32), _formula(scales, offsets), unscaled_offset
 
 
 def _scaling(
@@ -494,16 +677,16 @@ def _formula(scales: np.ndarray, offsets: np.ndarray) -> str:
     return f"DN x {written(scales)} {sign} {written(offsets)}"
 
 
-def _check_reflectance(reflectance: np.ndarray, names: list[Path], *, dtype: np.dtype, formula: str) -> None:
+def _check_reflectance(span: tuple[float, float] | None, names: list[Path], *, dtype: np.dtype, formula: str) -> None:
     """Raise a ReflectanceRangeError naming the files when their scaled values cannot be surface reflectance.
 
-    Too bright or too negative: beyond :data:`REFLECTANCE_LIMITS`. Too dark: the brightest value of the whole
-    stack below :data:`MIN_BRIGHTEST_REFLECTANCE`, which no scene of land, cloud or haze stays under.
+    ``span`` is the smallest and largest finite scaled value of the stack (None: all no data). Too bright or too
+    negative: beyond :data:`REFLECTANCE_LIMITS`. Too dark: the brightest value of the whole stack below
+    :data:`MIN_BRIGHTEST_REFLECTANCE`, which no scene of land, cloud or haze stays under.
     """
-    finite = reflectance[np.isfinite(reflectance)]
-    if finite.size == 0:
+    if span is None:
         return  # all no data: the cube's own checks and later stages report an empty cube
-    low, high = float(finite.min()), float(finite.max())
+    low, high = span
     files = sorted({path.name for path in names})
     where = files[0] if len(files) == 1 else f"{files[0]} and {len(files) - 1} other files"
     values = f"values of {where} ({dtype}) scaled as {formula}"
@@ -527,8 +710,50 @@ def _check_reflectance(reflectance: np.ndarray, names: list[Path], *, dtype: np.
         )
 
 
-def _cloud_mask(per_date: list[xr.DataArray], mask_band: int | None, cloud_values: Sequence[int]) -> np.ndarray:
-    """Return the ``(time, y, x)`` cloud mask: ``mask_band`` in ``cloud_values``, all clear without a mask band."""
+def _cloud_mask(per_date: list[xr.DataArray], mask_band: int | None, cloud_values: Sequence[int]) -> tuple[None, Any]:
+    """Return no QA and the ``(time, y, x)`` cloud mask: ``mask_band`` in ``cloud_values``, all clear without one."""
     if mask_band is None:
-        return np.zeros((len(per_date), *per_date[0].shape[1:]), dtype=bool)
-    return np.stack([np.isin(r.isel(band=mask_band - 1).values, list(cloud_values)) for r in per_date])
+        return None, np.zeros((len(per_date), *per_date[0].shape[1:]), dtype=bool)
+    masks = [r.isel(band=mask_band - 1).isin(list(cloud_values)).data for r in per_date]
+    return None, _stacked(masks)
+
+
+#: What each ``qa`` kind of :func:`open_stack` reads from its band.
+QA_KINDS = {
+    "landsat-c2": "Landsat Collection 2 QA_PIXEL bits (cloud, shadow, cirrus, dilated cloud)",
+    "landsat-c1": "Landsat Collection 1 BQA (cloud bit 4; high-confidence cloud shadow or cirrus)",
+    "scl": "Sentinel-2 scene classes (3 cloud shadow, 8 and 9 cloud, 10 cirrus)",
+}
+
+#: Sentinel-2 Sen2Cor scene classes counted as cloud: 3 cloud shadow, 8 medium and 9 high probability cloud, 10 cirrus.
+SCL_CLOUD_CLASSES = (3, 8, 9, 10)
+
+
+def _decoded_qa(per_date: list[xr.DataArray], qa_band: int, kind: str) -> tuple[Any, Any]:
+    """Return the ``(time, y, x)`` ``qa_pixel`` (Collection 2 only, else None) and cloud mask decoded from ``qa_band``."""
+    from cmsn_cube.qa import cloud_mask_from_qa
+
+    words = [
+        r.isel(band=qa_band - 1).drop_vars(["declared_scale", "declared_offset"], errors="ignore") for r in per_date
+    ]
+    if any(w.dtype.kind not in "iu" for w in words):
+        raise BandMismatchError(f"band {qa_band} holds {words[0].dtype} values, not {kind} quality codes")
+    if kind == "landsat-c2":
+        qa_pixel = [w.astype("uint16") for w in words]
+        return _stacked([w.data for w in qa_pixel]), _stacked([cloud_mask_from_qa(w).data for w in qa_pixel])
+    if kind == "landsat-c1":
+        # cloud, or high-confidence cloud shadow (bits 7-8) or cirrus (bits 11-12); fill (bit 0) never
+        masks = [
+            ((((w >> 4) & 1) == 1) | (((w >> 7) & 3) == 3) | (((w >> 11) & 3) == 3)) & ((w & 1) == 0) for w in words
+        ]
+        return None, _stacked([m.data for m in masks])
+    return None, _stacked([w.isin(list(SCL_CLOUD_CLASSES)).data for w in words])
+
+
+def _stacked(arrays: list[Any]) -> Any:
+    """Stack ``(y, x)`` arrays along a new first axis, lazily where any is a Dask array."""
+    if any(_is_dask(a) for a in arrays):
+        import dask.array as da
+
+        return da.stack(arrays)
+    return np.stack([np.asarray(a) for a in arrays])

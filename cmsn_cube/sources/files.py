@@ -1,0 +1,332 @@
+"""A cube from a folder or glob of GeoTIFF/NetCDF files: what ``cmsn-cube import`` reads, through :func:`open_stack`.
+
+Two layouts:
+
+* one file per date (any GeoTIFF/NetCDF, its bands given by ``bands``), the date in the file name
+  (``YYYYMMDD``, ``YYYY-MM-DD`` or ``YYYYDOY``) or in a CSV of ``file,date`` rows;
+* one file per band per date, as USGS ships Landsat Collection 2 Level-2 (``LC08_L2SP_PPPRRR_YYYYMMDD_..._SR_B2.TIF``
+  ... ``_SR_B5.TIF`` and ``_QA_PIXEL.TIF``): grouped by scene, ``SR_B2..B5`` (Landsat 8/9) or ``SR_B1..B4``
+  (Landsat 4-7) as blue, green, red, NIR, reflectance = DN x 2.75e-5 - 0.2 unless the files declare their own
+  scale, ``QA_PIXEL`` decoded into ``cloud_mask``.
+
+Both are read lazily (tiles of :data:`IMPORT_CHUNK` px), so :func:`cmsn_cube.store.write_cube` streams a large
+stack; every error names the file and the reason in one line.
+
+>>> cube = open_files(["scenes/"], bands=None)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import glob
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from cmsn_cube.exceptions import ArgumentError, BandMismatchError, MissingDateError
+from cmsn_cube.sources.stack import open_stack
+
+__all__ = ["IMPORT_CHUNK", "LANDSAT_C2_SR", "RASTER_SUFFIXES", "date_from_name", "find_files", "open_files"]
+
+#: Tile size (px) of the lazy reads: a 1024 x 1024 tile of one band is 2 MiB of uint16.
+IMPORT_CHUNK = 1024
+
+#: What a folder contributes: GeoTIFF and NetCDF files (other files, MTL texts, XML, are left alone).
+RASTER_SUFFIXES = (".tif", ".tiff", ".nc", ".nc4", ".cdf")
+
+#: Landsat Collection 2 surface reflectance = DN x scale + offset (USGS Collection 2 Level-2 Science Product Guide).
+LANDSAT_C2_SR = (2.75e-5, -0.2)
+
+#: A Landsat Collection 2 band file: scene id, then ``SR_B<n>`` or ``QA_PIXEL``.
+_LANDSAT_BAND = re.compile(
+    r"^(?P<scene>L(?P<kind>[COTEM])(?P<mission>0[4-9])_\w+?)_(?P<band>SR_B\d+|QA_PIXEL)\.TIFF?$", re.IGNORECASE
+)
+
+#: Any other file of a Landsat Collection 2 scene (``_ST_B10.TIF``, ``_QA_RADSAT.TIF``...): not read.
+_LANDSAT_OTHER = re.compile(r"^L[COTEM]0[4-9]_L[0-9A-Z]{3}_\d{6}_\d{8}_\d{8}_\d{2}_(T1|T2|RT|A1|A2)_\w+\.TIFF?$", re.I)
+
+#: Surface-reflectance bands of blue, green, red, NIR per Landsat mission.
+_LANDSAT_SR_BANDS = {
+    "04": ("SR_B1", "SR_B2", "SR_B3", "SR_B4"),
+    "05": ("SR_B1", "SR_B2", "SR_B3", "SR_B4"),
+    "07": ("SR_B1", "SR_B2", "SR_B3", "SR_B4"),
+    "08": ("SR_B2", "SR_B3", "SR_B4", "SR_B5"),
+    "09": ("SR_B2", "SR_B3", "SR_B4", "SR_B5"),
+}
+
+#: Dates in file names: a pre-collection Landsat scene id (``LC80200392015216LGN00``: year and day of year),
+#: ``YYYY-MM-DD``, ``YYYYMMDD``, ``YYYYDOY``; the first that is a real date wins.
+_DATE_PATTERNS = (
+    (re.compile(r"L[COTEM]\d\d{6}(\d{4})(\d{3})[A-Z]{3}\d{2}"), "%Y%j"),
+    (re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)"), "%Y%m%d"),
+    (re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)"), "%Y%m%d"),
+    (re.compile(r"(?<!\d)(\d{4})(\d{3})(?!\d)"), "%Y%j"),
+)
+
+
+def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Return the files of ``inputs``: files as given, folders' GeoTIFF/NetCDF files, glob patterns expanded.
+
+    Raises
+    ------
+    MissingDateError
+        An input that is no file or folder and matches nothing, or no file at all.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            if not found:
+                raise MissingDateError(f"{path} holds no GeoTIFF or NetCDF file ({', '.join(RASTER_SUFFIXES)})")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        elif glob.has_magic(str(item)):
+            matched = sorted(Path(p) for p in glob.glob(str(item)) if Path(p).is_file())
+            if not matched:
+                raise MissingDateError(f"{item} matches no file")
+            files.extend(matched)
+        else:
+            raise MissingDateError(f"{path} does not exist")
+    if not files:
+        raise MissingDateError("no file given")
+    return list(dict.fromkeys(Path(os.path.abspath(p)) for p in files))  # each once (links stay links)
+
+
+def date_from_name(path: str | os.PathLike[str]) -> np.datetime64:
+    """Return the acquisition date in a file name (``YYYYMMDD``, ``YYYY-MM-DD``, ``YYYYDOY``), or raise.
+
+    The first date of the name is taken: Landsat names give the acquisition date before the processing date.
+
+    Examples
+    --------
+    >>> str(date_from_name("LC08_L2SP_001070_20190114_20200830_02_T2_SR_B2.TIF"))
+    '2019-01-14'
+    >>> str(date_from_name("s2_2018-07-08.tif")), str(date_from_name("LC80200392015216LGN00_B2.TIF"))
+    ('2018-07-08', '2015-08-04')
+    """
+    name = Path(path).name
+    for pattern, layout in _DATE_PATTERNS:
+        for match in pattern.finditer(name):
+            try:
+                day = dt.datetime.strptime("".join(match.groups()), layout)
+            except ValueError:
+                continue  # digits that are no date (a path/row, a tile id)
+            if 1950 <= day.year <= 2100:
+                return np.datetime64(day.date(), "D")
+    raise MissingDateError(
+        f"{name} has no date in its name (YYYYMMDD, YYYY-MM-DD or YYYYDOY): rename it or give --dates-from csv:PATH"
+    )
+
+
+def _dates_from_csv(path: Path, files: Sequence[Path]) -> dict[Path, np.datetime64]:
+    """Read ``file,date`` rows (file names or paths; a header row is skipped) and return each file's date."""
+    if not path.is_file():
+        raise MissingDateError(f"date table {path} does not exist")
+    table: dict[str, np.datetime64] = {}
+    with path.open(newline="") as handle:
+        for number, row in enumerate(csv.reader(handle), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if len(row) < 2:
+                raise ArgumentError(f"{path.name} line {number}: expected file,date, got {','.join(row)!r}")
+            try:
+                table[Path(row[0].strip()).name] = np.datetime64(row[1].strip(), "D")
+            except ValueError:
+                if number == 1:
+                    continue  # a header
+                raise ArgumentError(
+                    f"{path.name} line {number}: {row[1].strip()!r} is not a date (YYYY-MM-DD)"
+                ) from None
+    missing = [f.name for f in files if f.name not in table]
+    if missing:
+        raise MissingDateError(f"{missing[0]} has no date in {path.name} (rows are file,date)")
+    return {f: table[f.name] for f in files}
+
+
+def _file_dates(files: Sequence[Path], dates_from: str) -> dict[Path, np.datetime64]:
+    if dates_from == "name":
+        return {f: date_from_name(f) for f in files}
+    if dates_from.startswith("csv:"):
+        return _dates_from_csv(Path(dates_from[4:]), files)
+    raise ArgumentError(f"dates_from must be 'name' or 'csv:PATH', got {dates_from!r}")
+
+
+def is_landsat_band_layout(files: Sequence[Path]) -> bool:
+    """Tell the one-file-per-band Landsat Collection 2 layout (any ``..._SR_B<n>.TIF``/``_QA_PIXEL.TIF``)."""
+    return any(_LANDSAT_BAND.match(f.name) for f in files)
+
+
+def open_files(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    bands: Mapping[str, int] | None = None,
+    mask_band: int | None = None,
+    cloud_values: Sequence[int] = (),
+    qa_band: int | None = None,
+    qa: str = "landsat-c2",
+    dates_from: str = "name",
+    scale: float | None = None,
+    offset: float | None = None,
+    crop_to_common: bool = False,
+    sensor: str | None = None,
+    chunks: int | None = IMPORT_CHUNK,
+) -> xr.Dataset:
+    """Read a folder, glob or list of GeoTIFF/NetCDF files into a validated (lazy) cube through :func:`open_stack`.
+
+    Parameters
+    ----------
+    inputs : sequence of path-like or glob patterns
+        Files, folders (their ``.tif``/``.tiff``/``.nc`` files) or glob patterns.
+    bands : mapping, optional
+        Position (1-based) of ``blue``, ``green``, ``red``, ``nir`` in each file (one file per date); not for
+        the Landsat one-file-per-band layout, whose bands are known from the file names.
+    mask_band, cloud_values, qa_band, qa, scale, offset, crop_to_common
+        As :func:`open_stack`. Landsat layout: ``QA_PIXEL`` is the QA band (``landsat-c2``); the scale and
+        offset default to :data:`LANDSAT_C2_SR` where the files declare none.
+    dates_from : str
+        ``name`` (each file name's date, :func:`date_from_name`) or ``csv:PATH`` (rows ``file,date``).
+    sensor : str, optional
+        Recorded per date; default ``LANDSAT_<n>`` from Landsat names, else ``OTHER``.
+    chunks : int, optional
+        Tile size of the lazy reads; None reads everything into memory.
+
+    Returns
+    -------
+    xarray.Dataset
+        A cube whose dates are in time order, ``attrs["scale_m"]`` the files' pixel size.
+
+    Raises
+    ------
+    MissingDateError
+        A missing file, a file without a date, a date without one of its bands, two files of one date.
+    CMSNCubeError
+        Whatever :func:`open_stack` refuses (a file that is no raster, grids that differ, a wrong scale...).
+    """
+    files = find_files(inputs)
+    if is_landsat_band_layout(files):
+        if bands is not None or mask_band is not None or qa_band is not None:
+            raise ArgumentError(
+                "Landsat Collection 2 band files (..._SR_B<n>.TIF, _QA_PIXEL.TIF) give their own bands and QA: "
+                "leave out --bands, --mask-band and --qa-band"
+            )
+        return _open_landsat(
+            files, dates_from=dates_from, scale=scale, offset=offset, crop=crop_to_common, sensor=sensor, chunks=chunks
+        )
+    if bands is None:
+        raise ArgumentError("give the band positions (--bands blue=1,green=2,red=3,nir=4) of these files")
+    dates = _file_dates(files, dates_from)
+    ordered = sorted(files, key=lambda f: (dates[f], f.name))
+    _refuse_repeated_dates([(dates[f], f) for f in ordered])
+    return open_stack(
+        ordered,
+        dates=[dates[f] for f in ordered],
+        bands=bands,
+        scale=scale,
+        offset=offset,
+        mask_band=mask_band,
+        cloud_values=cloud_values,
+        qa_band=qa_band,
+        qa=qa,
+        sensor=sensor or "OTHER",
+        crop_to_common=crop_to_common,
+        chunks=chunks,
+    )
+
+
+def _refuse_repeated_dates(dated: Sequence[tuple[np.datetime64, Path]]) -> None:
+    for (first_date, first), (date, path) in zip(dated, dated[1:], strict=False):
+        if date == first_date:
+            raise MissingDateError(
+                f"{first.name} and {path.name} are both dated {date}: give one file (or scene) per date"
+            )
+
+
+def _open_landsat(
+    files: Sequence[Path],
+    *,
+    dates_from: str,
+    scale: float | None,
+    offset: float | None,
+    crop: bool,
+    sensor: str | None,
+    chunks: int | None,
+) -> xr.Dataset:
+    """Group Landsat Collection 2 band files by scene and read each scene's B/G/R/NIR (+ QA_PIXEL) as one date."""
+    scenes: dict[str, dict[str, Path]] = {}
+    missions: dict[str, str] = {}
+    for path in files:
+        match = _LANDSAT_BAND.match(path.name)
+        if match is None and _LANDSAT_OTHER.match(path.name):
+            continue  # the scene's other files: thermal, QA_RADSAT, SR_QA_AEROSOL, ...
+        if match is None:
+            raise BandMismatchError(
+                f"{path.name} is no Landsat Collection 2 band file (..._SR_B<n>.TIF or _QA_PIXEL.TIF) like the "
+                "other files: import it apart"
+            )
+        scene = match["scene"].upper()
+        scenes.setdefault(scene, {})[match["band"].upper()] = path
+        missions[scene] = match["mission"]
+    dates = _file_dates([next(iter(bands.values())) for bands in scenes.values()], dates_from)
+    scene_dates = {scene: dates[next(iter(bands.values()))] for scene, bands in scenes.items()}
+    order = sorted(scenes, key=lambda scene: (scene_dates[scene], scene))
+    _refuse_repeated_dates([(scene_dates[s], Path(s)) for s in order])
+    with_qa = [s for s in order if "QA_PIXEL" in scenes[s]]
+    groups, sensors = [], []
+    for scene in order:
+        needed = list(_LANDSAT_SR_BANDS[missions[scene]]) + (["QA_PIXEL"] if with_qa else [])
+        absent = [band for band in needed if band not in scenes[scene]]
+        if absent:
+            found = ", ".join(sorted(scenes[scene]))
+            raise MissingDateError(
+                f"{scene} ({scene_dates[scene]}) has no {'/'.join(absent)} file (found {found}): every date needs "
+                f"{', '.join(needed)}"
+            )
+        groups.append([scenes[scene][band] for band in needed])
+        sensors.append(sensor or f"LANDSAT_{int(missions[scene])}")
+    if scale is None and offset is None and not _declares_scale(groups[0][0]):
+        scale, offset = LANDSAT_C2_SR
+    return open_stack(
+        groups,
+        dates=[scene_dates[s] for s in order],
+        bands={"blue": 1, "green": 2, "red": 3, "nir": 4},
+        scale=scale,
+        offset=offset,
+        qa_band=5 if with_qa else None,
+        qa="landsat-c2",
+        sensor=sensors,
+        crop_to_common=crop,
+        chunks=chunks,
+    )
+
+
+def _declares_scale(path: Path) -> bool:
+    """Tell whether a file declares a scale or offset of its own (GDAL's scale/offset, not 1 and 0)."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as raster:
+            return any(s != 1 for s in raster.scales) or any(o != 0 for o in raster.offsets)
+    except rasterio.errors.RasterioError:
+        return False  # open_stack names the file and the reason
+
+
+def describe(cube: xr.Dataset) -> dict[str, Any]:
+    """Return what ``cmsn-cube import`` prints of a cube: dates, size, CRS, pixel size, sensors."""
+    return {
+        "dates": cube.sizes["time"],
+        "first": str(cube["time"].values[0])[:10],
+        "last": str(cube["time"].values[-1])[:10],
+        "height": cube.sizes["y"],
+        "width": cube.sizes["x"],
+        "crs": str(cube.rio.crs),
+        "scale_m": float(cube.attrs.get("scale_m", float("nan"))),
+        "sensors": sorted({str(s) for s in cube["sensor"].values}),
+    }
