@@ -61,7 +61,9 @@ class CMSNAccessor:
     def plot(self, *args: Any, **options: Any) -> Any:
         """Draw the cloudy dates, the reconstruction stages, truth and error; see :func:`cmsn_cube.plot.plot_reconstruction`.
 
-        A Figure (shown inline in a notebook), or a PNG panel written to the path given.
+        ``date`` (an index or a date; default the cloudiest) is drawn with its two neighbours in time, so a cube
+        of any number of dates can be drawn. A Figure (shown inline in a notebook), or a PNG panel written to the
+        path given.
         """
         from cmsn_cube.plot import plot_reconstruction
 

@@ -237,32 +237,39 @@ def plot_panel(
     return _save(fig, path)
 
 
+DateChoice = int | str | np.datetime64 | None
+
+
 @overload
 def plot_reconstruction(
-    cube: xr.Dataset, path: None = None, *, date: int = 0, model: object = None, device: str | None = None
+    cube: xr.Dataset, path: None = None, *, date: DateChoice = None, model: object = None, device: str | None = None
 ) -> Figure: ...
 @overload
 def plot_reconstruction(
-    cube: xr.Dataset, path: PathLike, *, date: int = 0, model: object = None, device: str | None = None
+    cube: xr.Dataset, path: PathLike, *, date: DateChoice = None, model: object = None, device: str | None = None
 ) -> str: ...
 def plot_reconstruction(
     cube: xr.Dataset,
     path: PathLike | None = None,
     *,
-    date: int = 0,
+    date: DateChoice = None,
     model: object = None,
     device: str | None = None,
 ) -> Figure | str:
     """Run the network on a three-date window and draw :func:`plot_panel` (with ``truth`` when the cube has it).
 
+    The window is the date shown and its two neighbours in time (the first or last three dates at the series'
+    ends): a cube of any number of dates can be drawn.
+
     Parameters
     ----------
     cube : xarray.Dataset
-        Exactly three dates; a window small enough to look at (e.g. ``cube.isel(y=slice(0, 256), ...)``).
+        Three dates or more; an area small enough to look at (e.g. ``cube.isel(y=slice(0, 256), ...)``).
     path : path-like, optional
         PNG to write; without it the figure is returned (shown inline in Jupyter).
-    date : int
-        Which date's reconstruction is shown (0, 1 or 2).
+    date : int, date string or datetime64, optional
+        The date whose reconstruction is shown: its index among the cube's dates, or a date (the nearest of
+        the cube's is taken). Default: the cloudiest date.
     model : None, str, path or CMSN
         Checkpoint (default: the packaged model).
     device : str, optional
@@ -275,12 +282,45 @@ def plot_reconstruction(
     """
     from cmsn_cube.inference import predict_window
 
-    if date not in (0, 1, 2):
-        raise ValueError(f"date must be 0, 1 or 2 (one of the window's three dates), got {date!r}")
-    window = cube.load()
+    dates, shown = window_around(cube, date)
+    window = cube.isel(time=dates).load()
     stages = predict_window(window.drop_vars("truth", errors="ignore"), model=model, device=device)
     truth = window["truth"] if "truth" in window else None
-    return plot_panel(window, stages, path, date=date, truth=truth)
+    return plot_panel(window, stages, path, date=shown, truth=truth)
+
+
+def window_around(cube: xr.Dataset, date: DateChoice = None) -> tuple[list[int], int]:
+    """Return the indices of the three dates around ``date`` and the position of ``date`` among them.
+
+    ``date`` is an index among the cube's dates, a date (the nearest of the cube's is taken), or None for the
+    cloudiest date (the largest ``cloud_mask`` fraction). A cube of fewer than three dates is returned whole,
+    for :func:`cmsn_cube.inference.predict_window` to refuse.
+
+    Examples
+    --------
+    >>> from cmsn_cube.sources.synthetic import synthetic_scene
+    >>> scene = synthetic_scene(height=32, width=32, n_dates=7, cloud_fractions=[0.1, 0.2, 0.1, 0.1, 0.1, 0.4, 0.1])
+    >>> window_around(scene), window_around(scene, 0), window_around(scene, 3)
+    (([4, 5, 6], 1), ([0, 1, 2], 0), ([2, 3, 4], 1))
+    """
+    n = int(cube.sizes["time"])
+    if date is None:
+        if n < 3:
+            return list(range(n)), 0
+        fractions = cube["cloud_mask"].mean(("y", "x")).values if "cloud_mask" in cube else np.zeros(n)
+        index = int(np.argmax(fractions))
+    elif isinstance(date, (int, np.integer)) and not isinstance(date, bool):
+        if not 0 <= date < n:
+            choices = f"{', '.join(map(str, range(n - 1)))} or {n - 1}" if n <= 10 else f"0 to {n - 1}"
+            raise ValueError(f"date must be {choices} (an index among the cube's {n} dates), got {date!r}")
+        index = int(date)
+    else:
+        wanted = np.asarray(date, dtype="datetime64[ns]")
+        index = int(np.argmin(np.abs(cube["time"].values.astype("datetime64[ns]") - wanted)))
+    if n <= 3:
+        return list(range(n)), index
+    first = min(max(index - 1, 0), n - 3)
+    return [first, first + 1, first + 2], index - first
 
 
 @overload

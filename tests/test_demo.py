@@ -148,6 +148,28 @@ def test_accessor_plot_draws_the_panel_with_truth(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "other.png").exists() and not (tmp_path / "two.png").exists()
 
 
+def test_accessor_plot_draws_a_window_of_a_longer_series(tmp_path, tiny_checkpoint):
+    # issue 29 item 5: on more than three dates plot() said "predict_window takes exactly 3 dates"
+    from cmsn_cube.sources.synthetic import synthetic_scene
+
+    scene = synthetic_scene(height=96, width=96, n_dates=5, seed=3, cloud_fractions=[0.1, 0.1, 0.1, 0.35, 0.1])
+    days = [str(np.datetime_as_string(t, unit="D")) for t in scene.time.values]
+
+    def titles(figure) -> list[str]:
+        return [ax.get_title() for ax in figure.axes if ax.get_title()]
+
+    cloudiest = titles(scene.cmsn.plot(model=tiny_checkpoint))  # default: the cloudiest date, 3, between 2 and 4
+    assert [title.split()[1] for title in cloudiest[:3]] == days[2:5]
+    assert cloudiest[3:5] == ["T2 coarse (decoder)", "T2 refined (clear pixels kept)"]
+    first = titles(scene.cmsn.plot(date=0, model=tiny_checkpoint))  # the series' start: dates 0, 1, 2, the first
+    assert [title.split()[1] for title in first[:3]] == days[:3] and first[3] == "T1 coarse (decoder)"
+    by_day = titles(scene.cmsn.plot(date=days[1], model=tiny_checkpoint))
+    assert [title.split()[1] for title in by_day[:3]] == days[:3] and by_day[3] == "T2 coarse (decoder)"
+    assert_real_png(scene.cmsn.plot(tmp_path / "panel.png", date=4, model=tiny_checkpoint))
+    with pytest.raises(ValueError, match=r"date must be 0, 1, 2, 3 or 4 \(an index among the cube's 5 dates\)"):
+        scene.cmsn.plot(date=5, model=tiny_checkpoint)
+
+
 def test_demo_never_replaces_a_users_cube_or_files(tmp_path):
     from cmsn_cube.sources.synthetic import synthetic_scene
     from cmsn_cube.store import open_cube, write_cube
