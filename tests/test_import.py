@@ -27,6 +27,8 @@ FILES = ["SR_B2", "SR_B3", "SR_B4", "SR_B5", "QA_PIXEL"]
 #: The same scene under a second, earlier date, as Landsat 9 (sorted after LC08 by name, before it by date),
 #: its pixels flipped left-right so that the dates differ.
 EARLIER = "LC09_L2SP_001070_20181229_20200830_02_T2"
+#: A real scene of another path/row, on another grid.
+OTHER = "LC08_L2SP_017036_20130419_20200913_02_T2"
 
 
 def _read(path):
@@ -85,6 +87,46 @@ def test_landsat_band_files_become_a_cube_equal_to_the_files(tmp_path):
     np.testing.assert_array_equal(cube.cloud_mask.values[1], mask)
     np.testing.assert_array_equal(cube.cloud_mask.values[0], mask[:, ::-1])
     assert 0.05 < mask.mean() < 0.95  # a real scene with real clouds: the mask is not trivially all or nothing
+
+
+def test_scenes_in_subfolders_as_usgs_archives_unpack(tmp_path):
+    folder = _landsat_folder(tmp_path)
+    for scene in (SCENE, EARLIER):
+        (folder / scene).mkdir()
+        for path in folder.glob(f"{scene}_*"):
+            path.rename(folder / scene / path.name)
+    (folder / "old.zarr").mkdir()
+    (folder / "old.zarr" / "junk.tif").write_text("not searched")  # a store's inside is never read
+    cube = open_files([folder], chunks=256)
+    assert [str(t)[:10] for t in cube.time.values] == ["2018-12-29", "2019-01-14"]
+    assert cube.reflectance.data.chunksize[-2:] == (256, 256)
+    dn, _ = _read(folder / SCENE / f"{SCENE}_SR_B5.TIF")
+    expected = np.where(dn == 0, np.nan, dn * 2.75e-5 - 0.2).astype("float32")
+    np.testing.assert_allclose(cube.reflectance.sel(band="nir").values[1], expected, rtol=0, atol=1e-6)
+
+
+def test_files_cropped_to_their_common_extent(tmp_path):
+    import rasterio
+    from rasterio.windows import Window
+
+    source = KRANJ / "kranj_landsat_unfilled" / "2020068_191-28_kranj.tif"
+    folder = tmp_path / "files"
+    folder.mkdir()
+    shutil.copy(source, folder / "2020068.tif")
+    values, profile = _read_all(source)
+    with rasterio.open(source) as raster:
+        transform = raster.window_transform(Window(0, 0, 40, 30))  # same upper-left corner, 40 x 30 px
+    profile.update(width=40, height=30, transform=transform)
+    with rasterio.open(folder / "2020077.tif", "w", **profile) as out:
+        out.write(values[:, :30, :40])
+    bands = ["--bands", "blue=1,green=2,red=3,nir=4", "--scale", "1e-4"]
+    result, output = _import(folder, tmp_path / "a.zarr", *bands)
+    assert result.exit_code == 1 and output.startswith("error: 2020077.tif is on another grid than 2020068.tif: size")
+    result, output = _import(folder, tmp_path / "a.zarr", *bands, "--crop-to-common")
+    assert result.exit_code == 0, output
+    cube = open_cube(tmp_path / "a.zarr")
+    assert (cube.sizes["y"], cube.sizes["x"]) == (30, 40)
+    np.testing.assert_array_equal(cube.reflectance.values[0], cube.reflectance.values[1])
 
 
 def test_one_multiband_file_per_date_dated_by_name_or_csv(tmp_path):
@@ -148,6 +190,7 @@ def test_the_import_reads_lazily_and_names_a_file_whose_pixels_fail(tmp_path):
         ("not a raster", f"error: {EARLIER}_SR_B3.TIF is not a raster GDAL can read"),
         ("no date", "error: LC09_L2SP_001070_T2_QA_PIXEL.TIF has no date in its name"),
         ("other file", "error: notes.tif is no Landsat Collection 2 band file"),
+        ("other grid", f"error: {SCENE}_SR_B2.TIF is on another grid than {OTHER}_SR_B2.TIF: CRS EPSG:32619 vs"),
     ],
 )
 def test_a_bad_folder_is_one_line_naming_the_file_and_nothing_is_written(tmp_path, fault, message):
@@ -159,8 +202,12 @@ def test_a_bad_folder_is_one_line_naming_the_file_and_nothing_is_written(tmp_pat
     elif fault == "no date":
         for band in FILES:
             (folder / f"{EARLIER}_{band}.TIF").rename(folder / f"LC09_L2SP_001070_T2_{band}.TIF")
-    else:
+    elif fault == "other file":
         shutil.copy(C2L2 / f"{SCENE}_SR_B2.TIF", folder / "notes.tif")
+    else:  # a real scene of another path/row (another UTM zone) in place of the earlier date
+        for band in FILES:
+            (folder / f"{EARLIER}_{band}.TIF").unlink()
+            os.symlink(C2L2 / f"{OTHER}_{band}.TIF", folder / f"{OTHER}_{band}.TIF")
     out = tmp_path / "cube.zarr"
     result, output = _import(folder, out)
     assert result.exit_code == 1

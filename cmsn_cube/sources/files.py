@@ -71,7 +71,7 @@ _DATE_PATTERNS = (
 
 
 def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Return the files of ``inputs``: files as given, folders' GeoTIFF/NetCDF files, glob patterns expanded.
+    """Return the files of ``inputs``: files, folders' GeoTIFF/NetCDF files (and their subfolders'), globs expanded.
 
     Raises
     ------
@@ -82,7 +82,7 @@ def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            found = _rasters_under(path)
             if not found:
                 raise MissingDateError(f"{path} holds no GeoTIFF or NetCDF file ({', '.join(RASTER_SUFFIXES)})")
             files.extend(found)
@@ -98,6 +98,20 @@ def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     if not files:
         raise MissingDateError("no file given")
     return list(dict.fromkeys(Path(os.path.abspath(p)) for p in files))  # each once (links stay links)
+
+
+def _rasters_under(folder: Path) -> list[Path]:
+    """Return the GeoTIFF/NetCDF files of ``folder`` and its subfolders, hidden folders and Zarr stores skipped.
+
+    USGS archives unpack one folder per scene.
+    """
+    found = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and not f.endswith(".zarr"))
+        found.extend(
+            Path(root) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in RASTER_SUFFIXES
+        )
+    return sorted(found)
 
 
 def date_from_name(path: str | os.PathLike[str]) -> np.datetime64:
@@ -184,7 +198,7 @@ def open_files(
     Parameters
     ----------
     inputs : sequence of path-like or glob patterns
-        Files, folders (their ``.tif``/``.tiff``/``.nc`` files) or glob patterns.
+        Files, folders (their ``.tif``/``.tiff``/``.nc`` files, subfolders included) or glob patterns.
     bands : mapping, optional
         Position (1-based) of ``blue``, ``green``, ``red``, ``nir`` in each file (one file per date); not for
         the Landsat one-file-per-band layout, whose bands are known from the file names.
