@@ -105,7 +105,7 @@ def _rasters_under(folder: Path) -> list[Path]:
 
     USGS archives unpack one folder per scene.
     """
-    found = []
+    found: list[Path] = []
     for root, folders, names in os.walk(folder):
         folders[:] = sorted(f for f in folders if not f.startswith(".") and not f.endswith(".zarr"))
         found.extend(
