@@ -46,11 +46,12 @@ def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction")
 
     Computes the ``filled`` layer.
     """
-    from cmsn_cube.inference import FILLED, INVENTED, NO_DATA_FILLED, UNOBSERVED
+    from cmsn_cube.inference import FILLED, INVENTED, NO_DATA_FILLED, SERIES_FILLED, UNOBSERVED
 
     flags = result["filled"]
     counts = {
-        flag: (flags == flag).mean(("y", "x")).values for flag in (FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED)
+        flag: (flags == flag).mean(("y", "x")).values
+        for flag in (FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED, SERIES_FILLED)
     }  # one pass each over a small uint8 layer
     ny, nx = result.sizes["y"], result.sizes["x"]
     lines = [
@@ -61,12 +62,12 @@ def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction")
         f"  grid       {ny} x {nx} px",
         f"  variables  {', '.join(sorted(str(v) for v in result.data_vars))}",
         f"  dates      {result.sizes['time']}",
-        "    date         filled %   no data filled %   unobserved (NaN) %   unobserved filled %",
+        "    date         filled %   no data filled %   from the series %   unobserved (NaN) %   unobserved filled %",
     ]
     for index, t in enumerate(result.time.values):
         lines.append(
             f"    {np.datetime_as_string(t, unit='D')}   {100 * counts[FILLED][index]:7.2f}   "
-            f"{100 * counts[NO_DATA_FILLED][index]:16.2f}   "
+            f"{100 * counts[NO_DATA_FILLED][index]:16.2f}   {100 * counts[SERIES_FILLED][index]:17.2f}   "
             f"{100 * counts[UNOBSERVED][index]:18.2f}   {100 * counts[INVENTED][index]:19.2f}"
         )
     return "\n".join(lines)

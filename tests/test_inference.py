@@ -211,7 +211,12 @@ def test_more_dates_use_nearest_neighbours(tiny_model):
     cube = synthetic_scene(height=48, width=48, n_dates=5, seed=8)
     result = reconstruct(cube, model=tiny_model, method="cmsn", fill_unobserved=True).compute()
     first = direct(tiny_model, cube.isel(time=[2, 3, 4]))
-    np.testing.assert_allclose(result.reconstructed.values[3], first[1], atol=1e-6)
+    # gaps its triplet never observed but dates 0 or 1 did come from the series (flag 5), the rest from the network
+    gaps = model_inputs(cube)[1].values
+    from_series = gaps[[2, 3, 4]].all(axis=0) & ~gaps[[0, 1]].all(axis=0)
+    assert from_series.any()
+    np.testing.assert_array_equal(result.filled.values[3] == 5, from_series)
+    np.testing.assert_allclose(result.reconstructed.values[3][:, ~from_series], first[1][:, ~from_series], atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["cmsn", "regression"])
@@ -453,3 +458,28 @@ def test_worker_environment_carries_the_worker_config():
     assert quiet["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] == "False"
     assert quiet["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"] == "1s"
     assert not any(name.startswith("DASK_") for name in worker_environment(worker_config={}))
+
+
+@pytest.mark.parametrize("fill_unobserved", [False, True])
+def test_a_gap_its_triplet_never_observed_is_filled_from_the_series(fill_unobserved):
+    """Dates 0-2 (date 0's triplet) cloudy over one patch that date 4 observed: filled from date 4, flagged 5."""
+    from cmsn_cube.inference import INVENTED, SERIES_FILLED, UNOBSERVED
+
+    scene = synthetic_scene(height=96, width=96, n_dates=5, seed=11)
+    scene["cloud_mask"][:] = False
+    scene["cloud_mask"][:3, 30:50, 40:70] = True  # date 0's triplet is (0, 1, 2): none of them sees the patch
+    scene["cloud_mask"][3, 30:50, 40:70] = True
+    scene["cloud_mask"][4, 0:10, 0:10] = True  # date 4's own gap: somewhere else
+    scene["cloud_mask"][:, 80:90, 80:90] = True  # observed on no date at all
+    result = reconstruct(scene, method="regression", fill_unobserved=fill_unobserved, tile=64, overlap=8).compute()
+    patch = (slice(30, 50), slice(40, 70))
+    assert (result.filled.values[0][patch] == SERIES_FILLED).all()
+    # the classical regression from date 4, as baselines.regression fills it over the whole scene
+    from cmsn_cube.baselines import regression
+
+    filled = result.reconstructed.isel(time=0).values[(slice(None), *patch)]
+    expected = regression(scene).isel(time=0).values[(slice(None), *patch)]
+    assert np.isfinite(filled).all() and np.abs(filled - expected).mean() < 0.01  # fits see one block, not the scene
+    nowhere = result.filled.values[:, 80:90, 80:90]
+    assert (nowhere == (INVENTED if fill_unobserved else UNOBSERVED)).all()
+    assert np.isnan(result.reconstructed.values[:, :, 80:90, 80:90]).all() != fill_unobserved

@@ -132,7 +132,7 @@ def block_graph(
     )
     options = {"triplets": triplets, "days": days, "methods": methods, "batch_size": batch_size, "device": device}
     sums = _tile_sums(arrays, dask.delayed(spec, pure=True, traverse=False), tilings, token, options)
-    return _finished_blocks(sums, tilings, token, triplets=triplets, fill_unobserved=fill_unobserved)
+    return _finished_blocks(sums, tilings, token, triplets=triplets, fill_unobserved=fill_unobserved, days=days)
 
 
 def _tile_sums(
@@ -163,6 +163,7 @@ def _finished_blocks(
     *,
     triplets: tuple[tuple[int, int, int], ...],
     fill_unobserved: bool,
+    days: tuple[float, ...],
 ) -> BlockGraph:
     """Finish every block with the strips that the blocks above, to the left and diagonally spill over it."""
     finished = {}
@@ -190,6 +191,7 @@ def _finished_blocks(
             core=core,
             triplets=triplets,
             fill_unobserved=fill_unobserved,
+            days=days,
             dask_key_name=f"cmsn-block-{token}-{i}-{j}",
         )
     return BlockGraph(sums, finished, StripMap({block: tuple(strips) for block, strips in spilled.items()}))

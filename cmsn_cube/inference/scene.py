@@ -36,8 +36,10 @@ OUTPUT_VARIABLES: dict[str, tuple[tuple[str, ...], np.dtype, dict[str, Any]]] = 
         ("time", "y", "x"),
         np.dtype(np.uint8),
         {
-            "long_name": "origin of each pixel (0 observed, 1 filled by the network from other dates' observations, "
-            "2 observed on no date of its triplet: NaN, 3 the same, filled by the network)",
+            "long_name": "origin of each pixel (0 observed, 1 filled from the other dates of its triplet, "
+            "2 observed on no date of the series: NaN, 3 the same, filled by the network, 4 no data (NaN in the "
+            "input, not a cloud) filled from the other dates of its triplet, 5 observed on no date of its triplet, "
+            "filled by the classical regression from the nearest date of the series that observed it)",
             **FILLED_FLAGS,
         },
     ),

@@ -21,12 +21,14 @@ SKIP_CLEAR_DATES = True
 #: Values of the ``filled`` layer (CF flags): where each pixel of a reconstruction comes from.
 #: ``NO_DATA_FILLED``: a gap with no observation at all (NaN: Landsat 7 SLC-off stripes, a scene's edge) rather
 #: than a cloud over an observation, filled from other dates.
-OBSERVED, FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED = 0, 1, 2, 3, 4
+#: ``SERIES_FILLED``: a gap no date of its triplet observed, filled by the classical local regression from the
+#: nearest date of the whole series that observed it.
+OBSERVED, FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED, SERIES_FILLED = 0, 1, 2, 3, 4, 5
 FILLED_FLAGS = {
-    "flag_values": [OBSERVED, FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED],
+    "flag_values": [OBSERVED, FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED, SERIES_FILLED],
     "flag_meanings": (
         "observed filled_from_other_dates unobserved_left_nan unobserved_filled_by_network "
-        "no_data_filled_from_other_dates"
+        "no_data_filled_from_other_dates filled_from_a_date_outside_its_triplet"
     ),
 }
 
@@ -291,6 +293,28 @@ class BlockBlend:
                 self.sums[date, :, y : y + ty, x : x + tx] += output[j, run.triplet.index(date)] * self.blend
 
 
+def _fill_from_the_series(
+    reconstructed: np.ndarray,
+    flags: np.ndarray,
+    observed: np.ndarray,
+    to_fill: np.ndarray,
+    unobserved: np.ndarray,
+    days: tuple[float, ...],
+) -> None:
+    """Fill, in place, the ``unobserved`` gaps (none of their triplet) that another date of the series observed."""
+    from cmsn_cube.baselines import fill_regression
+
+    reachable = unobserved & (~to_fill).any(axis=0)
+    targets = [int(t) for t in np.flatnonzero(reachable.any(axis=(1, 2)))]
+    if not targets:
+        return
+    # a NaN band of a clear pixel is a gap too (model_channels' rule): no NaN reaches the fit
+    filled = fill_regression(np.nan_to_num(observed), to_fill, np.asarray(days), targets=targets)
+    reachable &= np.isfinite(filled).all(axis=1)
+    np.copyto(reconstructed, filled, where=reachable[:, None])
+    flags[reachable] = SERIES_FILLED
+
+
 def spilled_strip(block: dict[str, np.ndarray], rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
     """Return the part of a block's sums that its last tiles lay over a later block (copied: the block is large)."""
     return block["sums"][..., rows, cols].copy(), block["weight"][rows, cols].copy()
@@ -302,14 +326,17 @@ def finish_block(
     core: tuple[slice, slice],
     triplets: tuple[tuple[int, int, int], ...],
     fill_unobserved: bool,
+    days: tuple[float, ...] | None = None,
 ) -> dict[str, np.ndarray]:
     """Return a block's outputs: its sums plus the strips that earlier blocks' tiles lay over its start, blended.
 
     ``block`` holds the ``sums`` and ``weight`` over the block's extent and the ``observed`` bands and ``to_fill``
     mask of its ``core``. ``strips`` come from the block above, the block to the left and the one diagonally
     above-left (``None`` where there is none); each covers the first rows and/or columns of the block. A gap that
-    no date of its triplet observed is NaN (flagged :data:`UNOBSERVED`), or the network's guess with
-    ``fill_unobserved`` (flagged :data:`INVENTED`).
+    no date of its triplet observed but another date of the series did is filled by the classical local
+    regression from the nearest such date (:func:`cmsn_cube.baselines.fill_regression` over the block's core,
+    each date's ``days``; flagged :data:`SERIES_FILLED`); one that no date observed is NaN (flagged
+    :data:`UNOBSERVED`), or the network's guess with ``fill_unobserved`` (flagged :data:`INVENTED`).
 
     Examples
     --------
@@ -340,6 +367,8 @@ def finish_block(
     flags[unobserved] = INVENTED if fill_unobserved else UNOBSERVED
     if not fill_unobserved:
         np.copyto(reconstructed, np.float32(np.nan), where=unobserved[:, None])
+    if days is not None:
+        _fill_from_the_series(reconstructed, flags, observed, to_fill, unobserved, days)
     from cmsn_cube.metrics import ndvi
 
     ndvi_observed = ndvi(observed, axis=1)
