@@ -111,12 +111,15 @@ def lock_path(path: str | os.PathLike[str]) -> Path:
     return target.with_name(f".{target.name}.lock")
 
 
-def _holder(lock: Path) -> str:
-    try:
-        facts = json.loads(lock.read_text())
-        return f"process {facts['pid']} on {facts['host']} ({facts['command']}, since {facts['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def _holder(lock: Path, *, attempts: int = 20) -> str:
+    """Name the holder of ``lock`` from what it wrote there, waiting a little for a holder that just took it."""
+    for _ in range(attempts):
+        try:
+            facts = json.loads(lock.read_text())
+            return f"process {facts['pid']} on {facts['host']} ({facts['command']}, since {facts['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)  # taken, not yet written: the holder writes its facts right after the flock
+    return "another process"
 
 
 @contextlib.contextmanager

@@ -97,6 +97,29 @@ def naip_5m() -> xr.Dataset:
     return _naip(1)
 
 
+def romania() -> xr.Dataset:
+    """The 140-date Sentinel-2 L2A series of ``s2_nrt_romania`` (10 m), clouds from its own SCL classes."""
+    import numpy as np
+    import rioxarray
+
+    from cmsn_cube.cube import make_cube
+
+    path = DATA / "s2_nrt_romania" / "sentinel2_cube_subset_romania_10m.nc"
+    layers = {
+        name: rioxarray.open_rasterio(f"netcdf:{path}:{name}", decode_times=False)
+        for name in ("B2", "B3", "B4", "B8", "SCL")
+    }
+    days = np.asarray(layers["B2"]["time"].values, dtype=float).astype("timedelta64[D]")  # days since 2015-08-01
+    reflectance = np.stack([layers[b].values for b in ("B2", "B3", "B4", "B8")], axis=1).astype("float32") / 1e4
+    # SCL: 0 no data, 3 shadow, 8/9 cloud, 10 cirrus, 11 snow
+    cloud = np.isin(layers["SCL"].values, [0, 3, 8, 9, 10, 11])
+    return make_cube(
+        reflectance, time=np.datetime64("2015-08-01") + days, y=layers["B2"].y.values, x=layers["B2"].x.values,
+        crs="EPSG:3035", sensor="SENTINEL_2", cloud_mask=cloud, source="s2_nrt_romania, Sentinel-2 L2A",
+        attrs={"scale_m": 10.0},
+    )  # fmt: skip
+
+
 def embedded() -> xr.Dataset:
     from cmsn_cube.sources.synthetic import synthetic_scene
 
