@@ -202,3 +202,10 @@ def test_only_dates_with_gaps_are_checked_and_nothing_to_fill_is_said_at_once(sc
     run = CliRunner().invoke(main, ["reconstruct", store, str(tmp_path / "out.zarr"), "--workers", "1"])
     assert run.exit_code == 0 and "nothing to fill on any date" in run.output, run.output
     assert "nothing to fill in the input" in run.stderr
+
+
+def test_a_forced_classical_method_is_named_not_the_network(scene, tmp_path):
+    store = write_cube(scene, tmp_path / "scene.zarr")
+    run = CliRunner().invoke(main, ["reconstruct", store, str(tmp_path / "o.zarr"), "--method", "regression"])
+    assert run.exit_code == 0 and "(regression, no network)" in run.output and "cmsn-small" not in run.output
+    assert "gap_pixels" in run.output

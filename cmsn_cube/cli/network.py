@@ -99,7 +99,8 @@ def reconstruct(
             if state == "resume":
                 click.echo(f"resuming {out}: regions already written are kept")
             write_reconstruction(result, out, overwrite=overwrite)
-    click.echo(f"wrote {out}: reconstructed, filled, ndvi, ndvi_observed, observed_dates ({result.attrs['model']})")
+    filler = result.attrs["model"] if method in ("auto", "cmsn") else f"{method}, no network"
+    click.echo(f"wrote {out}: {', '.join(str(name) for name in result.data_vars)} ({filler})")
     if method == "auto":
         from cmsn_cube.selfcheck import format_quality, quality_table
         from cmsn_cube.store import open_reconstruction
