@@ -447,8 +447,15 @@ def _write_report(demo: DemoResult, cube: xr.Dataset, result: xr.Dataset, sample
         "## Figures",
         "",
     ]
+    captions = {  # what a figure's name does not say
+        "loss_curves.png": "The training history recorded in the checkpoint's card (how the model was trained), not this "
+        "run: the demo does not train.",
+        "panel_T1.png": "The cloudiest window of the scene (its cloud share is in the titles; the report's is the whole "
+        "scene's).",
+    }
     for figure in demo.figures:
-        lines += [f"### {name(figure)}", "", f"![{name(figure)}]({name(figure)})", ""]
+        caption = [captions[name(figure)], ""] if name(figure) in captions else []
+        lines += [f"### {name(figure)}", "", *caption, f"![{name(figure)}]({name(figure)})", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return str(path)

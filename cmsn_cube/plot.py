@@ -215,7 +215,7 @@ def plot_panel(
     for t in range(3):
         axes[0, t].imshow(to_rgb(observed[t], low, high))
         _outline(axes[0, t], masks[t])
-        axes[0, t].set_title(f"T{t + 1} {days[t]} observed ({100 * masks[t].mean():.0f} % cloud)")
+        axes[0, t].set_title(f"T{t + 1} {days[t]} observed ({100 * masks[t].mean():.0f} % cloud in this window)")
     axes[0, 3].set_axis_off()
     axes[1, 0].imshow(to_rgb(coarse, low, high))
     axes[1, 0].set_title(f"T{date + 1} coarse (decoder)")
