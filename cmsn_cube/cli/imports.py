@@ -56,6 +56,35 @@ class IntList(click.ParamType):
             self.fail(f"{value!r} is not comma-separated integers", param, ctx)
 
 
+class Number(click.ParamType):
+    """A number, or a fraction: ``--scale 1/255``, ``--scale 2.75e-5``."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """Return ``value`` as a float (``a/b`` divided)."""
+        if isinstance(value, (int, float)):
+            return float(value)
+        numerator, slash, denominator = str(value).partition("/")
+        try:
+            number = float(numerator) / (float(denominator) if slash else 1.0)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{value!r} is not a number or a fraction (e.g. 1e-4, 1/255)", param, ctx)
+        return number
+
+
+class TextList(click.ParamType):
+    """Comma-separated words: ``--variables B2,B3,B4,B8,SCL``, ``--dates 2018-04-29,2018-05-13``."""
+
+    name = "list"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        """Return ``value`` as a tuple of its non-empty items."""
+        if isinstance(value, tuple):
+            return value
+        return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
 @main.command("import")
 @click.argument("inputs", nargs=-1, required=True, metavar="FILES_OR_GLOB...")
 @click.argument("out", metavar="OUT.zarr")
@@ -80,10 +109,38 @@ class IntList(click.ParamType):
 @click.option(
     "--dates-from",
     default="name",
-    help="name: the date in each file name (YYYYMMDD, YYYY-MM-DD or YYYYDOY); csv:PATH: rows file,date.",
+    help="name: the date in each file name (YYYYMMDD, YYYY-MM-DD or YYYYDOY); csv:PATH: rows file,date; time: "
+    "a NetCDF file's time axis (the default with --variables).",
 )
-@click.option("--scale", type=float, default=None, help="Reflectance = DN x scale + offset (default: the files').")
-@click.option("--offset", type=float, default=None, help="See --scale.")
+@click.option(
+    "--dates",
+    "date_list",
+    type=TextList(),
+    default=None,
+    help="One file of every date (--bands-per-date): its dates in the file's order, 2018-04-29,2018-05-13,...",
+)
+@click.option("--bands-per-date", type=COUNT, default=None, help="One file of every date: bands of each date.")
+@click.option(
+    "--variables",
+    type=TextList(),
+    default=None,
+    help="One NetCDF file of one (time, y, x) variable per band: B2,B3,B4,B8,SCL (--bands counts within them).",
+)
+@click.option(
+    "--scale",
+    type=Number(),
+    default=None,
+    help="Reflectance = DN x scale + offset, e.g. 1e-4 or 1/255 (default: the files').",
+)
+@click.option("--offset", type=Number(), default=None, help="See --scale.")
+@click.option("--nodata", type=Number(), default=None, help="DN of missing pixels (default: the files'), e.g. 0.")
+@click.option(
+    "--align",
+    type=click.Choice(["first"]),
+    default=None,
+    help="first: resample every date onto the first date's grid (bilinear; nearest for masks and QA), then crop "
+    "to the pixels every date covers (for dates whose grids lie apart).",
+)
 @click.option("--crop-to-common", is_flag=True, help="Crop files of different sizes to their common upper-left extent.")
 @click.option("--sensor", default=None, help="Sensor name recorded per date (default LANDSAT_<n> from Landsat names).")
 @click.option("--chunk", type=COUNT, default=None, help="Tile size (px) of the lazy reads [default: 1024].")
@@ -97,8 +154,13 @@ def import_(
     qa_band: int | None,
     qa_kind: str,
     dates_from: str,
+    date_list: tuple[str, ...] | None,
+    bands_per_date: int | None,
+    variables: tuple[str, ...] | None,
     scale: float | None,
     offset: float | None,
+    nodata: float | None,
+    align: str | None,
     crop_to_common: bool,
     sensor: str | None,
     chunk: int | None,
@@ -107,7 +169,9 @@ def import_(
     """Read GeoTIFF/NetCDF files (a folder, a glob, a list) into a validated cube store OUT.zarr.
 
     One file per date (--bands), or Landsat Collection 2 Level-2 band files as USGS ships them
-    (..._SR_B2.TIF ... _SR_B5.TIF + _QA_PIXEL.TIF: bands, scale and cloud mask from the names).
+    (..._SR_B2.TIF ... _SR_B5.TIF + _QA_PIXEL.TIF: bands, scale and cloud mask from the names), or Level-1
+    band files (..._B2.TIF ... _B5.TIF + _BQA.TIF); one file of every date (--bands-per-date, --dates); one
+    NetCDF file of one variable per band (--variables). Dates on grids apart: --align first.
     """
     from cmsn_cube.exceptions import OutputExistsError
     from cmsn_cube.sources.files import IMPORT_CHUNK, describe, open_files
@@ -117,7 +181,7 @@ def import_(
         raise click.BadParameter("give --mask-band or --qa-band, not both", param_hint="'--mask-band'")
     if mask_band is not None and not cloud_values:
         raise click.BadParameter("give --cloud-values (the mask band's cloud values)", param_hint="'--mask-band'")
-    if not (dates_from == "name" or dates_from.startswith("csv:")):
+    if not (dates_from in ("name", "time") or dates_from.startswith("csv:")):
         raise click.BadParameter(f"{dates_from!r} is neither name nor csv:PATH", param_hint="'--dates-from'")
     if writable_kind(out) == "zarr" and not overwrite:  # before reading anything; write_cube checks again
         raise OutputExistsError(f"store {out} exists; pass --overwrite to replace it")
@@ -134,6 +198,11 @@ def import_(
         crop_to_common=crop_to_common,
         sensor=sensor,
         chunks=chunk or IMPORT_CHUNK,
+        align=align,
+        nodata=nodata,
+        dates=list(date_list) if date_list else None,
+        bands_per_date=bands_per_date,
+        variables=list(variables) if variables else None,
     )
     path = write_cube(cube, out, overwrite=overwrite)
     about = describe(cube)

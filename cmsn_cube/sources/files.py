@@ -48,6 +48,18 @@ _LANDSAT_BAND = re.compile(
     r"^(?P<scene>L(?P<kind>[COTEM])(?P<mission>0[4-9])_\w+?)_(?P<band>SR_B\d+|QA_PIXEL)\.TIFF?$", re.IGNORECASE
 )
 
+#: A Landsat Level-1 band file (Collection 1 or 2, full or shortened names): scene id, then ``B<n>``, ``BQA``
+#: (Collection 1 quality) or ``QA_PIXEL`` (Collection 2).
+_LANDSAT_L1_BAND = re.compile(
+    r"^(?P<scene>L(?P<kind>[COTEM])(?P<mission>0[4-9])_L1\w*?)_(?P<band>B\d+|BQA|QA_PIXEL)\.TIFF?$", re.IGNORECASE
+)
+
+#: Level-1 bands of blue, green, red, NIR per Landsat mission.
+_LANDSAT_L1_BANDS = {mission: tuple(band[3:] for band in names) for mission, names in
+                     {"04": ("SR_B1", "SR_B2", "SR_B3", "SR_B4"), "05": ("SR_B1", "SR_B2", "SR_B3", "SR_B4"),
+                      "07": ("SR_B1", "SR_B2", "SR_B3", "SR_B4"), "08": ("SR_B2", "SR_B3", "SR_B4", "SR_B5"),
+                      "09": ("SR_B2", "SR_B3", "SR_B4", "SR_B5")}.items()}  # fmt: skip
+
 #: Any other file of a Landsat Collection 2 scene (``_ST_B10.TIF``, ``_QA_RADSAT.TIF``...): not read.
 _LANDSAT_OTHER = re.compile(r"^L[COTEM]0[4-9]_L[0-9A-Z]{3}_\d{6}_\d{8}_\d{8}_\d{2}_(T1|T2|RT|A1|A2)_\w+\.TIFF?$", re.I)
 
@@ -89,7 +101,11 @@ def find_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
         elif path.exists():
             files.append(path)
         elif glob.has_magic(str(item)):
-            matched = sorted(Path(p) for p in glob.glob(str(item)) if Path(p).is_file())
+            matched = sorted(
+                found
+                for p in glob.glob(str(item))
+                for found in (_rasters_under(Path(p)) if Path(p).is_dir() else [Path(p)] if Path(p).is_file() else [])
+            )  # a glob of scene folders: their files
             if not matched:
                 raise MissingDateError(f"{item} matches no file")
             files.extend(matched)
@@ -165,6 +181,42 @@ def _dates_from_csv(path: Path, files: Sequence[Path]) -> dict[Path, np.datetime
     return {f: table[f.name] for f in files}
 
 
+#: Units of a CF time axis (``days since 2015-08-01``) in seconds.
+_TIME_UNITS = {"days": 86400.0, "day": 86400.0, "hours": 3600.0, "hour": 3600.0, "minutes": 60.0, "seconds": 1.0}
+
+
+def netcdf_times(path: str | os.PathLike[str], variable: str) -> list[np.datetime64]:
+    """Return the dates of a NetCDF variable's time axis (CF ``<unit> since <date>``), read through GDAL.
+
+    No NetCDF library is needed: GDAL gives the axis values and units as metadata of the ``variable`` subdataset.
+    """
+    import warnings
+
+    import rasterio
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(f'NETCDF:"{path}":{variable}') as raster:
+                tags = raster.tags()
+    except rasterio.errors.RasterioError as error:
+        raise MissingDateError(f"{path.name} has no variable {variable} GDAL can read: {error}") from None
+    axis = tags.get("NETCDF_DIM_EXTRA", "").strip("{}").split(",")[0]
+    values, units = tags.get(f"NETCDF_DIM_{axis}_VALUES"), tags.get(f"{axis}#units", "")
+    match = re.match(r"\s*(\w+)\s+since\s+(\d{4}-\d{1,2}-\d{1,2})(?:[ T](\d{1,2}:\d{2}(?::\d{2})?))?", units)
+    if not axis or values is None or match is None or match[1].lower() not in _TIME_UNITS:
+        raise MissingDateError(
+            f"{path.name}: variable {variable} has no time axis of CF units '<days|hours|...> since <date>' "
+            f"(axis {axis or 'none'}, units {units!r}): give the dates"
+        )
+    year, month, day = (int(v) for v in match[2].split("-"))
+    origin = np.datetime64(f"{year:04d}-{month:02d}-{day:02d}T{match[3] or '00:00'}", "s")
+    unit = _TIME_UNITS[match[1].lower()]
+    steps = [float(v) for v in values.strip("{}").split(",") if v.strip()]
+    return [(origin + np.timedelta64(int(round(v * unit)), "s")).astype("datetime64[D]") for v in steps]
+
+
 def _file_dates(files: Sequence[Path], dates_from: str) -> dict[Path, np.datetime64]:
     if dates_from == "name":
         return {f: date_from_name(f) for f in files}
@@ -175,7 +227,7 @@ def _file_dates(files: Sequence[Path], dates_from: str) -> dict[Path, np.datetim
 
 def is_landsat_band_layout(files: Sequence[Path]) -> bool:
     """Tell the one-file-per-band Landsat Collection 2 layout (any ``..._SR_B<n>.TIF``/``_QA_PIXEL.TIF``)."""
-    return any(_LANDSAT_BAND.match(f.name) for f in files)
+    return any(_LANDSAT_BAND.match(f.name) or _LANDSAT_L1_BAND.match(f.name) for f in files)
 
 
 def open_files(
@@ -192,6 +244,11 @@ def open_files(
     crop_to_common: bool = False,
     sensor: str | None = None,
     chunks: int | None = IMPORT_CHUNK,
+    align: str | None = None,
+    nodata: float | None = None,
+    dates: Sequence[Any] | None = None,
+    bands_per_date: int | None = None,
+    variables: Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Read a folder, glob or list of GeoTIFF/NetCDF files into a validated (lazy) cube through :func:`open_stack`.
 
@@ -206,7 +263,16 @@ def open_files(
         As :func:`open_stack`. Landsat layout: ``QA_PIXEL`` is the QA band (``landsat-c2``); the scale and
         offset default to :data:`LANDSAT_C2_SR` where the files declare none.
     dates_from : str
-        ``name`` (each file name's date, :func:`date_from_name`) or ``csv:PATH`` (rows ``file,date``).
+        ``name`` (each file name's date, :func:`date_from_name`), ``csv:PATH`` (rows ``file,date``) or ``time``
+        (the time axis of a NetCDF file's first variable, :func:`netcdf_times`; the default with ``variables``).
+    align, nodata
+        As :func:`open_stack`: ``align="first"`` resamples every date onto the first date's grid.
+    dates, bands_per_date
+        One file holding every date, its bands date-major (``bands_per_date`` bands per date): the dates, in
+        the file's order.
+    variables : sequence of str, optional
+        One NetCDF file of one ``(time, y, x)`` variable per band: the variables (``bands``, ``qa_band`` count
+        within them); the dates are the file's time axis unless ``dates`` are given.
     sensor : str, optional
         Recorded per date; default ``LANDSAT_<n>`` from Landsat names, else ``OTHER``.
     chunks : int, optional
@@ -232,16 +298,40 @@ def open_files(
                 "leave out --bands, --mask-band and --qa-band"
             )
         return _open_landsat(
-            files, dates_from=dates_from, scale=scale, offset=offset, crop=crop_to_common, sensor=sensor, chunks=chunks
+            files,
+            dates_from=dates_from,
+            scale=scale,
+            offset=offset,
+            crop=crop_to_common,
+            sensor=sensor,
+            chunks=chunks,
+            align=align,
+            nodata=nodata,
         )
     if bands is None:
         raise ArgumentError("give the band positions (--bands blue=1,green=2,red=3,nir=4) of these files")
-    dates = _file_dates(files, dates_from)
-    ordered = sorted(files, key=lambda f: (dates[f], f.name))
-    _refuse_repeated_dates([(dates[f], f) for f in ordered])
+    single: dict[str, Any] = {"align": align, "nodata": nodata, "chunks": chunks, "sensor": sensor or "OTHER"}
+    single.update(scale=scale, offset=offset, mask_band=mask_band, cloud_values=cloud_values, qa_band=qa_band, qa=qa)
+    if variables or dates is not None or bands_per_date is not None:
+        if len(files) != 1:
+            raise ArgumentError(
+                f"{len(files)} files given: dates (--dates), bands per date (--bands-per-date) and variables "
+                "(--variables) are for one file holding every date"
+            )
+        if variables:
+            if dates is None and dates_from not in ("name", "time"):
+                raise ArgumentError("the dates of a NetCDF file's variables come from its time axis, or --dates")
+            dates = dates if dates is not None else netcdf_times(files[0], variables[0])
+            return open_stack(files[0], dates=dates, bands=bands, variable=list(variables), **single)
+        if dates is None:
+            raise ArgumentError(f"{files[0].name} holds every date: give its dates (--dates, in the file's order)")
+        return open_stack(files[0], dates=dates, bands=bands, bands_per_date=bands_per_date, **single)
+    named = _file_dates(files, dates_from)
+    ordered = sorted(files, key=lambda f: (named[f], f.name))
+    _refuse_repeated_dates([(named[f], f) for f in ordered])
     return open_stack(
         ordered,
-        dates=[dates[f] for f in ordered],
+        dates=[named[f] for f in ordered],
         bands=bands,
         scale=scale,
         offset=offset,
@@ -252,6 +342,8 @@ def open_files(
         sensor=sensor or "OTHER",
         crop_to_common=crop_to_common,
         chunks=chunks,
+        align=align,
+        nodata=nodata,
     )
 
 
@@ -272,12 +364,20 @@ def _open_landsat(
     crop: bool,
     sensor: str | None,
     chunks: int | None,
+    align: str | None = None,
+    nodata: float | None = None,
 ) -> xr.Dataset:
-    """Group Landsat Collection 2 band files by scene and read each scene's B/G/R/NIR (+ QA_PIXEL) as one date."""
+    """Group Landsat band files by scene and read each scene's B/G/R/NIR (+ QA) as one date.
+
+    Collection 2 Level-2 ``SR_B<n>`` (+ ``QA_PIXEL``), or Level-1 ``B<n>`` (+ ``BQA``, Collection 1, or
+    ``QA_PIXEL``), whichever the first band file is.
+    """
+    level1 = not any(_LANDSAT_BAND.match(f.name) for f in files)
+    pattern = _LANDSAT_L1_BAND if level1 else _LANDSAT_BAND
     scenes: dict[str, dict[str, Path]] = {}
     missions: dict[str, str] = {}
     for path in files:
-        match = _LANDSAT_BAND.match(path.name)
+        match = pattern.match(path.name)
         if match is None and _LANDSAT_OTHER.match(path.name):
             continue  # the scene's other files: thermal, QA_RADSAT, SR_QA_AEROSOL, ...
         if match is None:
@@ -292,10 +392,12 @@ def _open_landsat(
     scene_dates = {scene: dates[next(iter(bands.values()))] for scene, bands in scenes.items()}
     order = sorted(scenes, key=lambda scene: (scene_dates[scene], scene))
     _refuse_repeated_dates([(scene_dates[s], Path(s)) for s in order])
-    with_qa = [s for s in order if "QA_PIXEL" in scenes[s]]
+    qa_name = "BQA" if level1 and any("BQA" in scenes[s] for s in order) else "QA_PIXEL"
+    with_qa = [s for s in order if qa_name in scenes[s]]
     groups, sensors = [], []
     for scene in order:
-        needed = list(_LANDSAT_SR_BANDS[missions[scene]]) + (["QA_PIXEL"] if with_qa else [])
+        needed = list((_LANDSAT_L1_BANDS if level1 else _LANDSAT_SR_BANDS)[missions[scene]])
+        needed += [qa_name] if with_qa else []
         absent = [band for band in needed if band not in scenes[scene]]
         if absent:
             found = ", ".join(sorted(scenes[scene]))
@@ -305,7 +407,7 @@ def _open_landsat(
             )
         groups.append([scenes[scene][band] for band in needed])
         sensors.append(sensor or f"LANDSAT_{int(missions[scene])}")
-    if scale is None and offset is None and not _declares_scale(groups[0][0]):
+    if scale is None and offset is None and not level1 and not _declares_scale(groups[0][0]):
         scale, offset = LANDSAT_C2_SR
     return open_stack(
         groups,
@@ -314,10 +416,12 @@ def _open_landsat(
         scale=scale,
         offset=offset,
         qa_band=5 if with_qa else None,
-        qa="landsat-c2",
+        qa="landsat-c1" if qa_name == "BQA" else "landsat-c2",
         sensor=sensors,
         crop_to_common=crop,
         chunks=chunks,
+        align=align,
+        nodata=nodata,
     )
 
 

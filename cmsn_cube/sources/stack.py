@@ -320,13 +320,14 @@ def open_stack(
     nodata: float | None = None,
     mask_band: int | None = None,
     cloud_values: Sequence[int] = (),
-    variable: str | None = None,
+    variable: str | Sequence[str] | None = None,
     sensor: str | Sequence[str] = "OTHER",
     source: str | None = None,
     crop_to_common: bool = False,
     qa_band: int | None = None,
     qa: str = "landsat-c2",
     chunks: int | None = None,
+    align: str | None = None,
 ) -> xr.Dataset:
     """Read a GeoTIFF/NetCDF time stack into a validated cube.
 
@@ -357,8 +358,10 @@ def open_stack(
         ``cloud_values`` are cloud (``cloud_mask``). Without it the cube has an all-clear ``cloud_mask``.
     cloud_values : sequence of int
         Values of ``mask_band`` that mean cloud (or cloud shadow).
-    variable : str, optional
-        The variable of a NetCDF file that holds the bands.
+    variable : str or sequence of str, optional
+        The variable of a NetCDF file that holds the bands; or, for one NetCDF file of one variable per band
+        (``B2``, ``B3``, ``B4``, ``B8``, ``SCL``, each ``(time, y, x)``), the variables, in order: each date's
+        bands are then these variables at that date (``bands`` and ``qa_band`` count within them).
     sensor : str or sequence of str
         Sensor name recorded for every date, or one per date.
     source : str, optional
@@ -377,6 +380,11 @@ def open_stack(
         Read lazily in tiles of ``chunks`` x ``chunks`` px (:func:`read_raster`): the cube is Dask-backed and
         :func:`cmsn_cube.store.write_cube` streams it; the files are read once more to check the reflectance
         range. Default: read everything into memory.
+    align : {None, "first"}
+        ``"first"``: dates on different grids (origins or pixel sizes apart, even another CRS) are resampled onto
+        the first date's grid (rioxarray ``reproject_match``: bilinear for reflectance, nearest for ``mask_band``
+        and ``qa_band``), then cropped to the pixels every date covers. Each date is read into memory to be
+        resampled. Default: dates on different grids are refused.
 
     Returns
     -------
@@ -406,8 +414,19 @@ def open_stack(
         raise BandMismatchError("give mask_band (with cloud_values) or qa_band (with qa), not both")
     if qa not in QA_KINDS:
         raise BandMismatchError(f"qa must be one of {list(QA_KINDS)}, got {qa!r}")
+    if align not in (None, "first"):
+        raise GridError(f"align must be None or 'first', got {align!r}")
+    categorical = {p for p in (mask_band, qa_band) if p is not None}
     per_date, names = _read_dates(
-        files, len(dates), bands_per_date, variable=variable, crop_to_common=crop_to_common, chunks=chunks
+        files,
+        len(dates),
+        bands_per_date,
+        variable=variable,
+        crop_to_common=crop_to_common,
+        chunks=chunks,
+        align=align,
+        categorical=categorical,
+        nodata=nodata,
     )
     _check_positions(bands, mask_band if qa_band is None else qa_band, count=per_date[0].sizes["band"])
     qa_pixel, cloud_mask = (
@@ -463,14 +482,117 @@ def _read_dates(
     n_dates: int,
     bands_per_date: int | None,
     *,
-    variable: str | None,
+    variable: str | Sequence[str] | None,
     crop_to_common: bool,
     chunks: int | None = None,
+    align: str | None = None,
+    categorical: set[int] | None = None,
+    nodata: float | None = None,
 ) -> tuple[list[xr.DataArray], list[Path]]:
     """Read the files and return each date's ``(band, y, x)`` raster and file, the dates checked to share a grid.
 
-    A date of several files is named by its first.
+    A date of several files is named by its first. ``align="first"``: resampled onto the first date's grid
+    (:func:`_aligned`), ``categorical`` band positions by nearest neighbour.
     """
+    if variable is not None and not isinstance(variable, str):
+        per_date, names = _read_variables(groups, list(variable), n_dates)
+    else:
+        per_date, names = _read_per_date(groups, n_dates, bands_per_date, variable=variable, chunks=chunks)
+    if align == "first":
+        per_date = _aligned(per_date, names, categorical or set(), nodata=nodata)
+    if crop_to_common:
+        height, width = (min(r.sizes[dim] for r in per_date) for dim in ("y", "x"))
+        per_date = [r.isel(y=slice(0, height), x=slice(0, width)) for r in per_date]
+    _check_one_grid(per_date, names, bands_per_date if variable is None or isinstance(variable, str) else None)
+    return per_date, names
+
+
+def _read_variables(
+    groups: list[list[Path]], variables: list[str], n_dates: int
+) -> tuple[list[xr.DataArray], list[Path]]:
+    """Read one NetCDF file of one ``(time, y, x)`` variable per band; return each date's ``(band, y, x)`` raster."""
+    if len(groups) != 1 or len(groups[0]) != 1:
+        raise BandMismatchError("several variables (one per band) are read from one NetCDF file, not several files")
+    path = groups[0][0]
+    layers = [read_raster(path, variable=name) for name in variables]
+    check_one_grid(layers, [path] * len(layers))
+    for name, layer in zip(variables, layers, strict=True):
+        if layer.sizes["band"] != n_dates:
+            raise MissingDateError(f"{path.name}: variable {name} has {layer.sizes['band']} dates, {n_dates} given")
+    first = layers[0]
+    on_first = [layer.assign_coords(x=first["x"], y=first["y"]) for layer in layers]
+    per_date = []
+    for t in range(n_dates):
+        joined = xr.concat(
+            [layer.isel(band=[t]) for layer in on_first], dim="band", coords="minimal", compat="override",
+            combine_attrs="override",
+        )  # fmt: skip
+        per_date.append(joined.assign_coords(band=np.arange(1, len(variables) + 1)))
+    return per_date, [path] * n_dates
+
+
+def _aligned(
+    per_date: list[xr.DataArray], names: list[Path], categorical: set[int], *, nodata: float | None
+) -> list[xr.DataArray]:
+    """Return every date resampled onto the first date's grid and cropped to the pixels every date covers.
+
+    Reflectance bands become float64 (no data NaN, bilinear); ``categorical`` positions (masks, QA) keep their
+    values (nearest) as float64; ``attrs["source_dtype"]`` keeps the files' type for the later checks.
+    """
+    from rasterio.enums import Resampling
+
+    first = per_date[0]
+    crs = first.rio.crs
+    if crs is None:
+        raise MissingCRSError(f"{names[0].name} has no CRS")
+    transform = first.rio.transform()
+    height, width = first.sizes["y"], first.sizes["x"]
+    rows, cols = [0, height], [0, width]
+    aligned = []
+    for raster in per_date:
+        dtype = np.dtype(raster.attrs.get("source_dtype", raster.dtype))
+        scales, offsets = raster["declared_scale"].values, raster["declared_offset"].values
+        raster = raster.load()
+        same = (
+            raster.rio.crs == crs
+            and raster.shape[-2:] == first.shape[-2:]
+            and grid_mismatch(transform, raster.rio.transform(), (height, width)) is None
+        )
+        left, bottom, right, top = raster.rio.transform_bounds(crs) if raster.rio.crs != crs else raster.rio.bounds()
+        inverse = ~transform
+        (c0, r0), (c1, r1) = inverse * (left, top), inverse * (right, bottom)
+        c0, c1, r0, r1 = min(c0, c1), max(c0, c1), min(r0, r1), max(r0, r1)
+        cols = [max(cols[0], int(np.ceil(c0 - GRID_TOLERANCE_PX))), min(cols[1], int(np.floor(c1 + GRID_TOLERANCE_PX)))]
+        rows = [max(rows[0], int(np.ceil(r0 - GRID_TOLERANCE_PX))), min(rows[1], int(np.floor(r1 + GRID_TOLERANCE_PX)))]
+        missing = raster.rio.nodata if nodata is None else nodata
+        bands = []
+        for position in range(1, raster.sizes["band"] + 1):
+            band = raster.isel(band=[position - 1]).drop_vars(["declared_scale", "declared_offset"], errors="ignore")
+            values = band.astype("float64")
+            if position not in categorical and missing is not None and np.isfinite(missing):
+                values = values.where(band != missing)
+            values = values.rio.write_nodata(np.nan, encoded=False).rio.write_crs(raster.rio.crs)
+            if same:
+                values = values.assign_coords(x=first["x"], y=first["y"])
+            else:
+                resampling = Resampling.nearest if position in categorical else Resampling.bilinear
+                values = values.rio.reproject_match(first, resampling=resampling, nodata=np.nan)
+            bands.append(values)
+        joined = xr.concat(bands, dim="band", coords="minimal", compat="override", combine_attrs="override")
+        joined = joined.assign_coords(
+            band=np.arange(1, len(bands) + 1), declared_scale=("band", scales), declared_offset=("band", offsets)
+        )
+        joined.attrs["source_dtype"] = str(dtype)
+        aligned.append(joined.rio.write_nodata(np.nan, encoded=False))
+    if rows[1] <= rows[0] or cols[1] <= cols[0]:
+        raise GridError(f"the dates of {names[0].name} ... {names[-1].name} have no pixel in common")
+    return [r.isel(y=slice(*rows), x=slice(*cols)) for r in aligned]
+
+
+def _read_per_date(
+    groups: list[list[Path]], n_dates: int, bands_per_date: int | None, *, variable: str | None, chunks: int | None
+) -> tuple[list[xr.DataArray], list[Path]]:
+    """Read one file of every date, or one file (or group of files) per date; return each date's raster."""
     rasters = [_read_group(group, variable=variable, chunks=chunks) for group in groups]
     files = [group[0] for group in groups]
     if len(files) == 1 and len(groups[0]) == 1:
@@ -490,10 +612,6 @@ def _read_dates(
         if len(files) != n_dates:
             raise MissingDateError(f"{len(files)} files for {n_dates} dates: give one date per file")
         per_date, names = rasters, files
-    if crop_to_common:
-        height, width = (min(r.sizes[dim] for r in per_date) for dim in ("y", "x"))
-        per_date = [r.isel(y=slice(0, height), x=slice(0, width)) for r in per_date]
-    _check_one_grid(per_date, names, bands_per_date)
     return per_date, names
 
 
@@ -552,12 +670,17 @@ def _reflectance(
                 _refuse_unscaled(path, raster.dtype, (low, high))
     spans = [span for span in ranges if span is not None]
     span = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
-    _check_reflectance(span, names, dtype=per_date[0].dtype, formula=scaled[0][1])
+    _check_reflectance(span, names, dtype=_dn_dtype(per_date[0]), formula=scaled[0][1])
     if any(_is_dask(a) for a in arrays):
         import dask.array as da
 
         return da.stack(arrays)
     return np.stack(arrays)
+
+
+def _dn_dtype(raster: xr.DataArray) -> np.dtype:
+    """Return the type of the files' values (a resampled raster's ``attrs["source_dtype"]``, else its own)."""
+    return np.dtype(raster.attrs.get("source_dtype", raster.dtype))
 
 
 def _is_dask(array: Any) -> bool:
@@ -624,9 +747,9 @@ def _scaled(
     unscaled_offset = None
     if factors is None:
         # only float reflectance needs no scale; integers are scaled digital numbers of some product
-        if values.dtype.kind != "f":
+        if _dn_dtype(raster).kind != "f":
             kept = xp.where(missing, np.nan, values.astype(np.float64))
-            _refuse_unscaled(path, values.dtype, _finite_ranges([kept])[0])
+            _refuse_unscaled(path, _dn_dtype(raster), _finite_ranges([kept])[0])
         factors = np.ones(raster.sizes["band"]), np.full(raster.sizes["band"], float(offset or 0.0))
         unscaled_offset = float(offset or 0.0)
     scales, offsets = factors
@@ -736,8 +859,10 @@ def _decoded_qa(per_date: list[xr.DataArray], qa_band: int, kind: str) -> tuple[
     words = [
         r.isel(band=qa_band - 1).drop_vars(["declared_scale", "declared_offset"], errors="ignore") for r in per_date
     ]
-    if any(w.dtype.kind not in "iu" for w in words):
+    if any(_dn_dtype(w).kind not in "iu" for w in words):
         raise BandMismatchError(f"band {qa_band} holds {words[0].dtype} values, not {kind} quality codes")
+    # resampled (align="first") codes are float64 holding the file's integers, NaN outside: back to integers
+    words = [w if w.dtype.kind in "iu" else w.fillna(0).astype(_dn_dtype(w)) for w in words]
     if kind == "landsat-c2":
         qa_pixel = [w.astype("uint16") for w in words]
         return _stacked([w.data for w in qa_pixel]), _stacked([cloud_mask_from_qa(w).data for w in qa_pixel])
