@@ -209,3 +209,17 @@ def test_a_forced_classical_method_is_named_not_the_network(scene, tmp_path):
     run = CliRunner().invoke(main, ["reconstruct", store, str(tmp_path / "o.zarr"), "--method", "regression"])
     assert run.exit_code == 0 and "(regression, no network)" in run.output and "cmsn-small" not in run.output
     assert "gap_pixels" in run.output
+
+
+def test_scores_give_band_mean_and_pooled_psnr_and_the_pixels_they_rest_on():
+    from cmsn_cube.selfcheck import combine_samples
+
+    truth = np.full((4, 500), 0.2)
+    errors = np.array([0.01, 0.01, 0.01, 0.04])[:, None]  # one band much worse: the two PSNRs differ
+    filled = {method: truth + errors for method in METHODS}
+    scores = combine_samples([(1, filled, truth), None], n_dates=3)
+    row = dict(zip(METRICS, scores[1, 0], strict=True))
+    assert row["pixels"] == 500 and np.isnan(scores[0, 0, METRICS.index("psnr_db")])  # date 0: nothing hidden
+    np.testing.assert_allclose(row["psnr_db"], np.mean(20 * np.log10(1 / errors[:, 0])), atol=1e-6)
+    np.testing.assert_allclose(row["psnr_pooled_db"], 10 * np.log10(1 / np.mean(errors**2)), atol=1e-6)
+    assert row["psnr_pooled_db"] < row["psnr_db"] - 3
