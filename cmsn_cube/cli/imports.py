@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from cmsn_cube.cli.group import main
-from cmsn_cube.cli.options import COUNT
+from cmsn_cube.cli.options import COUNT, SeparatedList
 
 #: The four bands ``--bands`` must name.
 _BAND_NAMES = ("blue", "green", "red", "nir")
@@ -41,21 +41,6 @@ class BandMap(click.ParamType):
         return pairs
 
 
-class IntList(click.ParamType):
-    """Comma-separated integers: ``--cloud-values 3,8,9,10``."""
-
-    name = "ints"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
-        """Return ``value`` as a tuple of ints."""
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(int(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not comma-separated integers", param, ctx)
-
-
 class Number(click.ParamType):
     """A number, or a fraction: ``--scale 1/255``, ``--scale 2.75e-5``."""
 
@@ -73,18 +58,6 @@ class Number(click.ParamType):
         return number
 
 
-class TextList(click.ParamType):
-    """Comma-separated words: ``--variables B2,B3,B4,B8,SCL``, ``--dates 2018-04-29,2018-05-13``."""
-
-    name = "list"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
-        """Return ``value`` as a tuple of its non-empty items."""
-        if isinstance(value, tuple):
-            return value
-        return tuple(v.strip() for v in str(value).split(",") if v.strip())
-
-
 @main.command("import")
 @click.argument("inputs", nargs=-1, required=True, metavar="FILES_OR_GLOB...")
 @click.argument("out", metavar="OUT.zarr")
@@ -96,7 +69,10 @@ class TextList(click.ParamType):
 )
 @click.option("--mask-band", type=COUNT, default=None, help="Position of a cloud-mask band in each file.")
 @click.option(
-    "--cloud-values", type=IntList(), default=None, help="Values of --mask-band that are cloud, e.g. 1 or 3,8,9,10."
+    "--cloud-values",
+    type=SeparatedList(int, kind="integers"),
+    default=None,
+    help="Values of --mask-band that are cloud, e.g. 1 or 3,8,9,10.",
 )
 @click.option("--qa-band", type=COUNT, default=None, help="Position of a quality band in each file, decoded as --qa.")
 @click.option(
@@ -115,14 +91,14 @@ class TextList(click.ParamType):
 @click.option(
     "--dates",
     "date_list",
-    type=TextList(),
+    type=SeparatedList(),
     default=None,
     help="One file of every date (--bands-per-date): its dates in the file's order, 2018-04-29,2018-05-13,...",
 )
 @click.option("--bands-per-date", type=COUNT, default=None, help="One file of every date: bands of each date.")
 @click.option(
     "--variables",
-    type=TextList(),
+    type=SeparatedList(),
     default=None,
     help="One NetCDF file of one (time, y, x) variable per band: B2,B3,B4,B8,SCL (--bands counts within them).",
 )

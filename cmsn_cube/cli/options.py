@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-__all__ = ["COUNT", "POSITIVE", "SEED", "FloatList", "device_option", "workers_option"]
+__all__ = ["COUNT", "POSITIVE", "SEED", "FloatList", "SeparatedList", "device_option", "workers_option"]
 
 #: Click types of the numeric options: counts and sizes at least 1, rates above 0, seeds at least 0 (numpy's
 #: generators refuse negative seeds).
@@ -24,28 +24,35 @@ def workers_option(*, default: int | None, help: str) -> Any:
     return click.option("--workers", type=COUNT, default=default, help=help)
 
 
-class FloatList(click.ParamType):
-    """Comma-separated floats: ``W,S,E,N`` for --bbox, ``0.25,0.15,0.10`` for --levels.
+class SeparatedList(click.ParamType):
+    """Comma-separated values of one type: ``W,S,E,N`` for --bbox, ``3,8,9,10`` for --cloud-values.
 
     Parameters
     ----------
+    cast : callable
+        Turns each item into a value (``float``, ``int``, ``str``); a ValueError names the option.
     count : int, optional
         The number of values required; any number when None.
+    kind : str
+        What the items are, for the error message.
     """
 
-    name = "floats"
+    def __init__(self, cast: Any = str, count: int | None = None, *, kind: str = "words") -> None:
+        self.cast, self.count, self.kind, self.name = cast, count, kind, kind
 
-    def __init__(self, count: int | None = None) -> None:
-        self.count = count
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
-        """Return ``value`` (``"1,2,3"``, or a tuple already converted) as a tuple of floats."""
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        """Return ``value`` (``"1,2,3"``, or a tuple already converted) as a tuple of its items."""
         if isinstance(value, tuple):
             return value
         try:
-            values = tuple(float(v) for v in str(value).split(",") if v.strip())
+            values = tuple(self.cast(v.strip()) for v in str(value).split(",") if v.strip())
         except ValueError:
-            self.fail(f"{value!r} is not comma-separated numbers", param, ctx)
+            self.fail(f"{value!r} is not comma-separated {self.kind}", param, ctx)
         if self.count is not None and len(values) != self.count:
-            self.fail(f"{value!r} must have {self.count} comma-separated numbers (W,S,E,N in degrees)", param, ctx)
+            self.fail(f"{value!r} must have {self.count} comma-separated {self.kind}", param, ctx)
         return values
+
+
+def FloatList(count: int | None = None, *, kind: str = "numbers") -> SeparatedList:  # noqa: N802 - a type's name
+    """Comma-separated numbers: ``W,S,E,N`` for --bbox, ``0.25,0.15,0.10`` for --levels."""
+    return SeparatedList(float, count, kind=kind)

@@ -15,7 +15,9 @@ from cmsn_cube.cli.options import COUNT, POSITIVE, FloatList
 @click.option(
     "--config", type=click.Path(path_type=Path), default=None, help="Regions file (default: the packaged regions)."
 )
-@click.option("--bbox", type=FloatList(4), help="W,S,E,N in degrees (instead of --region).")
+@click.option(
+    "--bbox", type=FloatList(4, kind="numbers (W,S,E,N in degrees)"), help="W,S,E,N in degrees (instead of --region)."
+)
 @click.option("--start", help="First day, e.g. 2013-04-15 (with --bbox).")
 @click.option("--end", help="Last day, included (with --bbox).")
 @click.option(
