@@ -415,13 +415,11 @@ def fit(
         sources=sources, augment=augment, out=out, overwrite=overwrite, device=device, progress=progress,
     )  # fmt: skip
     from cmsn_cube.model.checkpoint import claim_checkpoint
-    from cmsn_cube.outputs import exclusive_writer
+    from cmsn_cube.outputs import claimed_output
 
     if out is None:
         return _fit(cube_or_store, model, options)
-    path = claim_checkpoint(out, overwrite=overwrite)  # before any work
-    with exclusive_writer(path):
-        claim_checkpoint(path, overwrite=overwrite)  # again, now that it is ours
+    with claimed_output(out, lambda: claim_checkpoint(out, overwrite=overwrite)):  # before any work
         return _fit(cube_or_store, model, options)
 
 

@@ -56,10 +56,10 @@ DEMO_FILES = (
 
 def _root_attrs_of(path: str | Path) -> dict[str, Any]:
     """Return the root attributes of the Zarr store at ``path`` ({} where it is none or unreadable)."""
-    import zarr
+    from cmsn_cube.store import root_attrs
 
     try:
-        return dict(zarr.open_group(str(path), mode="r").attrs)
+        return root_attrs(path)
     except Exception:  # not a store, or a damaged one: it is not the demo's
         return {}
 
@@ -186,13 +186,11 @@ def run_demo(
     DemoResult
         Paths of the store, the reconstruction, the figures and ``report.md``, and what the demo measured.
     """
-    from cmsn_cube.outputs import exclusive_writer
+    from cmsn_cube.outputs import claimed_output
 
     out = Path(out_dir)
     store_path = str(store or Path("stores") / "demo.zarr")
-    claim_demo_folder(out, store=store_path, overwrite=overwrite)
-    with exclusive_writer(out):
-        claim_demo_folder(out, store=store_path, overwrite=overwrite)  # again, now that the folder is ours
+    with claimed_output(out, lambda: claim_demo_folder(out, store=store_path, overwrite=overwrite)):
         return _run_demo(
             out, store_path, size=size, seed=seed, model=model, adapt_seconds=adapt_seconds, workers=workers, echo=echo
         )

@@ -20,7 +20,7 @@ import xarray as xr
 
 from cmsn_cube.cube import BANDS, crs_of
 from cmsn_cube.exceptions import CubeValidationError, MissingCRSError
-from cmsn_cube.outputs import claim_folder, exclusive_writer
+from cmsn_cube.outputs import claim_folder, claimed_output
 
 #: The layers written per date: variable, band descriptions, nodata.
 LAYERS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
@@ -65,9 +65,10 @@ def to_cogs(
         raise MissingCRSError("the reconstruction has no CRS; GeoTIFFs need one (cmsn_cube.cube.set_crs)")
     days = [str(np.datetime_as_string(t, unit="D")) for t in result["time"].values]
     names = {(day, layer): f"{day}_{layer}.tif" for day in days for layer in LAYERS}
-    folder = claim_folder(folder, names.values(), overwrite=overwrite, what="export folder")
-    with exclusive_writer(folder):
-        claim_folder(folder, names.values(), overwrite=overwrite, what="export folder")  # again, now it is ours
+    folder = Path(os.path.expanduser(os.fspath(folder)))
+    with claimed_output(
+        folder, lambda: claim_folder(folder, names.values(), overwrite=overwrite, what="export folder")
+    ):
         folder.mkdir(parents=True, exist_ok=True)
         paths = {key: folder / name for key, name in names.items()}
         return _write_dates(result, days, paths, crs=crs, progress=progress)

@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cmsn_cube.exceptions import OutputExistsError, OutputLockedError, StoreError
@@ -154,6 +154,19 @@ def exclusive_writer(path: str | os.PathLike[str]) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()  # before the unlock: a waiting opener then sees another inode and retries
         os.close(descriptor)  # releases the flock
+
+
+@contextlib.contextmanager
+def claimed_output(path: str | os.PathLike[str], claim: Callable[[], object]) -> Iterator[None]:
+    """Run ``claim`` (a check such as :func:`claim_folder`), then hold ``path``'s lock for the block.
+
+    ``claim`` runs before the lock, so a refusal comes before any work and leaves no lock file, and again once the
+    lock is held: another run may have written the output in between.
+    """
+    claim()
+    with exclusive_writer(path):
+        claim()
+        yield
 
 
 def _acquire(lock: Path, *, output: str) -> int:

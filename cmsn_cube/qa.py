@@ -102,6 +102,26 @@ def cloud_mask_from_qa(
     return mask.rename("cloud_mask").assign_attrs(flags=",".join(flags), long_name="cloud mask")
 
 
+#: Sentinel-2 scene classes (SCL) that hide the ground: 3 cloud shadow, 8/9 cloud of medium/high probability,
+#: 10 thin cirrus (11 snow is ground).
+SCL_CLOUD_CLASSES: tuple[int, ...] = (3, 8, 9, 10)
+
+
+def cloud_mask_from_scl(scl: xr.DataArray) -> xr.DataArray:
+    """Return True where a Sentinel-2 scene class is one of :data:`SCL_CLOUD_CLASSES`."""
+    return scl.isin(list(SCL_CLOUD_CLASSES))
+
+
+def cloud_mask_from_bqa_collection1(bqa: xr.DataArray) -> xr.DataArray:
+    """Return True where a Landsat Collection 1 ``BQA`` word flags cloud.
+
+    Cloud (bit 4), or high-confidence cloud shadow (bits 7-8) or cirrus (bits 11-12); never on fill (bit 0).
+    """
+    cloud = ((bqa >> 4) & 1) == 1
+    shadow, cirrus = ((bqa >> 7) & 3) == 3, ((bqa >> 11) & 3) == 3
+    return (cloud | shadow | cirrus) & ((bqa & 1) == 0)
+
+
 def add_cloud_mask(ds: xr.Dataset, **options: object) -> xr.Dataset:
     """Return ``ds`` with ``cloud_mask`` decoded from ``qa_pixel`` (options as :func:`cloud_mask_from_qa`).
 

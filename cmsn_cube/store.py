@@ -329,10 +329,11 @@ def _set_attrs(path: str, **attrs: Any) -> None:
         zarr.consolidate_metadata(path)
 
 
-def _root_attrs(path: str) -> dict[str, Any]:
+def root_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the root attributes of the Zarr store at ``path`` (this tool's bookkeeping included)."""
     import zarr
 
-    return dict(zarr.open_group(path, mode="r").attrs)
+    return dict(zarr.open_group(os.fspath(path), mode="r").attrs)
 
 
 def mark_store_complete(path: str, complete: bool = True) -> None:
@@ -375,7 +376,7 @@ def _append_cube(ds: xr.Dataset, path: str, *, progress: bool) -> str:
     if not in_memory:  # in memory, validate_cube checked the values already
         encodable["reflectance"] = _checked_as_written(encodable["reflectance"], path)
     _set_attrs(path, **{COMPLETE_ATTR: False, _APPEND_ATTR: int(existing.sizes["time"])})
-    encodable.attrs = _root_attrs(path)  # xarray writes these back: the flags above must survive the append
+    encodable.attrs = root_attrs(path)  # xarray writes these back: the flags above must survive the append
     try:
         _to_zarr(encodable, path, mode="a", append_dim="time", progress=progress, in_memory=in_memory)
     except BaseException:
@@ -579,10 +580,11 @@ def _incomplete_message(path: str, ds: xr.Dataset) -> str:
     )
 
 
-def check_chunk_files(path: str, *, decode: bool = False) -> None:
+def check_chunk_files(path: str, *, decode: bool = False, remedy: str = "restore the store or write it again") -> None:
     """Raise :class:`StoreError` naming the variable and chunk file of the first chunk missing from the store.
 
     With ``decode``, also the first that cannot be decoded (truncated or corrupt); without, files are only listed.
+    ``remedy`` ends the message: what the caller can do about it.
     """
     import zarr
 
@@ -594,8 +596,7 @@ def check_chunk_files(path: str, *, decode: bool = False) -> None:
             key = array.metadata.encode_chunk_key(index)  # type: ignore[union-attr]
             if key not in present:
                 raise StoreError(
-                    f"store {path} is damaged: chunk {key} of {name!r} (index {index}) is missing; "
-                    "restore the store or write it again"
+                    f"store {path} is damaged: chunk {key} of {name!r} (index {index}) is missing; {remedy}"
                 )
             if decode:
                 try:
@@ -603,7 +604,7 @@ def check_chunk_files(path: str, *, decode: bool = False) -> None:
                 except Exception as error:  # codecs raise many types
                     raise StoreError(
                         f"store {path} is damaged: chunk {name}/{key} cannot be decoded "
-                        f"({type(error).__name__}: {error}); restore the store or write it again"
+                        f"({type(error).__name__}: {error}); {remedy}"
                     ) from error
 
 

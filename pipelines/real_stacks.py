@@ -103,6 +103,7 @@ def romania() -> xr.Dataset:
     import rioxarray
 
     from cmsn_cube.cube import make_cube
+    from cmsn_cube.qa import cloud_mask_from_scl
 
     path = DATA / "s2_nrt_romania" / "sentinel2_cube_subset_romania_10m.nc"
     layers = {
@@ -111,8 +112,7 @@ def romania() -> xr.Dataset:
     }
     days = np.asarray(layers["B2"]["time"].values, dtype=float).astype("timedelta64[D]")  # days since 2015-08-01
     reflectance = np.stack([layers[b].values for b in ("B2", "B3", "B4", "B8")], axis=1).astype("float32") / 1e4
-    # SCL: 0 no data, 3 shadow, 8/9 cloud, 10 cirrus, 11 snow
-    cloud = np.isin(layers["SCL"].values, [0, 3, 8, 9, 10, 11])
+    cloud = cloud_mask_from_scl(layers["SCL"]).values | (layers["SCL"].values == 0)  # 0: no data
     return make_cube(
         reflectance, time=np.datetime64("2015-08-01") + days, y=layers["B2"].y.values, x=layers["B2"].x.values,
         crs="EPSG:3035", sensor="SENTINEL_2", cloud_mask=cloud, source="s2_nrt_romania, Sentinel-2 L2A",

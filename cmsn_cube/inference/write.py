@@ -18,7 +18,7 @@ import xarray as xr
 from cmsn_cube.exceptions import StoreError, check_positive
 from cmsn_cube.inference.graph import Index, compute_regions, computed_chunks, region_graph
 from cmsn_cube.inference.inputs import check_gaps, check_observed
-from cmsn_cube.store import naming_damaged_chunks
+from cmsn_cube.store import check_chunk_files, naming_damaged_chunks
 
 #: Attribute of a reconstruction store: what it was made from (:func:`record`); a resume needs the same.
 RECORD_ATTR = "cmsn_cube_reconstruction"
@@ -124,12 +124,13 @@ def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, ov
     if stored == wanted:
         if attrs.get(COMPLETE_ATTR) is not True:
             return "resume"
-        damage = _damage(path)
-        if damage is None:
-            return "complete"
-        if overwrite:
-            return "replace"
-        raise StoreError(f"{damage}; pass overwrite=True (--overwrite) to write it again")
+        try:  # finished, unless a chunk file went missing since
+            check_chunk_files(path, remedy="pass overwrite=True (--overwrite) to write it again")
+        except StoreError:
+            if overwrite:
+                return "replace"
+            raise
+        return "complete"
     if overwrite:
         return "replace"
     if stored is None:
@@ -140,17 +141,6 @@ def reconstruction_state(result: xr.Dataset, path: str | os.PathLike[str], *, ov
         f"{path} holds a reconstruction with another {', '.join(differs)}; "
         "pass overwrite=True (--overwrite) to replace it, or write to another path"
     )
-
-
-def _damage(path: str) -> str | None:
-    """Say what is missing from a finished store (a deleted chunk file), or ``None`` when nothing is."""
-    from cmsn_cube.store import check_chunk_files
-
-    try:
-        check_chunk_files(path)
-    except StoreError as error:
-        return str(error).split("; restore", 1)[0]
-    return None
 
 
 def write_reconstruction(

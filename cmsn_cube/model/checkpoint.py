@@ -21,7 +21,7 @@ import inspect
 import json
 import os
 import pickle
-import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,30 +74,24 @@ def _card_path(checkpoint_path: Path) -> Path:
     return checkpoint_path.with_suffix(".json")
 
 
-def _umask() -> int:
-    """Return the process's umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write_bytes(path: Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
 
-    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on one file system). The file
-    gets the mode any new file gets (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
+    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on one file system). The file is
+    created with mode ``0o666``, which the kernel narrows by the umask as for any new file (``mkstemp`` would
+    make it private, ``0o600``); reading the umask would mean setting it, a global change.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -848,13 +848,10 @@ QA_KINDS = {
     "scl": "Sentinel-2 scene classes (3 cloud shadow, 8 and 9 cloud, 10 cirrus)",
 }
 
-#: Sentinel-2 Sen2Cor scene classes counted as cloud: 3 cloud shadow, 8 medium and 9 high probability cloud, 10 cirrus.
-SCL_CLOUD_CLASSES = (3, 8, 9, 10)
-
 
 def _decoded_qa(per_date: list[xr.DataArray], qa_band: int, kind: str) -> tuple[Any, Any]:
     """Return the ``(time, y, x)`` ``qa_pixel`` (Collection 2 only, else None) and cloud mask decoded from ``qa_band``."""
-    from cmsn_cube.qa import cloud_mask_from_qa
+    from cmsn_cube.qa import cloud_mask_from_bqa_collection1, cloud_mask_from_qa, cloud_mask_from_scl
 
     words = [
         r.isel(band=qa_band - 1).drop_vars(["declared_scale", "declared_offset"], errors="ignore") for r in per_date
@@ -867,12 +864,8 @@ def _decoded_qa(per_date: list[xr.DataArray], qa_band: int, kind: str) -> tuple[
         qa_pixel = [w.astype("uint16") for w in words]
         return _stacked([w.data for w in qa_pixel]), _stacked([cloud_mask_from_qa(w).data for w in qa_pixel])
     if kind == "landsat-c1":
-        # cloud, or high-confidence cloud shadow (bits 7-8) or cirrus (bits 11-12); fill (bit 0) never
-        masks = [
-            ((((w >> 4) & 1) == 1) | (((w >> 7) & 3) == 3) | (((w >> 11) & 3) == 3)) & ((w & 1) == 0) for w in words
-        ]
-        return None, _stacked([m.data for m in masks])
-    return None, _stacked([w.isin(list(SCL_CLOUD_CLASSES)).data for w in words])
+        return None, _stacked([cloud_mask_from_bqa_collection1(w).data for w in words])
+    return None, _stacked([cloud_mask_from_scl(w).data for w in words])
 
 
 def _stacked(arrays: list[Any]) -> Any:

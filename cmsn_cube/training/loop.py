@@ -285,13 +285,14 @@ def run_training(
     options: TrainOptions,
 ) -> TrainResult:
     """Train as :func:`cmsn_cube.train.train` describes, holding the checkpoint folder's lock for the run."""
-    from cmsn_cube.outputs import exclusive_writer
+    from cmsn_cube.outputs import claimed_output
 
     if options.checkpoint_dir is None:
         return _Run(model_or_config, train_loader, val_loader, options).run()
-    directory = claim_run_folder(options.checkpoint_dir, resume=options.resume, overwrite=options.overwrite)
-    with exclusive_writer(directory):
-        claim_run_folder(directory, resume=options.resume, overwrite=options.overwrite)  # now that it is ours
+    directory = Path(options.checkpoint_dir)
+    with claimed_output(
+        directory, lambda: claim_run_folder(directory, resume=options.resume, overwrite=options.overwrite)
+    ):
         if options.resume and (directory / LAST_CHECKPOINT).is_file():
             check_resumed_data(directory / LAST_CHECKPOINT, options.training_data)
         return _Run(model_or_config, train_loader, val_loader, options).run()
