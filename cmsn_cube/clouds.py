@@ -169,6 +169,7 @@ def simulate_clouds(
     *,
     providers: dict[str, MaskProvider] | None = None,
     sources: Sequence[MaskSource] = DEFAULT_MASK_SOURCES,
+    footprint: int | None = None,
 ) -> tuple[np.ndarray, str]:
     """Choose simulated cloud pixels among ``pasteable`` so that ``n_masked`` + pasted = ``level`` of the image.
 
@@ -190,6 +191,9 @@ def simulate_clouds(
         ``{"store": f, "reference": g}``, each ``f(rng, shape) -> bool mask or None``.
     sources : sequence of str
         Which sources may be used.
+    footprint : int, optional
+        Pixels of the image inside the scene (with data on some date); ``level`` is a fraction of them. Default:
+        the whole image.
 
     Returns
     -------
@@ -198,7 +202,7 @@ def simulate_clouds(
         mask already reaches the level).
     """
     shape = pasteable.shape
-    n_pixels = pasteable.size
+    n_pixels = pasteable.size if footprint is None else footprint
     need = min(int(round(level * n_pixels)) - n_masked, int(pasteable.sum()))
     if need <= 0:
         return np.zeros(shape, dtype=bool), "none"
@@ -279,11 +283,16 @@ def make_scoring_cube(
     level_list = [float(levels)] if np.isscalar(levels) else [float(v) for v in levels]  # type: ignore[arg-type,union-attr]
     reflectance = np.asarray(cube["reflectance"].values, dtype=np.float32)
     cloud = np.asarray(cube["cloud_mask"].values, dtype=bool)
-    masked = cloud | ~np.isfinite(reflectance).all(axis=1)
+    no_data = ~np.isfinite(reflectance).all(axis=1)
+    masked = cloud | no_data
+    # a scene's edge (no data on any date: a tilted Landsat footprint) is not part of the level
+    in_scene = ~no_data.all(axis=0)
     reference = resolve_reference_masks(reference_masks)
     pasted = np.zeros_like(masked)
     for k, t in enumerate(chosen):
-        pasted[t] = _paste_on_date(cloud, masked, t, level_list[k % len(level_list)], seed, sources, reference)
+        pasted[t] = _paste_on_date(
+            cloud, masked, in_scene, t, level_list[k % len(level_list)], seed, sources, reference
+        )
     if not pasted.any() and not (~masked[chosen]).any():
         raise NoDataError("no clear pixel to paste clouds on in the chosen dates: nothing can be scored")
     dims = ("time", "band", "y", "x")
@@ -300,13 +309,17 @@ def make_scoring_cube(
 def _paste_on_date(
     cloud: np.ndarray,
     masked: np.ndarray,
+    in_scene: np.ndarray,
     date: int,
     level: float,
     seed: int,
     sources: Sequence[MaskSource],
     reference: str | None,
 ) -> np.ndarray:
-    """Pasted pixels ``(y, x)`` of one date, drawn with the generator of ``(seed, date)``."""
+    """Pasted pixels ``(y, x)`` of one date, drawn with the generator of ``(seed, date)``.
+
+    ``level`` is a fraction of the pixels ``in_scene`` (with data on some date), and so is what is masked.
+    """
     rng = np.random.default_rng([seed, date])
     library = [other for other in range(cloud.shape[0]) if other != date and is_cloud_shape(cloud[other].mean())]
     providers: dict[str, MaskProvider] = {}
@@ -316,7 +329,13 @@ def _paste_on_date(
     if from_reference is not None:
         providers["reference"] = from_reference
     pasted, _ = simulate_clouds(
-        ~masked[date], int(masked[date].sum()), level, rng, providers=providers, sources=sources
+        ~masked[date],
+        int((masked[date] & in_scene).sum()),
+        level,
+        rng,
+        providers=providers,
+        sources=sources,
+        footprint=int(in_scene.sum()),
     )
     return pasted
 

@@ -73,3 +73,53 @@ def test_regression_recovers_a_linear_relation():
     cloud[1, 10:20, 10:20] = True
     result = regression(_cube(values, cloud), window=11)
     np.testing.assert_allclose(result.values[1][:, 10:20, 10:20], values[1][:, 10:20, 10:20], atol=1e-5)
+
+
+def _gradient_scene(n_dates: int, size: int = 64, seed: int = 0):
+    """Dates that are gains and offsets of one textured image, per band, plus independent noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.05, 0.45, size=(4, size, size))
+    gains = rng.uniform(0.7, 1.3, size=(n_dates, 4, 1, 1))
+    offsets = rng.uniform(-0.03, 0.03, size=(n_dates, 4, 1, 1))
+    return gains * base + offsets
+
+
+def test_regression_takes_the_helpers_that_fit_over_a_nearer_one_that_does_not():
+    from cmsn_cube.baselines import regress
+
+    values = _gradient_scene(5)
+    rng = np.random.default_rng(1)
+    values[1] = rng.uniform(0.05, 0.45, size=values[1].shape)  # the nearest date: unrelated to the target
+    gap = np.zeros(values.shape[:1] + values.shape[2:], dtype=bool)
+    gap[0, 20:40, 20:40] = True
+    filled = regress(values, gap, np.array([0.0, 5, 30, 60, 90]), best=3)
+    error = np.abs(filled.values[0][:, gap[0]] - values[0][:, gap[0]])
+    # three of the four helpers are exact gains and offsets of the target: the unrelated one gets no weight
+    assert error.max() < 1e-4
+    assert np.isnan(filled.values[1:]).all()  # no other date had a gap
+
+
+def test_regression_reaches_the_one_date_of_a_long_series_that_observed_a_pixel():
+    from cmsn_cube.baselines import regress
+
+    values = _gradient_scene(10)
+    gap = np.zeros(values.shape[:1] + values.shape[2:], dtype=bool)
+    gap[:9, 30:34, 30:34] = True  # only the last, farthest date saw this corner
+    filled = regress(values, gap, np.arange(10) * 16.0, targets=[0])
+    assert np.isfinite(filled.values[0][:, gap[0]]).all()
+    np.testing.assert_allclose(filled.values[0][:, gap[0]], values[0][:, gap[0]], atol=1e-4)
+
+
+def test_regression_spread_matches_the_noise_it_could_not_explain():
+    from cmsn_cube.baselines import regress
+
+    values = _gradient_scene(3, size=96)
+    noise = 0.01
+    values[0] += np.random.default_rng(2).normal(0, noise, size=values[0].shape)  # what no helper can predict
+    gap = np.zeros(values.shape[:1] + values.shape[2:], dtype=bool)
+    gap[0, 30:70, 30:70] = True
+    filled = regress(values, gap, np.array([0.0, 16, 32]))
+    sigma = filled.sigma[0][:, gap[0]]
+    z = np.abs(filled.values[0][:, gap[0]] - values[0][:, gap[0]]) / sigma
+    assert np.median(sigma) == pytest.approx(noise, rel=0.15)
+    assert 0.63 < np.mean(z < 1) < 0.74 and 0.93 < np.mean(z < 2) < 0.98  # Gaussian noise: 68 % and 95 %

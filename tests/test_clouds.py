@@ -76,3 +76,17 @@ def test_scoring_cube_marks_pasted_pixels_in_the_qa_bits_and_keeps_the_rest():
         assert pasted_cube[name].encoding["grid_mapping"] == "spatial_ref"
     assert pasted_cube.attrs["pasted_cloud_seed"] == 1
     np.testing.assert_allclose(pasted_cube.attrs["pasted_fraction"], hidden.mean(axis=(1, 2)))
+
+
+def test_scoring_cube_level_counts_the_pixels_inside_the_scene_only():
+    """A tilted Landsat footprint leaves an edge without data on every date: the level is a share of the scene."""
+    from cmsn_cube.clouds import make_scoring_cube
+    from cmsn_cube.testing import tiny_scene
+
+    cube = tiny_scene(size=64, seed=3, cloud_fractions=(0.0, 0.0, 0.0))
+    reflectance = cube["reflectance"].values.copy()
+    reflectance[:, :, :, :24] = np.nan  # 37.5 % of every date: outside the scene
+    cube["reflectance"] = (cube["reflectance"].dims, reflectance)
+    _, _, scored = make_scoring_cube(cube, seed=0, levels=0.25, reference_masks=None)
+    share = scored.values[:, :, 24:].mean(axis=(1, 2))
+    np.testing.assert_allclose(share, 0.25, atol=0.01)
