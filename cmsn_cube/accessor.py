@@ -63,10 +63,13 @@ class CMSNAccessor:
 
         ``date`` (an index or a date; default the cloudiest) is drawn with its two neighbours in time, so a cube
         of any number of dates can be drawn. A Figure (shown inline in a notebook), or a PNG panel written to the
-        path given.
+        path given. On a reconstruction (the output of ``reconstruct()``), a filled date beside its uncertainty
+        (:func:`cmsn_cube.plot.plot_uncertainty`).
         """
-        from cmsn_cube.plot import plot_reconstruction
+        from cmsn_cube.plot import plot_reconstruction, plot_uncertainty
 
+        if "reconstructed" in self._obj and "uncertainty" in self._obj:
+            return plot_uncertainty(self._obj, *args, **options)
         return plot_reconstruction(self._obj, *args, **options)
 
     def cloud_fraction(self) -> xr.DataArray:

@@ -125,29 +125,35 @@ def _box_sums(arrays: np.ndarray, size: int) -> np.ndarray:
 
 
 def _helper_fit(
-    values: np.ndarray, gap: np.ndarray, t: int, s: int, window: int, min_pixels: int
+    values: np.ndarray, gap: np.ndarray, t: int, s: int, wanted: np.ndarray, *, window: int, min_pixels: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict date ``t`` from helper date ``s``: a gain and an offset per band fitted on the pixels clear in both.
 
     The fit is local (the ``window`` around each pixel) where the window holds ``min_pixels`` such pixels and
-    the helper varies there, else the scene's (the image handed in). Returns the prediction and the residual
-    variance of its fit, each ``(band, y, x)`` float64.
+    the helper varies there, else the scene's (the image handed in; fitted only when a ``wanted`` pixel needs
+    it). Returns the prediction and the residual variance of its fit, each ``(band, y, x)`` float32.
     """
     both = ~gap[t] & ~gap[s]
-    x = np.where(both, values[s], 0).astype(np.float64)
-    y = np.where(both, values[t], 0).astype(np.float64)
-    count = np.round(_box_sums(both.astype(np.float64), window))
+    if not both.any():
+        x_centre = y_centre = np.zeros(values.shape[1], dtype=np.float32)
+    else:
+        x_centre, y_centre = values[s][:, both].mean(axis=1), values[t][:, both].mean(axis=1)
+    # centred on the scene's means, float32 sums lose nothing that matters to a window's (co)variance
+    x = np.where(both, values[s] - x_centre[:, None, None], 0).astype(np.float32)
+    y = np.where(both, values[t] - y_centre[:, None, None], 0).astype(np.float32)
+    count = np.round(_box_sums(both.astype(np.float32), window))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_x, mean_y, mean_xx, mean_xy, mean_yy = _box_sums(np.stack([x, y, x * x, x * y, y * y]), window) / count
         var_x, cov = mean_xx - mean_x * mean_x, mean_xy - mean_x * mean_y
         gain = cov / var_x
         residual = np.maximum(mean_yy - mean_y * mean_y - gain * cov, 0)
+        offset = mean_y - gain * mean_x + y_centre[:, None, None] - gain * x_centre[:, None, None]
     local = (count >= min_pixels) & (var_x > 1e-10) & np.isfinite(gain)
-    scene_gain, scene_offset, scene_residual = _scene_fit(values[s][:, both], values[t][:, both])
-    gain = np.where(local, gain, scene_gain[:, None, None])
-    with np.errstate(invalid="ignore"):  # NaN means where the window holds no common pixel: not local
-        offset = np.where(local, mean_y - gain * mean_x, scene_offset[:, None, None])
-    residual = np.where(local, residual, scene_residual[:, None, None])
+    if (wanted & ~local).any():
+        scene_gain, scene_offset, scene_residual = _scene_fit(values[s][:, both], values[t][:, both])
+        gain = np.where(local, gain, scene_gain[:, None, None].astype(np.float32))
+        offset = np.where(local, offset, scene_offset[:, None, None].astype(np.float32))
+        residual = np.where(local, residual, scene_residual[:, None, None].astype(np.float32))
     return gain * values[s] + offset, residual
 
 
@@ -220,7 +226,7 @@ def _regress_date(
         takes = gap[t] & ~gap[s] & (candidates < helpers)
         if not takes.any():
             continue
-        prediction, residual = _helper_fit(values, gap, t, s, window, min_pixels)
+        prediction, residual = _helper_fit(values, gap, t, s, takes, window=window, min_pixels=min_pixels)
         predictions.append(prediction)
         residuals.append(residual)
         usable.append(takes)

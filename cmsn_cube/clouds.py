@@ -286,7 +286,7 @@ def make_scoring_cube(
     no_data = ~np.isfinite(reflectance).all(axis=1)
     masked = cloud | no_data
     # a scene's edge (no data on any date: a tilted Landsat footprint) is not part of the level
-    in_scene = ~no_data.all(axis=0)
+    in_scene = np.asarray(~no_data.all(axis=0))
     reference = resolve_reference_masks(reference_masks)
     pasted = np.zeros_like(masked)
     for k, t in enumerate(chosen):

@@ -1,8 +1,10 @@
 """GeoTIFF/COG export of a reconstruction: what users hand on to QGIS, GDAL and colleagues.
 
 One cloud-optimised GeoTIFF per date and layer: ``<date>_reflectance.tif`` (the four reconstructed bands, named
-``blue, green, red, nir``, NaN = no data), ``<date>_ndvi.tif`` and ``<date>_filled.tif`` (the ``filled`` flags,
-their meanings in the file's tags, with the input store's name, never its path). Each has the reconstruction's
+``blue, green, red, nir``, NaN = no data), ``<date>_ndvi.tif``, ``<date>_filled.tif`` (the ``filled`` flags,
+their meanings in the file's tags, with the input store's name, never its path) and ``<date>_uncertainty.tif``
+(the predicted standard deviation of each filled pixel's error per band, NaN where observed; reconstructions
+written before it have none). Each has the reconstruction's
 CRS and grid, internal overviews and DEFLATE compression. Dates are computed and written one at a time (a full
 scene's date at a time in memory), each file to a temporary name first and moved in, so an interrupted export
 leaves no half-written file under a final name.
@@ -27,7 +29,10 @@ LAYERS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
     "reflectance": ("reconstructed", BANDS, float("nan")),
     "ndvi": ("ndvi", ("ndvi",), float("nan")),
     "filled": ("filled", ("filled",), None),
+    "uncertainty": ("uncertainty", BANDS, float("nan")),
 }
+#: Layers a reconstruction written by an earlier release may lack: skipped, not refused.
+OPTIONAL_LAYERS = ("uncertainty",)
 
 
 def to_cogs(
@@ -57,14 +62,15 @@ def to_cogs(
     OutputLockedError
         Another export into ``folder`` is running.
     """
-    missing = [variable for variable, _, _ in LAYERS.values() if variable not in result]
-    if missing:
+    missing = [variable for layer, (variable, _, _) in LAYERS.items() if variable not in result]
+    if set(missing) - set(OPTIONAL_LAYERS):
         raise CubeValidationError(f"not a reconstruction: no {missing}; export the output of reconstruct()")
+    layers = [layer for layer, (variable, _, _) in LAYERS.items() if variable in result]
     crs = crs_of(result)
     if crs is None:
         raise MissingCRSError("the reconstruction has no CRS; GeoTIFFs need one (cmsn_cube.cube.set_crs)")
     days = [str(np.datetime_as_string(t, unit="D")) for t in result["time"].values]
-    names = {(day, layer): f"{day}_{layer}.tif" for day in days for layer in LAYERS}
+    names = {(day, layer): f"{day}_{layer}.tif" for day in days for layer in layers}
     folder = Path(os.path.expanduser(os.fspath(folder)))
     with claimed_output(
         folder, lambda: claim_folder(folder, names.values(), overwrite=overwrite, what="export folder")
@@ -86,6 +92,8 @@ def _write_dates(
     written = []
     for index, day in enumerate(tqdm(days, desc="exporting", unit="date", disable=not progress)):
         for layer, (variable, names, nodata) in LAYERS.items():
+            if (day, layer) not in paths:
+                continue
             data = result[variable].isel(time=index)
             values = np.asarray(data.transpose(..., "y", "x").values)
             values = values[None] if values.ndim == 2 else values

@@ -353,6 +353,44 @@ def plot_ndvi_maps(
 
 
 @overload
+def plot_uncertainty(result: xr.Dataset, path: None = None, *, date: DateChoice = None) -> Figure: ...
+@overload
+def plot_uncertainty(result: xr.Dataset, path: PathLike, *, date: DateChoice = None) -> str: ...
+def plot_uncertainty(result: xr.Dataset, path: PathLike | None = None, *, date: DateChoice = None) -> Figure | str:
+    """Draw a reconstructed date in natural colour beside its uncertainty (RMS over the bands, reflectance).
+
+    ``result`` is a reconstruction (:func:`cmsn_cube.inference.reconstruct`, or a store of one); ``date`` as in
+    :func:`plot_reconstruction` (default: the date with the most filled pixels). Observed pixels have no
+    uncertainty (white). Computes that date.
+    """
+    import matplotlib
+
+    if "uncertainty" not in result:
+        raise ValueError("no 'uncertainty' in this dataset: reconstruct it again (written before the layer existed)")
+    if date is None:
+        shown = int(np.argmax(np.asarray((result["filled"] > 0).sum(("y", "x")).values)))
+    else:
+        dates, position = window_around(result[["time"]], date)
+        shown = dates[position]
+    one = result.isel(time=shown)
+    spread = np.sqrt((np.asarray(one["uncertainty"].values, dtype=np.float64) ** 2).mean(axis=0))
+    fig, axes = _subplots(1, 2, figsize=(12, 5.6))
+    rgb = rgb_array(one["reconstructed"])
+    axes[0].imshow(to_rgb(rgb, *rgb_stretch([rgb])))
+    axes[0].contour(np.asarray(one["filled"].values) > 0, levels=[0.5], colors="yellow", linewidths=0.6)
+    axes[0].set_title(f"{np.datetime_as_string(one.time.values, unit='D')} reconstructed (filled: yellow outline)")
+    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="white")
+    finite = spread[np.isfinite(spread)]
+    top = float(np.quantile(finite, 0.99)) if finite.size else 1.0
+    image = axes[1].imshow(spread, cmap=cmap, vmin=0, vmax=max(top, 1e-4))
+    axes[1].set_title("uncertainty: predicted error SD, RMS over bands")
+    fig.colorbar(image, ax=axes[1], fraction=0.046, pad=0.02, label="reflectance (unitless)")
+    for ax in axes:
+        ax.set_axis_off()
+    return _save(fig, path)
+
+
+@overload
 def plot_ndvi_scatter(
     reconstructed: np.ndarray, truth: np.ndarray, path: None = None, *, label: str = "cloudy pixels"
 ) -> Figure: ...

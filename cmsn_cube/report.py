@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import xarray as xr
@@ -44,7 +45,8 @@ def describe_cube(cube: xr.Dataset, *, name: str = "cube") -> str:
 def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction") -> str:
     """Describe a reconstruction as text: model, input, grid and, per date, the share of pixels filled and unobserved.
 
-    Computes the ``filled`` layer.
+    Computes the ``filled`` layer, and the ``uncertainty`` layer's RMS per date (the typical predicted error of a
+    filled pixel, in reflectance; "-" in reconstructions written before it, or on dates with nothing filled).
     """
     from cmsn_cube.inference import FILLED, INVENTED, NO_DATA_FILLED, SERIES_FILLED, UNOBSERVED
 
@@ -53,6 +55,11 @@ def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction")
         flag: (flags == flag).mean(("y", "x")).values
         for flag in (FILLED, UNOBSERVED, INVENTED, NO_DATA_FILLED, SERIES_FILLED)
     }  # one pass each over a small uint8 layer
+    spread = np.full(result.sizes["time"], np.nan)
+    if "uncertainty" in result:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a date with nothing filled: all NaN, said as "-"
+            spread = np.sqrt((result["uncertainty"] ** 2).mean(("band", "y", "x")).values)
     ny, nx = result.sizes["y"], result.sizes["x"]
     lines = [
         f"{name} (reconstruction)",
@@ -62,13 +69,15 @@ def describe_reconstruction(result: xr.Dataset, *, name: str = "reconstruction")
         f"  grid       {ny} x {nx} px",
         f"  variables  {', '.join(sorted(str(v) for v in result.data_vars))}",
         f"  dates      {result.sizes['time']}",
-        "    date         filled %   no data filled %   from the series %   unobserved (NaN) %   unobserved filled %",
+        "    date         filled %   no data filled %   from the series %   unobserved (NaN) %   unobserved filled %"
+        "   uncertainty RMS (refl.)",
     ]
     for index, t in enumerate(result.time.values):
+        rms = f"{spread[index]:.4f}" if np.isfinite(spread[index]) else "-"
         lines.append(
             f"    {np.datetime_as_string(t, unit='D')}   {100 * counts[FILLED][index]:7.2f}   "
             f"{100 * counts[NO_DATA_FILLED][index]:16.2f}   {100 * counts[SERIES_FILLED][index]:17.2f}   "
-            f"{100 * counts[UNOBSERVED][index]:18.2f}   {100 * counts[INVENTED][index]:19.2f}"
+            f"{100 * counts[UNOBSERVED][index]:18.2f}   {100 * counts[INVENTED][index]:19.2f}   {rms:>23}"
         )
     return "\n".join(lines)
 

@@ -18,16 +18,18 @@ from typing import Any
 
 import numpy as np
 
-#: The methods the check compares: the network, the classical local regression (nearest clear date first, the
-#: ``regression`` baseline) and the local regression that weighs every helper date by how well its fit explains
-#: the window (the network's own prior). Neither classical filler won on every real stack measured.
+#: The methods the check compares: the network, the classical local regression (the best-fitting of the
+#: nearest clear dates of the whole series, the ``regression`` baseline) and the local regression of the
+#: triplet that weighs both helper dates by how well their fits explain the window (the network's own prior).
 METHODS: tuple[str, ...] = ("cmsn", "regression", "weighted-regression")
 #: The classical ones, in the order ties are broken.
 CLASSICAL: tuple[str, ...] = ("regression", "weighted-regression")
 #: What it measures per date and method; ``pixels`` is the number of hidden pixels scored (what an estimate rests
 #: on); ``psnr_pooled_db`` is the PSNR of the squared error pooled over the bands (AllClear's and UnCRtainTS'
-#: convention), beside ``psnr_db``, the mean of the bands' PSNRs.
-METRICS: tuple[str, ...] = ("psnr_db", "mae", "sam_deg", "pixels", "psnr_pooled_db")
+#: convention), beside ``psnr_db``, the mean of the bands' PSNRs; ``uncertainty_scale`` is the factor that
+#: calibrates the method's raw spread on the hidden pixels (:func:`cmsn_cube.uncertainty.calibration_scale`:
+#: the date's own where it has :data:`MIN_PIXELS`, else the method's over the scene, else the default).
+METRICS: tuple[str, ...] = ("psnr_db", "mae", "sam_deg", "pixels", "psnr_pooled_db", "uncertainty_scale")
 #: Fewest hidden pixels per date for a score (fewer: NaN, and the date keeps the classical method).
 MIN_PIXELS = 400
 #: Side of the sample windows (px) and how many; each sample hides one date of one window and runs as its own
@@ -36,7 +38,9 @@ MIN_PIXELS = 400
 WINDOW = 160
 N_WINDOWS = 6
 
-Fill = Callable[[str, np.ndarray, tuple[int, ...]], np.ndarray]
+#: ``fill(method, channels(every date, bands + mask, y, x), date)`` -> the date's fill and its raw spread,
+#: each ``(bands, y, x)``.
+Fill = Callable[[str, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def sample_windows(
@@ -92,8 +96,9 @@ def _pasted(
     return shape & ~gap[date]
 
 
-#: What one sample gives: the hidden date, each method's fill of its hidden pixels and their truth, ``(4, n)``.
-Sample = tuple[int, dict[str, np.ndarray], np.ndarray]
+#: What one sample gives: the hidden date, each method's fill of its hidden pixels and the raw spread of its
+#: error (a pair of ``(4, n)`` arrays), and their truth ``(4, n)``.
+Sample = tuple[int, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]
 
 
 def sample_window(sample: int, n_windows: int) -> int:
@@ -145,23 +150,30 @@ def check_sample(
     hidden[date] = _pasted(gap, date, _shape_pool(masks), float(levels[date]), rng, window=window) & seen_elsewhere
     if not hidden[date].any():
         return None
-    channels, _ = model_channels(reflectance[list(triplet)], (cloud_mask | hidden)[list(triplet)])
-    filled = {method: fill(method, channels, triplet)[triplet.index(date)][:, hidden[date]] for method in METHODS}
+    channels, _ = model_channels(reflectance, cloud_mask | hidden)
+    filled = {}
+    for method in METHODS:
+        values, sigma = fill(method, channels, date)
+        filled[method] = (values[:, hidden[date]], sigma[:, hidden[date]])
     return date, filled, reflectance[date][:, hidden[date]]
 
 
 def combine_samples(samples: Sequence[Sample | None], n_dates: int) -> np.ndarray:
     """Scores ``(time, method, metric)`` (:data:`METHODS`, :data:`METRICS`) pooled over the samples."""
     predicted: dict[tuple[int, str], list[np.ndarray]] = {}
+    spread: dict[tuple[int, str], list[np.ndarray]] = {}
     truth: dict[int, list[np.ndarray]] = {}
     for sample in samples:
         if sample is None:
             continue
         date, filled, reference = sample
-        for method, values in filled.items():
+        for method, (values, sigma) in filled.items():
             predicted.setdefault((date, method), []).append(values)
+            spread.setdefault((date, method), []).append(sigma)
         truth.setdefault(date, []).append(reference)
-    return _scores(predicted, truth, n_dates)
+    scores = _scores(predicted, truth, n_dates)
+    scores[..., METRICS.index("uncertainty_scale")] = _scales(predicted, spread, truth, n_dates)
+    return scores
 
 
 def _scores(
@@ -184,6 +196,48 @@ def _scores(
             )
             scores[date, m, METRICS.index("psnr_pooled_db")] = psnr(guess, reference)
     return scores
+
+
+def _scales(
+    predicted: dict[tuple[int, str], list[np.ndarray]],
+    spread: dict[tuple[int, str], list[np.ndarray]],
+    truth: dict[int, list[np.ndarray]],
+    n_dates: int,
+) -> np.ndarray:
+    """Return the calibration factors ``(time, method)`` of the raw spread.
+
+    From the date's own hidden pixels where it has :data:`MIN_PIXELS`, else those of every date for the
+    method, else :data:`cmsn_cube.uncertainty.DEFAULT_SCALE`.
+    """
+    from cmsn_cube.uncertainty import DEFAULT_SCALE, calibration_scale
+
+    scales = np.full((n_dates, len(METHODS)), DEFAULT_SCALE)
+    for m, method in enumerate(METHODS):
+        dates = [d for d in truth if (d, method) in predicted]
+        errors = {d: np.concatenate(predicted[d, method], axis=1) - np.concatenate(truth[d], axis=1) for d in dates}
+        sigmas = {d: np.concatenate(spread[d, method], axis=1) for d in dates}
+        if sum(e.shape[1] for e in errors.values()) >= MIN_PIXELS:
+            pooled = calibration_scale(
+                np.concatenate(list(errors.values()), axis=1), np.concatenate(list(sigmas.values()), axis=1)
+            )
+            scales[:, m] = pooled if np.isfinite(pooled) else DEFAULT_SCALE
+        for d in dates:
+            if errors[d].shape[1] >= MIN_PIXELS and np.isfinite(own := calibration_scale(errors[d], sigmas[d])):
+                scales[d, m] = own
+    return scales
+
+
+def uncertainty_scales(quality: np.ndarray | None, n_dates: int) -> list[dict[str, float]]:
+    """Return each date's calibration factor per method from the self-check's scores (``None``: the default).
+
+    Scores written before the factor was measured give the default too.
+    """
+    from cmsn_cube.uncertainty import DEFAULT_SCALE
+
+    if quality is None or quality.shape[-1] <= METRICS.index("uncertainty_scale"):
+        return [dict.fromkeys(METHODS, DEFAULT_SCALE) for _ in range(n_dates)]
+    factors = np.nan_to_num(quality[..., METRICS.index("uncertainty_scale")], nan=DEFAULT_SCALE)
+    return [{method: float(factors[d, m]) for m, method in enumerate(METHODS)} for d in range(n_dates)]
 
 
 def samples_needed(n_dates: int) -> int:

@@ -120,6 +120,22 @@ def romania() -> xr.Dataset:
     )  # fmt: skip
 
 
+def kranj() -> xr.Dataset:
+    """Landsat 8 surface reflectance over Kranj, 4 dates, with real no-data gaps (``landsat8_kranj_sr_gaps``)."""
+    from cmsn_cube.sources.files import open_files
+
+    folder = DATA / "landsat8_kranj_sr_gaps" / "kranj_landsat_unfilled"
+    return open_files([folder], bands={"blue": 1, "green": 2, "red": 3, "nir": 4}, scale=1e-4).load()
+
+
+def new_york() -> xr.Dataset:
+    """Landsat 8 Collection 1 TOA, path/row 013032, 8 dates on the first date's grid, clouds from the BQA."""
+    from cmsn_cube.sources.files import open_files
+
+    pattern = str(DATA / "landsat8_gdalcubes_ny" / "LC08_L1TP_013032_*")
+    return open_files([pattern], scale=2e-5, offset=-0.1, nodata=0, align="first").load()
+
+
 def embedded() -> xr.Dataset:
     from cmsn_cube.sources.synthetic import synthetic_scene
 

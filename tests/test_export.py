@@ -28,7 +28,7 @@ def written(tmp_path_factory) -> str:
 def test_cogs_read_back_with_values_grid_names_and_overviews(written, tmp_path):
     result = open_reconstruction(written).load()
     paths = to_cogs(result, tmp_path / "cogs", progress=False)
-    assert len(paths) == 3 * 3
+    assert len(paths) == 3 * 4  # dates x (reflectance, ndvi, filled, uncertainty)
     day = str(result.time.values[1])[:10]
     with rasterio.open(tmp_path / "cogs" / f"{day}_reflectance.tif") as cog:
         assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and cog.overviews(1)
@@ -46,6 +46,12 @@ def test_cogs_read_back_with_values_grid_names_and_overviews(written, tmp_path):
         assert not cog.read(1, masked=True).mask.any()
     with rasterio.open(tmp_path / "cogs" / f"{day}_ndvi.tif") as cog:
         np.testing.assert_array_equal(cog.read(1), result.ndvi.values[1])
+
+
+def test_a_reconstruction_written_before_the_uncertainty_exports_without_it(written, tmp_path):
+    older = open_reconstruction(written).drop_vars("uncertainty")
+    paths = to_cogs(older, tmp_path / "cogs", progress=False)
+    assert len(paths) == 3 * 3 and not any(p.endswith("_uncertainty.tif") for p in paths)
 
 
 def test_cog_tags_name_the_input_store_without_its_path(tmp_path):
@@ -83,7 +89,7 @@ def test_existing_files_are_kept_unless_overwrite(written, tmp_path):
 
 def test_cli_export(written, tmp_path):
     run = CliRunner().invoke(main, ["export", written, str(tmp_path / "cogs")])
-    assert run.exit_code == 0 and "wrote 9 GeoTIFFs" in run.output, run.output
+    assert run.exit_code == 0 and "wrote 12 GeoTIFFs" in run.output, run.output
     run = CliRunner().invoke(main, ["export", str(tmp_path / "missing.zarr"), str(tmp_path / "cogs")])
     assert run.exit_code == 1 and run.stderr.startswith("error: no store at")
 

@@ -219,7 +219,7 @@ def test_more_dates_use_nearest_neighbours(tiny_model):
     np.testing.assert_allclose(result.reconstructed.values[3][:, ~from_series], first[1][:, ~from_series], atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["cmsn", "regression"])
+@pytest.mark.parametrize("method", ["cmsn", "weighted-regression"])
 def test_triplets_run_only_where_their_dates_have_gaps_and_change_nothing(tiny_model, windows_run, monkeypatch, method):
     from cmsn_cube.inference import tiling
 
@@ -462,8 +462,12 @@ def test_worker_environment_carries_the_worker_config():
 
 @pytest.mark.parametrize("fill_unobserved", [False, True])
 def test_a_gap_its_triplet_never_observed_is_filled_from_the_series(fill_unobserved):
-    """Dates 0-2 (date 0's triplet) cloudy over one patch that date 4 observed: filled from date 4, flagged 5."""
-    from cmsn_cube.inference import INVENTED, SERIES_FILLED, UNOBSERVED
+    """Dates 0-2 (date 0's triplet) cloudy over one patch that date 4 observed: filled from date 4, flagged 5.
+
+    The filler here sees the triplet (the weighted regression, as the network); the classical regression sees
+    the whole series itself (flagged 1: its own context).
+    """
+    from cmsn_cube.inference import FILLED, INVENTED, SERIES_FILLED, UNOBSERVED
 
     scene = synthetic_scene(height=96, width=96, n_dates=5, seed=11)
     scene["cloud_mask"][:] = False
@@ -471,9 +475,17 @@ def test_a_gap_its_triplet_never_observed_is_filled_from_the_series(fill_unobser
     scene["cloud_mask"][3, 30:50, 40:70] = True
     scene["cloud_mask"][4, 0:10, 0:10] = True  # date 4's own gap: somewhere else
     scene["cloud_mask"][:, 80:90, 80:90] = True  # observed on no date at all
-    result = reconstruct(scene, method="regression", fill_unobserved=fill_unobserved, tile=64, overlap=8).compute()
+    options = {"fill_unobserved": fill_unobserved, "tile": 64, "overlap": 8}
+    result = reconstruct(scene, method="weighted-regression", **options).compute()
     patch = (slice(30, 50), slice(40, 70))
     assert (result.filled.values[0][patch] == SERIES_FILLED).all()
+    assert np.isfinite(result.uncertainty.values[0][(slice(None), *patch)]).all()
+    own = reconstruct(scene, method="regression", **options).compute()
+    assert (own.filled.values[0][patch] == FILLED).all()
+    from cmsn_cube.baselines import regression as whole_scene
+
+    expected_own = whole_scene(scene).isel(time=0).values[(slice(None), *patch)]
+    assert np.abs(own.reconstructed.values[0][(slice(None), *patch)] - expected_own).mean() < 0.01
     # the classical regression from date 4, as baselines.regression fills it over the whole scene
     from cmsn_cube.baselines import regression
 

@@ -153,13 +153,33 @@ def test_a_filler_output_is_laid_over_the_dates_it_serves_only():
     tilings, to_fill = small_block()
     blend = BlockBlend.plan(tilings, (0, 0), to_fill)
     run = blend.runs(((0, 1, 2),) * 3, ["cmsn", "cmsn", "regression"])[0]
-    output = np.stack([np.full((4, 16, 16), 10.0 * (date + 1), dtype=np.float32) for date in range(3)])[None]
-    blend.add(output, run.tiles, run)
-    # date d gets its own output, 10 (d + 1), times the tile's weights; date 2 is served by another run
+    assert run.served == [0, 1]
+    output = np.stack([np.full((4, 16, 16), 10.0 * (date + 1), dtype=np.float32) for date in run.served])[None]
+    sigma = output / 100
+    sigma[0, 1, :, 0, 0] = np.nan  # a pixel no date observes: no spread, laid as 0
+    blend.add(output, sigma, run.tiles, run)
+    # date d gets its own output, 10 (d + 1), and spread, times the tile's weights; date 2 is another run's
     for date, value in ((0, 10), (1, 20)):
         expected = np.broadcast_to(value * blend.weight[:, :16], (4, 16, 16))
-        np.testing.assert_allclose(blend.sums[date, :, :, :16], expected, rtol=1e-6)
+        np.testing.assert_allclose(blend.sums[date, :4, :, :16], expected, rtol=1e-6)
+        spread = expected / 100
+        if date == 1:
+            spread = spread.copy()
+            spread[:, 0, 0] = 0
+        np.testing.assert_allclose(blend.sums[date, 4:, :, :16], spread, rtol=1e-6)
     assert not blend.sums[2].any() and not blend.sums[..., 16:].any()
+
+
+def test_the_regression_sees_every_date_in_one_run():
+    tilings, to_fill = small_block()
+    blend = BlockBlend.plan(tilings, (0, 0), np.concatenate([to_fill, to_fill]))
+    triplets = ((0, 1, 2), (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (3, 4, 5))
+    runs = blend.runs(triplets, ["cmsn", "regression", "regression", "cmsn", "regression", "regression"])
+    assert [(run.triplet, run.method, run.served) for run in runs] == [
+        ((0, 1, 2), "cmsn", [0]),
+        ((0, 1, 2, 3, 4, 5), "regression", [1, 2, 4, 5]),
+        ((2, 3, 4), "cmsn", [3]),
+    ]
 
 
 def test_a_spilled_strip_is_a_copy():
@@ -171,13 +191,13 @@ def test_a_spilled_strip_is_a_copy():
     assert np.all(sums == 1) and np.all(weight == 1)
 
 
-def finished(fill_unobserved: bool) -> dict[str, np.ndarray]:
+def finished_block_inputs() -> tuple:
     """A 2 x 3 block core (4 columns of extent) with one strip from the left over its first column.
 
     Its own sums are 2 and weights 2; the strip brings sums 3 and weight 1. Date 0 is all gap; pixel (1, 2) is
     a gap on every date (observed on no date of the triplet); pixel (0, 1) of date 1 has no data in one band.
     """
-    sums = np.full((3, 4, 2, 4), 2.0, dtype=np.float32)
+    sums = np.concatenate([np.full((3, 4, 2, 4), 2.0), np.full((3, 4, 2, 4), 0.1)], axis=1).astype(np.float32)
     observed = np.full((3, 4, 2, 3), 0.5, dtype=np.float32)
     observed[1, 2, 0, 1] = np.nan
     to_fill = np.zeros((3, 2, 3), dtype=bool)
@@ -185,9 +205,16 @@ def finished(fill_unobserved: bool) -> dict[str, np.ndarray]:
     to_fill[:, 1, 2] = True
     to_fill[1, 0, 1] = True
     block = {"sums": sums, "weight": np.full((2, 4), 2.0, np.float32), "observed": observed, "to_fill": to_fill}
-    strip = (np.full((3, 4, 2, 1), 3.0, dtype=np.float32), np.ones((2, 1), dtype=np.float32))
-    core = (slice(0, 2), slice(0, 3))
-    return finish_block(block, None, strip, None, core=core, triplets=((0, 1, 2),) * 3, fill_unobserved=fill_unobserved)
+    strip = (np.concatenate([np.full((3, 4, 2, 1), 3.0), np.full((3, 4, 2, 1), 0.2)], axis=1).astype(np.float32),
+             np.ones((2, 1), dtype=np.float32))  # fmt: skip
+    return block, None, strip, None
+
+
+FINISH_OPTIONS = {"core": (slice(0, 2), slice(0, 3)), "triplets": ((0, 1, 2),) * 3}
+
+
+def finished(fill_unobserved: bool) -> dict[str, np.ndarray]:
+    return finish_block(*finished_block_inputs(), fill_unobserved=fill_unobserved, **FINISH_OPTIONS)
 
 
 def test_a_finished_block_blends_its_strips_and_keeps_clear_pixels():
@@ -207,6 +234,26 @@ def test_a_finished_block_blends_its_strips_and_keeps_clear_pixels():
     # NDVI (NIR - red) / (NIR + red) of equal bands is 0; the observed NDVI is NaN wherever there is a gap
     assert out["ndvi"][2, 0, 0] == 0 and np.isnan(out["ndvi_observed"][0]).all()
     assert out["ndvi_observed"][2, 0, 0] == 0
+
+
+def test_a_finished_block_states_the_calibrated_spread_of_what_it_filled_only():
+    from cmsn_cube.selfcheck import METHODS, METRICS
+    from cmsn_cube.uncertainty import DEFAULT_SCALE
+
+    out = finished(fill_unobserved=False)
+    # blended like the bands: (0.1 + 0.2) / (2 + 1) in the strip's column, 0.1 / 2 elsewhere, times the factor
+    np.testing.assert_allclose(out["uncertainty"][0, :, 0, 0], 0.1 * DEFAULT_SCALE, rtol=1e-6)
+    np.testing.assert_allclose(out["uncertainty"][0, :, 0, 1], 0.05 * DEFAULT_SCALE, rtol=1e-6)
+    filled = np.isin(out["filled"], (FILLED, NO_DATA_FILLED))
+    assert np.isfinite(out["uncertainty"]).all(axis=1).tolist() == filled.tolist()  # NaN where observed or not filled
+    # with a self-check, each date's factor is its own filler's
+    quality = np.full((3, len(METHODS), len(METRICS)), np.nan)
+    quality[..., METRICS.index("uncertainty_scale")] = [[2.0, 3.0, 4.0]] * 3
+    block = finished_block_inputs()
+    checked = finish_block(
+        *block, quality=quality, methods=np.array([1, 0, 0]), fill_unobserved=False, **FINISH_OPTIONS
+    )
+    np.testing.assert_allclose(checked["uncertainty"][0, :, 0, 1], 0.05 * 3.0, rtol=1e-6)  # date 0: regression
 
 
 def test_a_finished_block_can_invent_what_no_date_observed():

@@ -120,11 +120,13 @@ def block_graph(
     fill_unobserved: bool,
     methods: Any,
     days: tuple[float, ...],
+    quality: Any = None,
 ) -> BlockGraph:
     """Build one Delayed dict of outputs per block ``(i, j)`` of ``tilings``, and the strips between them.
 
     ``methods``: the filler index per date (an array, or the Delayed choice of the scene self-check, which every
-    block then waits for). The model is one graph key, shipped once to each worker.
+    block then waits for); ``quality``: the self-check's scores (Delayed), whose calibration factors scale the
+    uncertainty (None: the default factor). The model is one graph key, shipped once to each worker.
     """
     arrays = _input_regions(cube)
     token = dask.base.tokenize(
@@ -132,7 +134,8 @@ def block_graph(
     )
     options = {"triplets": triplets, "days": days, "methods": methods, "batch_size": batch_size, "device": device}
     sums = _tile_sums(arrays, dask.delayed(spec, pure=True, traverse=False), tilings, token, options)
-    return _finished_blocks(sums, tilings, token, triplets=triplets, fill_unobserved=fill_unobserved, days=days)
+    finish = {"triplets": triplets, "fill_unobserved": fill_unobserved, "days": days, "methods": methods}
+    return _finished_blocks(sums, tilings, token, {**finish, "quality": quality})
 
 
 def _tile_sums(
@@ -156,15 +159,7 @@ def _tile_sums(
     return sums
 
 
-def _finished_blocks(
-    sums: dict[Index, Any],
-    tilings: Tilings,
-    token: str,
-    *,
-    triplets: tuple[tuple[int, int, int], ...],
-    fill_unobserved: bool,
-    days: tuple[float, ...],
-) -> BlockGraph:
+def _finished_blocks(sums: dict[Index, Any], tilings: Tilings, token: str, options: dict[str, Any]) -> BlockGraph:
     """Finish every block with the strips that the blocks above, to the left and diagonally spill over it."""
     finished = {}
     spilled: dict[Index, list[tuple[Index, Key]]] = {}
@@ -189,10 +184,8 @@ def _finished_blocks(
             sums[i, j],
             *strips,
             core=core,
-            triplets=triplets,
-            fill_unobserved=fill_unobserved,
-            days=days,
             dask_key_name=f"cmsn-block-{token}-{i}-{j}",
+            **options,
         )
     return BlockGraph(sums, finished, StripMap({block: tuple(strips) for block, strips in spilled.items()}))
 
@@ -225,6 +218,9 @@ class SelfCheck(NamedTuple):
     quality: da.Array
     method_used: da.Array
     methods: Any
+    #: ``quality``'s one chunk as a Delayed: what the blocks read the calibration factors from (a written
+    #: reconstruction computes that chunk first and hands it to every region, as for ``methods``)
+    scores: Any
 
 
 def self_check(
@@ -275,7 +271,12 @@ def self_check(
     scores = dask.delayed(combine_samples, pure=True)(samples, len(triplets), dask_key_name=f"cmsn-check-{token}")
     quality = da.from_delayed(scores, shape=(len(triplets), len(METHODS), len(METRICS)), dtype=np.float64)
     method_used = quality.map_blocks(tasks.choice, drop_axis=[1, 2], dtype=np.uint8)
-    return SelfCheck(quality, method_used, method_used.to_delayed(optimize_graph=False)[0])
+    return SelfCheck(
+        quality,
+        method_used,
+        method_used.to_delayed(optimize_graph=False)[0],
+        quality.to_delayed(optimize_graph=False)[0, 0, 0],
+    )
 
 
 def computed_chunks(arrays: Mapping[str, Any], values: Mapping[str, np.ndarray]) -> dict[Key, np.ndarray]:

@@ -12,7 +12,7 @@ import io
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -115,12 +115,7 @@ def run_filler(
     if method == "regression" and weighted is not None:
         output = weighted.copy()
     else:
-        output = _run_model(_filler_on_worker(method, spec, device), windows, device)
-        if not np.isfinite(output).all():  # never write NaN or inf as a fill (a region is written whole or not)
-            raise ModelOutputError(
-                f"the {method} filler of {spec.name} gave {int((~np.isfinite(output)).sum())} non-finite values "
-                f"on a batch of {len(windows)} windows; nothing of this region was written"
-            )
+        output = _fill_with_spread(method, windows, spec=spec, device=device)[0]
     if method != "regression":
         return output
     for k, window in enumerate(windows):
@@ -129,6 +124,69 @@ def run_filler(
         use = gap[:, None] & np.isfinite(filled)
         output[k][use] = filled[use]
     return output
+
+
+class WindowFill(NamedTuple):
+    """A filler's output on a batch of windows, for the dates it serves: values and raw spread of the error."""
+
+    #: ``(batch, served dates, bands, y, x)``
+    values: np.ndarray
+    #: the same shape: the raw spread of :func:`cmsn_cube.baselines.regress` (NaN where no date observes the
+    #: pixel), to be scaled by the scene's calibration (:mod:`cmsn_cube.uncertainty`)
+    sigma: np.ndarray
+
+
+def fill_windows(
+    method: str,
+    windows: np.ndarray,
+    *,
+    triplet: tuple[int, ...],
+    served: list[int],
+    spec: ModelSpec,
+    device: str,
+    days: list[float],
+) -> WindowFill:
+    """Fill the ``served`` dates of ``windows(batch, every date, bands + mask, y, x)`` and give their raw spread.
+
+    The network and the weighted regression see the dates of ``triplet`` (which holds the served ones); their
+    raw spread is the one their regression prior predicts (:func:`cmsn_cube.model.prior.local_regression_spread`).
+    The classical regression (:func:`cmsn_cube.baselines.regress`) sees every date: per pixel it takes the best
+    fitting of the nearest dates that observed it, and gives its own spread; where no date observes a pixel,
+    its fill is the weighted regression's (the band mean). A network without a regression prior has no spread
+    of its own: the classical regression's stands in.
+    """
+    from cmsn_cube.baselines import regress
+
+    if method == "regression":
+        fits = [regress(w[:, :-1], w[:, -1] > 0.5, np.asarray(days, dtype=np.float64), targets=served) for w in windows]
+        values = np.stack([fit.values[served] for fit in fits])
+        if np.isnan(values).any():  # pixels no date observes: the weighted regression's guess (the band mean)
+            guess = fill_windows("weighted-regression", windows, triplet=triplet, served=served, spec=spec,
+                                 device=device, days=days).values  # fmt: skip
+            np.copyto(values, guess, where=np.isnan(values))
+        return WindowFill(values, np.stack([fit.sigma[served] for fit in fits]))
+    inputs = windows if len(triplet) == windows.shape[1] else np.ascontiguousarray(windows[:, list(triplet)])
+    output, spread = _fill_with_spread(method, inputs, spec=spec, device=device)
+    position = [triplet.index(d) for d in served]
+    if spread is None:
+        spread = fill_windows("regression", windows, triplet=triplet, served=served, spec=spec, device=device,
+                              days=days).sigma  # fmt: skip
+    else:
+        spread = spread[:, position]
+    return WindowFill(output[:, position], spread)
+
+
+def _fill_with_spread(
+    method: str, windows: np.ndarray, *, spec: ModelSpec, device: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the network or the weighted regression on ``windows``: the output and the prior's spread (or None)."""
+    output, spread = _run_model(_filler_on_worker(method, spec, device), windows, device)
+    if not np.isfinite(output).all():  # never write NaN or inf as a fill (a region is written whole or not)
+        raise ModelOutputError(
+            f"the {method} filler of {spec.name} gave {int((~np.isfinite(output)).sum())} non-finite values "
+            f"on a batch of {len(windows)} windows; nothing of this region was written"
+        )
+    return output, spread
 
 
 def _filler_on_worker(method: str, spec: ModelSpec, device: str) -> torch.nn.Module:
@@ -150,15 +208,16 @@ def _regression_like(network: torch.nn.Module) -> torch.nn.Module:
     return RegressionFill.like(network).to(torch.as_tensor(network.band_mean).device).eval()
 
 
-def _run_model(model: torch.nn.Module, windows: np.ndarray, device: str) -> np.ndarray:
-    """Run ``model`` on a batch of ``windows`` (float16 autocast on CUDA) and return its output as numpy."""
+def _run_model(model: torch.nn.Module, windows: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run ``model`` on a batch of ``windows`` (float16 autocast on CUDA): its output and spread, as numpy."""
     import torch
 
     with torch.inference_mode():
         tensor = torch.from_numpy(windows).to(device)
         if device.startswith("cuda"):
             with torch.autocast("cuda", dtype=torch.float16):
-                result = model(tensor).output.float()
+                result = model(tensor)
         else:
-            result = model(tensor).output
-        return result.cpu().numpy()
+            result = model(tensor)
+        spread = None if result.spread is None else result.spread.float().cpu().numpy()
+        return result.output.float().cpu().numpy(), spread

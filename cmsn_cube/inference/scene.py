@@ -36,14 +36,24 @@ OUTPUT_VARIABLES: dict[str, tuple[tuple[str, ...], np.dtype, dict[str, Any]]] = 
         ("time", "y", "x"),
         np.dtype(np.uint8),
         {
-            "long_name": "origin of each pixel (0 observed, 1 filled from the other dates of its triplet, "
+            "long_name": "origin of each pixel (0 observed, 1 filled from other dates (the network and the weighted regression: "
+            "the date's triplet; the regression: the nearby dates of the series that fit best), "
             "2 observed on no date of the series: NaN, 3 the same, filled by the network, 4 no data (NaN in the "
-            "input, not a cloud) filled from the other dates of its triplet, 5 observed on no date of its triplet, "
+            "input, not a cloud) filled from other dates, 5 observed on no date of its triplet, "
             "filled by the classical regression from the nearest date of the series that observed it)",
             **FILLED_FLAGS,
         },
     ),
     "ndvi": (("time", "y", "x"), np.dtype(np.float32), {"long_name": "NDVI of the reconstruction", "units": "1"}),
+    "uncertainty": (
+        ("time", "band", "y", "x"),
+        np.dtype(np.float32),
+        {
+            "long_name": "predicted standard deviation of the error of each filled pixel (NaN where observed or "
+            "left unfilled): the filler's raw spread calibrated on the scene's self-check",
+            "units": "1",
+        },
+    ),
     "ndvi_observed": (
         ("time", "y", "x"),
         np.dtype(np.float32),
@@ -196,6 +206,7 @@ def _lazy_result(
         fill_unobserved=settings.fill_unobserved,
         methods=methods,
         days=days,
+        quality=check.scores if check else None,
     )
     variables = {name: (dims, dtype) for name, (dims, dtype, _) in OUTPUT_VARIABLES.items()}
     result = _assemble(cube, output_arrays(blocks, tilings, cube.sizes["time"], variables), spec)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cmsn_cube.cube import check_reflectance_values
-from cmsn_cube.inference.models import ModelSpec, run_filler
+from cmsn_cube.inference.models import ModelSpec, fill_windows
 from cmsn_cube.inference.tiling import BlockBlend, Tilings, block_core, model_channels, take
 
 
@@ -73,7 +73,8 @@ def block_sums(
     ``reflectance``/``cloud_mask`` hold the scene pixels the block reads (see :func:`join`), and ``sources``
     index them per axis (:meth:`~cmsn_cube.inference.tiling.AxisTiling.block_source`, relative to the region
     that starts at scene pixel ``origin``), mirroring them past the scene's end; the reflectance is checked as
-    it is read (:func:`checked_reflectance`). Returns the weighted sums and weights over the extent, and the
+    it is read (:func:`checked_reflectance`). Returns the weighted sums (bands, then the raw spread of their
+    error: :func:`~cmsn_cube.inference.models.fill_windows`) and weights over the extent, and the
     observed bands and fill mask of the block's core (what
     :func:`~cmsn_cube.inference.tiling.finish_block` needs).
     """
@@ -83,19 +84,19 @@ def block_sums(
     observed, cloudy = (take(take(a, sources[0], -2), sources[1], -1) for a in (joined, join(cloud_mask)))
     channels, to_fill = model_channels(observed, cloudy)
     blend = BlockBlend.plan(tilings, index, to_fill)
-    every_date = tuple(range(to_fill.shape[0]))
     for run in blend.runs(triplets, [METHODS[int(m)] for m in methods]):
         for first in range(0, len(run.tiles), batch_size):
             batch = run.tiles[first : first + batch_size]
-            windows = blend.windows(channels, batch)
-            output = run_filler(
+            filled = fill_windows(
                 run.method,
-                windows if run.triplet == every_date else np.ascontiguousarray(windows[:, list(run.triplet)]),
+                blend.windows(channels, batch),
+                triplet=run.triplet,
+                served=run.served,
                 spec=spec,
                 device=device,
-                days=[days[d] for d in run.triplet],
+                days=list(days),
             )
-            blend.add(output, batch, run)
+            blend.add(filled.values, filled.sigma, batch, run)
     core_rows, core_cols = block_core(tilings, index)
     return {
         "sums": blend.sums,
@@ -136,16 +137,13 @@ def run_check_sample(
     date, planned_window = planned
     assert planned_window == window, "the graph reads the window of sample_window()"
 
-    weighted: dict[str, np.ndarray] = {}  # the two regressions share it: run once per sample
+    every_date = tuple(range(len(days)))
 
-    def fill(method: str, channels: np.ndarray, triplet: tuple[int, ...]) -> np.ndarray:
-        options = {"spec": spec, "device": device, "days": [days[d] for d in triplet]}
-        if method != "cmsn" and "output" not in weighted:
-            weighted["output"] = run_filler("weighted-regression", channels[None], **options)  # type: ignore[arg-type]
-        if method == "weighted-regression":
-            return weighted["output"][0]
-        wanted = [triplet.index(date)]  # only the hidden date is scored
-        return run_filler(method, channels[None], targets=wanted, weighted=weighted.get("output"), **options)[0]  # type: ignore[arg-type]
+    def fill(method: str, channels: np.ndarray, date: int) -> tuple[np.ndarray, np.ndarray]:
+        context = every_date if method == "regression" else triplets[date]
+        filled = fill_windows(method, channels[None], triplet=context, served=[date], spec=spec, device=device,
+                              days=list(days))  # fmt: skip
+        return filled.values[0, 0], filled.sigma[0, 0]
 
     return check_sample(
         *read,

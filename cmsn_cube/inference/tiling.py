@@ -223,7 +223,8 @@ class BlockBlend:
     """The tiles of one block that have something to fill, and their blended sums over the block's extent.
 
     Positions are in the block's extent (:meth:`AxisTiling.block_extent`). ``weight`` holds the blending weights
-    of every tile that runs; :meth:`add` lays a filler's output over ``sums``, weighted the same way.
+    of every tile that runs; :meth:`add` lays a filler's output over ``sums``, weighted the same way: the bands,
+    then the raw spread of their error (``sums`` is ``(time, 2 * bands, y, x)``).
     """
 
     corners: list[tuple[int, int]]
@@ -255,7 +256,7 @@ class BlockBlend:
             gaps=gaps[keep],
             tile=tile,
             blend=blend,
-            sums=np.zeros((n_dates, len(BANDS), height, width), dtype=np.float32),
+            sums=np.zeros((n_dates, 2 * len(BANDS), height, width), dtype=np.float32),
             weight=np.zeros((height, width), dtype=np.float32),
         )
         for y, x in planned.corners:
@@ -267,14 +268,16 @@ class BlockBlend:
 
         A date with nothing to fill in a tile keeps its observation there whatever the filler says, so each
         (triplet, filler) runs only on the tiles where a date it serves has a gap (:data:`SKIP_CLEAR_DATES`): on a
-        long series with a few cloudy dates, a few triplets run instead of one per date.
+        long series with a few cloudy dates, a few triplets run instead of one per date. The classical
+        regression sees every date (:func:`date_context`): one run serves all its dates.
         """
         if not self.corners:
             return []
         n_dates = len(chosen)
+        contexts = [date_context(triplets, chosen, d) for d in range(n_dates)]
         runs = []
-        for triplet, method in sorted({(triplets[d], chosen[d]) for d in range(n_dates)}):
-            served = [d for d in range(n_dates) if (triplets[d], chosen[d]) == (triplet, method)]
+        for triplet, method in sorted({(contexts[d], chosen[d]) for d in range(n_dates)}):
+            served = [d for d in range(n_dates) if (contexts[d], chosen[d]) == (triplet, method)]
             wanted = [k for k, gap in enumerate(self.gaps) if not SKIP_CLEAR_DATES or any(gap[d] for d in served)]
             runs.append(FillerRun(triplet, method, served, wanted))
         return runs
@@ -284,35 +287,52 @@ class BlockBlend:
         ty, tx = self.tile
         return np.stack([channels[:, :, y : y + ty, x : x + tx] for y, x in (self.corners[k] for k in tiles)])
 
-    def add(self, output: np.ndarray, tiles: list[int], run: FillerRun) -> None:
-        """Lay a filler's ``output(tiles, triplet dates, bands, tile, tile)`` over the sums of the dates it serves."""
+    def add(self, output: np.ndarray, sigma: np.ndarray, tiles: list[int], run: FillerRun) -> None:
+        """Lay a filler's ``output(tiles, served dates, bands, tile, tile)`` over the sums of the dates it serves.
+
+        ``sigma``, the raw spread of its error (the same shape; NaN where no date observes a pixel), is laid over
+        the second half of the sums' bands, NaN as 0.
+        """
         ty, tx = self.tile
+        bands = output.shape[2]
         for j, k in enumerate(tiles):
             y, x = self.corners[k]
-            for date in run.served:
-                self.sums[date, :, y : y + ty, x : x + tx] += output[j, run.triplet.index(date)] * self.blend
+            for i, date in enumerate(run.served):
+                self.sums[date, :bands, y : y + ty, x : x + tx] += output[j, i] * self.blend
+                self.sums[date, bands:, y : y + ty, x : x + tx] += np.nan_to_num(sigma[j, i]) * self.blend
+
+
+def date_context(triplets: tuple[tuple[int, ...], ...], chosen: list[str], date: int) -> tuple[int, ...]:
+    """Return the dates a date's filler sees: its triplet, or every date for the classical regression."""
+    return tuple(range(len(chosen))) if chosen[date] == "regression" else tuple(triplets[date])
 
 
 def _fill_from_the_series(
     reconstructed: np.ndarray,
+    sigma: np.ndarray,
     flags: np.ndarray,
     observed: np.ndarray,
     to_fill: np.ndarray,
     unobserved: np.ndarray,
     days: tuple[float, ...],
-) -> None:
-    """Fill, in place, the ``unobserved`` gaps (none of their triplet) that another date of the series observed."""
-    from cmsn_cube.baselines import fill_regression
+) -> np.ndarray:
+    """Fill, in place, the ``unobserved`` gaps (none of their context) that another date of the series observed.
+
+    Returns where it filled ``(time, y, x)``.
+    """
+    from cmsn_cube.baselines import regress
 
     reachable = unobserved & (~to_fill).any(axis=0)
     targets = [int(t) for t in np.flatnonzero(reachable.any(axis=(1, 2)))]
     if not targets:
-        return
+        return np.zeros_like(reachable)
     # a NaN band of a clear pixel is a gap too (model_channels' rule): no NaN reaches the fit
-    filled = fill_regression(np.nan_to_num(observed), to_fill, np.asarray(days), targets=targets)
-    reachable &= np.isfinite(filled).all(axis=1)
-    np.copyto(reconstructed, filled, where=reachable[:, None])
+    filled = regress(np.nan_to_num(observed), to_fill, np.asarray(days), targets=targets)
+    reachable &= np.isfinite(filled.values).all(axis=1)
+    np.copyto(reconstructed, filled.values, where=reachable[:, None])
+    np.copyto(sigma, filled.sigma, where=reachable[:, None])
     flags[reachable] = SERIES_FILLED
+    return reachable
 
 
 def spilled_strip(block: dict[str, np.ndarray], rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
@@ -327,48 +347,65 @@ def finish_block(
     triplets: tuple[tuple[int, int, int], ...],
     fill_unobserved: bool,
     days: tuple[float, ...] | None = None,
+    methods: np.ndarray | None = None,
+    quality: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Return a block's outputs: its sums plus the strips that earlier blocks' tiles lay over its start, blended.
 
     ``block`` holds the ``sums`` and ``weight`` over the block's extent and the ``observed`` bands and ``to_fill``
     mask of its ``core``. ``strips`` come from the block above, the block to the left and the one diagonally
-    above-left (``None`` where there is none); each covers the first rows and/or columns of the block. A gap that
-    no date of its triplet observed but another date of the series did is filled by the classical local
-    regression from the nearest such date (:func:`cmsn_cube.baselines.fill_regression` over the block's core,
-    each date's ``days``; flagged :data:`SERIES_FILLED`); one that no date observed is NaN (flagged
-    :data:`UNOBSERVED`), or the network's guess with ``fill_unobserved`` (flagged :data:`INVENTED`).
+    above-left (``None`` where there is none); each covers the first rows and/or columns of the block.
+    ``methods`` gives each date's filler (indices into :data:`cmsn_cube.selfcheck.METHODS`; default the
+    network), and with it the dates it saw (:func:`date_context`). A gap that none of those dates observed but
+    another date of the series did is filled by the classical regression (:func:`cmsn_cube.baselines.regress`
+    over the block's core, each date's ``days``; flagged :data:`SERIES_FILLED`); one that no date observed is
+    NaN (flagged :data:`UNOBSERVED`), or the network's guess with ``fill_unobserved`` (flagged :data:`INVENTED`).
+
+    ``uncertainty`` is the raw spread of each fill times the scene's calibration factor of the filler that made
+    it (``quality``: the self-check's scores, :data:`cmsn_cube.selfcheck.METRICS`; without them
+    :data:`cmsn_cube.uncertainty.DEFAULT_SCALE`); NaN where nothing was filled or no date observed the pixel.
 
     Examples
     --------
-    >>> sums = np.full((3, 4, 2, 2), 0.5, dtype=np.float32)
+    >>> sums = np.concatenate([np.full((3, 4, 2, 2), 0.5), np.full((3, 4, 2, 2), 0.02)], axis=1).astype(np.float32)
     >>> to_fill = np.zeros((3, 2, 2), dtype=bool)
     >>> to_fill[0, 0, 0] = True  # one cloudy pixel, observed on the other dates
-    >>> block = {"sums": sums, "weight": np.full((2, 2), 2, np.float32), "observed": sums.copy(), "to_fill": to_fill}
+    >>> observed = np.full((3, 4, 2, 2), 0.25, np.float32)
+    >>> block = {"sums": sums, "weight": np.full((2, 2), 2, np.float32), "observed": observed, "to_fill": to_fill}
     >>> out = finish_block(block, None, None, None, core=(slice(0, 2), slice(0, 2)), triplets=((0, 1, 2),) * 3,
     ...                    fill_unobserved=False)
     >>> float(out["reconstructed"][0, 0, 0, 0]), out["filled"][0].tolist()
     (0.25, [[1, 0], [0, 0]])
+    >>> round(float(out["uncertainty"][0, 0, 0, 0]), 4), bool(np.isnan(out["uncertainty"][0, 0, 1, 1]))
+    (0.008, True)
     """
-    reconstructed = block["sums"][..., core[0], core[1]].copy()
+    from cmsn_cube.selfcheck import METHODS
+
+    summed = block["sums"][..., core[0], core[1]].copy()
     weight = block["weight"][core].copy()
     for strip in strips:
         if strip is not None:
             head = (slice(0, strip[1].shape[0]), slice(0, strip[1].shape[1]))
-            reconstructed[(..., *head)] += strip[0]
+            summed[(..., *head)] += strip[0]
             weight[head] += strip[1]
-    np.divide(reconstructed, weight, out=reconstructed, where=weight > 0)
+    np.divide(summed, weight, out=summed, where=weight > 0)
+    bands = summed.shape[1] // 2
+    reconstructed, sigma = summed[:, :bands].copy(), summed[:, bands:].copy()
     to_fill, observed = block["to_fill"], block["observed"]
     # blending averages identical values in floating point: clear pixels take the observation, bit-identical
     np.copyto(reconstructed, observed, where=~to_fill[:, None])
-    seen_in_triplet = np.stack([(~to_fill[list(triplet)]).any(axis=0) for triplet in triplets])
-    unobserved = to_fill & ~seen_in_triplet
+    n_dates = to_fill.shape[0]
+    chosen = [METHODS[int(m)] for m in methods] if methods is not None else ["cmsn"] * n_dates
+    seen = np.stack([(~to_fill[list(date_context(triplets, chosen, d))]).any(axis=0) for d in range(n_dates)])
+    unobserved = to_fill & ~seen
     flags = to_fill.astype(np.uint8)  # FILLED where the network filled, OBSERVED elsewhere
     flags[to_fill & np.isnan(observed).any(axis=1)] = NO_DATA_FILLED  # stripes and edges, not clouds
     flags[unobserved] = INVENTED if fill_unobserved else UNOBSERVED
     if not fill_unobserved:
         np.copyto(reconstructed, np.float32(np.nan), where=unobserved[:, None])
+    from_series = np.zeros_like(to_fill)
     if days is not None:
-        _fill_from_the_series(reconstructed, flags, observed, to_fill, unobserved, days)
+        from_series = _fill_from_the_series(reconstructed, sigma, flags, observed, to_fill, unobserved, days)
     from cmsn_cube.metrics import ndvi
 
     ndvi_observed = ndvi(observed, axis=1)
@@ -378,4 +415,23 @@ def finish_block(
         "filled": flags,
         "ndvi": ndvi(reconstructed, axis=1),
         "ndvi_observed": ndvi_observed,
+        "uncertainty": _calibrated(sigma, to_fill & ~unobserved | from_series, chosen, from_series, quality),
     }
+
+
+def _calibrated(
+    sigma: np.ndarray, filled: np.ndarray, chosen: list[str], from_series: np.ndarray, quality: np.ndarray | None
+) -> np.ndarray:
+    """Return the raw spread ``sigma`` times each date's calibration factor where ``filled``, NaN elsewhere.
+
+    The factor is the one of the date's filler, or of the regression at the pixels it filled from the series.
+    """
+    from cmsn_cube.selfcheck import uncertainty_scales
+
+    scales = uncertainty_scales(quality, len(chosen))
+    own = np.array([scales[d][chosen[d]] for d in range(len(chosen))], dtype=np.float32)
+    regression = np.array([scales[d]["regression"] for d in range(len(chosen))], dtype=np.float32)
+    factor = np.where(from_series, regression[:, None, None], own[:, None, None])
+    out = sigma * factor[:, None]
+    out[~np.broadcast_to(filled[:, None], out.shape)] = np.nan
+    return out

@@ -29,7 +29,7 @@ from torch import nn
 
 from cmsn_cube.model.mfam import MFAM
 from cmsn_cube.model.pointwise import pointwise_conv2d
-from cmsn_cube.model.prior import local_regression_fill, normalising_statistics, temporal_mean_fill
+from cmsn_cube.model.prior import local_regression_spread, normalising_statistics, temporal_mean_fill
 from cmsn_cube.model.resfft import ResFFTConv
 
 __all__ = ["CMSN", "CMSNOutput", "ARCHITECTURE", "DEFAULT_BAND_MEAN", "DEFAULT_BAND_STD"]
@@ -62,6 +62,9 @@ class CMSNOutput(NamedTuple):
     """Refinement-stage reconstruction of every pixel of every date."""
     output: torch.Tensor
     """Input bands where the mask is 0 (bit-identical), ``refined`` where the mask is 1."""
+    spread: torch.Tensor | None = None
+    """In evaluation mode with the regression prior: the raw spread of the prior's error that the local fits
+    predict (reflectance; NaN where no other date is clear): what :mod:`cmsn_cube.uncertainty` calibrates."""
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int = 3, *, stride: int = 1) -> nn.Sequential:
@@ -386,8 +389,11 @@ class CMSN(nn.Module):
         clear = 1 - mask
         mean, std = self.statistics(bands, clear)
         normalised = (bands - mean) / std * clear  # cloudy pixels sit at the band mean
-        if self.prior_name == "regression":
-            prior = local_regression_fill(normalised, clear, factor=self.prior_factor)
+        variance = None
+        if self.prior_name == "regression":  # its spread only for inference: training never reads it
+            prior, variance = local_regression_spread(
+                normalised, clear, factor=self.prior_factor, spread=not self.training
+            )
         else:
             prior = temporal_mean_fill(normalised, clear)
         net_inputs = torch.cat([normalised, mask], dim=2)
@@ -422,7 +428,8 @@ class CMSN(nn.Module):
         refined = to_reflectance(refined_normalised)
         # torch.where copies input values bit for bit where the mask is clear.
         output = torch.where(mask > 0.5, refined, bands.to(refined.dtype))
-        return CMSNOutput(coarse=coarse, refined=refined, output=output)
+        spread = None if variance is None else variance.float().sqrt() * std
+        return CMSNOutput(coarse=coarse, refined=refined, output=output, spread=spread)
 
     def statistics(self, bands: torch.Tensor, clear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the ``(mean, std)`` that normalise ``bands`` (``(B, T, C, H, W)``), broadcastable to them."""

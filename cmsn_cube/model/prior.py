@@ -113,6 +113,16 @@ def local_regression_fill(
 ) -> torch.Tensor:
     """Own value where clear, else the weighted local-regression prediction from the other dates.
 
+    :func:`local_regression_spread` gives the same fill and the variance of its error the fits predict.
+    """
+    return local_regression_spread(normalised, clear, radius=radius, factor=factor, spread=False)[0]
+
+
+def local_regression_spread(
+    normalised: torch.Tensor, clear: torch.Tensor, *, radius: int = DEFAULT_RADIUS, factor: int = 4, spread: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return :func:`local_regression_fill` and, with ``spread``, the predicted variance of its error.
+
     The fit runs on a grid ``factor`` times coarser (block means of the clear pixels, windows of about
     ``2 * radius + 1`` full-resolution pixels) and the fitted gains and offsets are interpolated back and applied
     to the full-resolution helper dates: the fit is smooth in space anyway, and this costs ~1/factor² of a
@@ -131,8 +141,11 @@ def local_regression_fill(
 
     Returns
     -------
-    torch.Tensor
-        ``(B, T, C, H, W)``; where no other date is clear, the temporal mean fill (the band mean).
+    tuple
+        The fill ``(B, T, C, H, W)`` (where no other date is clear, the temporal mean fill: the band mean) and,
+        with ``spread``, the variance of its error in normalised units², the same shape: the trust-weighted mean
+        of the helpers' residual variances per band plus the weighted variance of their predictions (NaN where
+        no helper is clear); else None.
     """
     batch, dates, channels, height, width = normalised.shape
     values, masks = normalised.float(), clear.float()
@@ -162,6 +175,7 @@ def local_regression_fill(
     # more clear blocks, better fit: more trust (20 px of full resolution count as much as the fit's spread)
     count_trust = clear_count / (clear_count + 20.0 / factor**2)
     predictions, weights = torch.zeros_like(values), torch.zeros_like(masks)
+    residuals, squares = (torch.zeros_like(values), torch.zeros_like(values)) if spread else (None, None)
     # each unordered pair both ways: a predicts b (target b, helper a), then b predicts a
     for helpers, targets, mean_x, mean_y, var_x, var_y in (
         (first, second, mean_a, mean_b, var_a, var_b),
@@ -169,17 +183,27 @@ def local_regression_fill(
     ):
         gain = (cov + _RIDGE) / (var_x + _RIDGE)
         offset = mean_y - gain * mean_x
-        residual = (var_y - gain * cov).clamp(min=0).mean(dim=2, keepdim=True) + _RESIDUAL_FLOOR
-        confidence = count_trust / residual
+        band_residual = (var_y - gain * cov).clamp(min=0)
+        confidence = count_trust / (band_residual.mean(dim=2, keepdim=True) + _RESIDUAL_FLOOR)
         if factor > 1:
-            gain, offset, confidence = (
-                _to_full_resolution(part, factor, height, width) for part in (gain, offset, confidence)
+            gain, offset, confidence, band_residual = (
+                _to_full_resolution(part, factor, height, width) for part in (gain, offset, confidence, band_residual)
             )
         trust = masks[:, helpers] * confidence.clamp(min=0)  # a helper counts only where it is clear itself
-        predictions.index_add_(1, targets, trust * (gain * values[:, helpers] + offset))
+        prediction = gain * values[:, helpers] + offset
+        predictions.index_add_(1, targets, trust * prediction)
         weights.index_add_(1, targets, trust)
-    regressed = torch.where(weights > 0, predictions / weights.clamp(min=1e-12), temporal_mean_fill(values, masks))
-    return (values * masks + regressed * (1 - masks)).to(normalised.dtype)
+        if residuals is not None and squares is not None:
+            residuals.index_add_(1, targets, trust * band_residual)
+            squares.index_add_(1, targets, trust * prediction.square())
+    helped = weights > 0
+    regressed = torch.where(helped, predictions / weights.clamp(min=1e-12), temporal_mean_fill(values, masks))
+    filled = (values * masks + regressed * (1 - masks)).to(normalised.dtype)
+    if residuals is None or squares is None:
+        return filled, None
+    total = weights.clamp(min=1e-12)
+    variance = residuals / total + (squares / total - regressed.square()).clamp(min=0)
+    return filled, torch.where(helped, variance, torch.full_like(variance, float("nan")))
 
 
 def _to_full_resolution(coarse: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
@@ -240,6 +264,8 @@ class RegressionFill(torch.nn.Module):
             band_std=torch.as_tensor(self.band_std),
         )
         normalised = (bands - mean) / std * clear
-        filled = local_regression_fill(normalised, clear, radius=self.radius, factor=self.factor).float() * std + mean
+        fill, variance = local_regression_spread(normalised, clear, radius=self.radius, factor=self.factor)
+        filled = fill.float() * std + mean
         output = torch.where(mask > 0.5, filled, bands.to(filled.dtype))
-        return CMSNOutput(coarse=filled, refined=filled, output=output)
+        spread = None if variance is None else variance.float().sqrt() * std
+        return CMSNOutput(coarse=filled, refined=filled, output=output, spread=spread)
