@@ -144,8 +144,9 @@ def local_regression_spread(
     tuple
         The fill ``(B, T, C, H, W)`` (where no other date is clear, the temporal mean fill: the band mean) and,
         with ``spread``, the variance of its error in normalised units², the same shape: the trust-weighted mean
-        of the helpers' residual variances per band plus the weighted variance of their predictions (NaN where
-        no helper is clear); else None.
+        of the helpers' residual variances per band plus the weighted variance of their predictions; 1 (the
+        date's own spread) where no window around the pixel holds a pixel clear in both dates, NaN where no other
+        date is clear; else None.
     """
     batch, dates, channels, height, width = normalised.shape
     values, masks = normalised.float(), clear.float()
@@ -203,7 +204,10 @@ def local_regression_spread(
         return filled, None
     total = weights.clamp(min=1e-12)
     variance = residuals / total + (squares / total - regressed.square()).clamp(min=0)
-    return filled, torch.where(helped, variance, torch.full_like(variance, float("nan")))
+    # no window to fit (inside a large cloud): the temporal mean fill, as uncertain as the date's own spread (1)
+    seen = (masks.sum(dim=1, keepdim=True) - masks) > 0
+    fallback = torch.where(seen, torch.ones_like(variance), torch.full_like(variance, float("nan")))
+    return filled, torch.where(helped, variance, fallback)
 
 
 def _to_full_resolution(coarse: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
