@@ -258,6 +258,9 @@ def choose(scores: np.ndarray) -> tuple[str, ...]:
     """Choose each date's filler: the one with the best measured PSNR, when it beats the scene's best by a margin.
 
     The margin is :data:`DATE_MARGIN_DB` over the scene's best (pooled over dates); below it, the scene's best.
+    The network is the scene's best only when it also beats the best classical filler on most checked dates:
+    on the unseen New York Landsat stack one date where it won by 3.6 dB made it the scene's pick while it lost
+    on the other dates.
     Ties go to a classical filler (the ``regression`` baseline first), and so do dates too cloudy to check.
     """
     psnr, pixels = scores[..., METRICS.index("psnr_db")], scores[..., METRICS.index("pixels")]
@@ -269,6 +272,12 @@ def choose(scores: np.ndarray) -> tuple[str, ...]:
         ]
     )
     scene = _best(pooled)
+    if scene == "cmsn":  # a large win on one date must not carry the network over the dates where it loses
+        classical = _best_classical(pooled)
+        own, other = psnr[:, METHODS.index("cmsn")], psnr[:, METHODS.index(classical)]
+        checked = np.isfinite(own) & np.isfinite(other)
+        if 2 * int((own > other)[checked].sum()) <= int(checked.sum()):
+            scene = classical
     chosen = []
     for row in psnr:
         if not np.isfinite(row).any():  # too cloudy to check: nothing says the scene's winner holds here
@@ -282,9 +291,14 @@ def choose(scores: np.ndarray) -> tuple[str, ...]:
 
 def _best(psnr: np.ndarray) -> str:
     """Return the method of highest PSNR; the network only when strictly above every classical filler."""
-    scores = {method: np.nan_to_num(psnr[METHODS.index(method)], nan=-np.inf) for method in METHODS}
-    classical = max(CLASSICAL, key=lambda m: (scores[m], -CLASSICAL.index(m)))
-    return "cmsn" if scores["cmsn"] > scores[classical] else classical
+    classical = _best_classical(psnr)
+    network = np.nan_to_num(psnr[METHODS.index("cmsn")], nan=-np.inf)
+    return "cmsn" if network > np.nan_to_num(psnr[METHODS.index(classical)], nan=-np.inf) else classical
+
+
+def _best_classical(psnr: np.ndarray) -> str:
+    """Return the classical method of highest PSNR (ties: the first of :data:`CLASSICAL`)."""
+    return max(CLASSICAL, key=lambda m: (np.nan_to_num(psnr[METHODS.index(m)], nan=-np.inf), -CLASSICAL.index(m)))
 
 
 def quality_table(result: Any) -> Any:

@@ -8,9 +8,10 @@ cloud shapes, fills them with each method, and :func:`calibration_scale` finds t
 hidden pixels' errors match the spread. The published ``uncertainty`` is that factor times the raw spread: the
 predicted standard deviation of the error, in reflectance.
 
-The factor is fitted to two points of a normal error, the 68.3 % and the 95.4 % quantiles of |error| / sigma
-(their geometric mean): real errors have heavier tails than a normal one, and matching one quantile alone left
-the other 5-7 points off on the real stacks.
+The factor is fitted to two points of a normal error at once, the shares within 1 and 2 sigma (68.3 % and
+95.4 %): it is the factor whose larger miss of the two is smallest. Real errors have heavier tails than a normal
+one (on the real stacks of ../shared/data about 75 % and 94 %, as a Laplace error), so no factor hits both; this
+one keeps both within a few points, where matching the 1 sigma share alone left 2 sigma 5 points short.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ DEFAULT_SCALE = 0.8
 def calibration_scale(errors: np.ndarray, sigma: np.ndarray) -> float:
     """Return the factor ``k`` such that ``k * sigma`` is the standard deviation of ``errors`` (NaN if none).
 
-    ``errors`` and ``sigma`` are arrays of the same shape (any NaN pair is left out). ``k`` is the geometric
-    mean of the factors that put 68.3 % and 95.4 % of ``|errors|`` within 1 and 2 times ``k * sigma``.
+    ``errors`` and ``sigma`` are arrays of the same shape (any NaN pair is left out). ``k`` minimises the larger
+    of the misses ``|share within k sigma - 68.3 %|`` and ``|share within 2 k sigma - 95.4 %|``.
 
     Examples
     --------
@@ -38,11 +39,15 @@ def calibration_scale(errors: np.ndarray, sigma: np.ndarray) -> float:
     >>> round(calibration_scale(rng.normal(0, 2 * sigma), sigma), 1)
     2.0
     """
-    ratio = _ratios(errors, sigma)
+    ratio = np.sort(_ratios(errors, sigma))
     if ratio.size == 0:
         return float("nan")
     one, two = np.quantile(ratio, [WITHIN_1_SIGMA, WITHIN_2_SIGMA])
-    return float(np.sqrt(one * two / 2))
+    candidates = np.geomspace(min(one, two / 2), max(one, two / 2), 64) if one > 0 else np.array([two / 2])
+    within_1 = np.searchsorted(ratio, candidates, side="right") / ratio.size
+    within_2 = np.searchsorted(ratio, 2 * candidates, side="right") / ratio.size
+    miss = np.maximum(np.abs(within_1 - WITHIN_1_SIGMA), np.abs(within_2 - WITHIN_2_SIGMA))
+    return float(candidates[int(np.argmin(miss))])
 
 
 def coverage(errors: np.ndarray, sigma: np.ndarray) -> tuple[float, float]:

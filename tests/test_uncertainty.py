@@ -107,3 +107,20 @@ def test_the_prior_spread_is_the_noise_no_helper_explains():
     assert variance[hidden].sqrt().median().item() == pytest.approx(0.2, rel=0.15)
     no_spread = local_regression_spread(dates * clear, clear, factor=1, spread=False)
     assert no_spread[1] is None and torch.equal(no_spread[0], filled)
+
+
+def test_a_large_cloud_interior_is_stated_as_uncertain_not_certain():
+    """No window around the pixel holds a pixel clear in both dates: the spread is the date's own, never 0."""
+    from cmsn_cube.model.prior import local_regression_spread
+
+    generator = torch.Generator().manual_seed(1)
+    dates = torch.randn(1, 3, 4, 96, 96, generator=generator)
+    clear = torch.ones(1, 3, 1, 96, 96)
+    clear[:, 0, :, 8:88, 8:88] = 0  # far wider than the 31 px window
+    _, variance = local_regression_spread(dates * clear, clear, factor=1)
+    assert variance is not None
+    interior = variance[0, 0, :, 40:56, 40:56]
+    assert torch.isfinite(interior).all() and (interior >= 1).all()
+    clear[:, :, :, 0:4, 0:4] = 0  # no date at all: no spread
+    _, variance = local_regression_spread(dates * clear, clear, factor=1)
+    assert variance is not None and torch.isnan(variance[0, 0, :, 0:4, 0:4]).all()
