@@ -123,3 +123,18 @@ def test_regression_spread_matches_the_noise_it_could_not_explain():
     z = np.abs(filled.values[0][:, gap[0]] - values[0][:, gap[0]]) / sigma
     assert np.median(sigma) == pytest.approx(noise, rel=0.15)
     assert 0.63 < np.mean(z < 1) < 0.74 and 0.93 < np.mean(z < 2) < 0.98  # Gaussian noise: 68 % and 95 %
+
+
+def test_regression_averages_the_best_helpers_so_their_own_noise_cancels():
+    from cmsn_cube.baselines import regress
+
+    rng = np.random.default_rng(4)
+    base = _gradient_scene(1, size=80)[0]
+    # four helpers, each the target plus its own noise (a helper's noise is not the target's): averaging three
+    # of them divides the noise's variance by three, one alone keeps it whole
+    values = np.stack([base] + [base + rng.normal(0, 0.02, size=base.shape) for _ in range(4)])
+    gap = np.zeros(values.shape[:1] + values.shape[2:], dtype=bool)
+    gap[0, 20:60, 20:60] = True
+    filled = regress(values, gap, np.array([0.0, 8, 16, 24, 32]))
+    error = filled.values[0][:, gap[0]] - base[:, gap[0]]
+    assert np.sqrt(np.mean(error**2)) < 0.02 * 0.7
