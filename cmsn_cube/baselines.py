@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import xarray as xr
@@ -248,17 +248,9 @@ def _regress_date(
     out.sigma[t][:, filled] = np.sqrt(variance[:, filled])
 
 
-def fill_regression(
-    values: np.ndarray,
-    gap: np.ndarray,
-    days: np.ndarray,
-    *,
-    window: int = REGRESSION_WINDOW,
-    min_pixels: int = REGRESSION_MIN_PIXELS,
-    targets: Sequence[int] | None = None,
-) -> np.ndarray:
-    """Return the fill of :func:`regress` alone (a :data:`Filler`)."""
-    return regress(values, gap, days, window=window, min_pixels=min_pixels, targets=targets).values
+def fill_regression(values: np.ndarray, gap: np.ndarray, days: np.ndarray, **options: Any) -> np.ndarray:
+    """Return the fill of :func:`regress` alone (a :data:`Filler`; ``options`` as there)."""
+    return regress(values, gap, days, **options).values
 
 
 _FILLERS: dict[str, Filler] = {
