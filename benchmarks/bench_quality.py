@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 import real_stacks  # noqa: E402
 
 CLASSICAL = ("nearest", "linear", "median", "regression", "scene-regression", "reference", "weighted-regression")
-NETWORK = ("cmsn", "auto")
+NETWORK = ("cmsn", "blend", "auto")
 #: stack -> (reader, cloud kinds)
 STACKS: dict[str, tuple[Callable[[], xr.Dataset], tuple[str, ...]]] = {
     "cbers": (real_stacks.cbers, ("pasted",)),
@@ -265,7 +265,7 @@ def report(
     lines.append("| stack (clouds) | method | SAM (°) | SSIM | NDVI MAE | band-mean PSNR (dB) |")
     lines.append("|---|---|---:|---:|---:|---:|")
     for (name, kind), draws in rows.items():
-        for m in ("regression", "reference", "cmsn", "auto"):
+        for m in ("regression", "reference", "cmsn", "blend", "auto"):
             if m in draws[0]:
                 values = {k: np.mean([d[m][k] for d in draws]) for k in ("sam", "ssim", "ndvi_mae", "psnr")}
                 lines.append(

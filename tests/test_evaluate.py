@@ -98,7 +98,7 @@ def test_evaluate_accepts_every_reconstruct_method(scene, tmp_path):
 
     store = tiny_store(tmp_path / "scene.zarr", scene)
     names = ["auto", *METHODS]
-    assert names == ["auto", "cmsn", "regression", "weighted-regression"]
+    assert names == ["auto", "cmsn", "regression", "weighted-regression", "blend"]
     result = CliRunner().invoke(main, ["evaluate", store, "--methods", ",".join(names)])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()[2:-1]}

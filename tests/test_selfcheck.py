@@ -154,10 +154,10 @@ def test_a_date_keeps_its_own_winner_only_by_the_date_margin():
     """choose() on fixed scores: a date overrides the scene's pooled winner only when it wins by 1 dB."""
     from cmsn_cube.selfcheck import METHODS, METRICS, choose
 
-    psnr = {  # per date: cmsn, regression, weighted-regression (dB); pooled winner: regression (31.0 vs 30.7)
-        0: (28.0, 31.0, 30.0),
-        1: (31.5, 31.0, 30.0),  # the network wins the date by 0.5 dB: sampling noise, the scene's winner stays
-        2: (32.6, 31.0, 30.0),  # by 1.6 dB: the date's own winner
+    psnr = {  # per date: cmsn, regression, weighted-regression, blend (dB); pooled winner: regression (31.0 vs 30.7)
+        0: (28.0, 31.0, 30.0, 25.0),
+        1: (31.5, 31.0, 30.0, 25.0),  # the network wins the date by 0.5 dB: sampling noise, the scene's winner stays
+        2: (32.6, 31.0, 30.0, 25.0),  # by 1.6 dB: the date's own winner
     }
     scores = np.zeros((3, len(METHODS), len(METRICS)))
     scores[..., METRICS.index("pixels")] = 1000
@@ -177,10 +177,13 @@ def test_one_big_win_does_not_make_the_network_the_scenes_filler():
 
     scores = np.zeros((4, len(METHODS), len(METRICS)))
     scores[..., METRICS.index("pixels")] = 800
-    scores[..., METRICS.index("psnr_db")] = [(29.6, 30.0, 29.0), (29.7, 30.0, 29.0), (29.5, 30.0, 29.0),
-                                             (33.6, 30.0, 29.0)]  # fmt: skip
+    scores[..., METRICS.index("psnr_db")] = [(29.6, 30.0, 29.0, 20.0), (29.7, 30.0, 29.0, 20.0),
+                                             (29.5, 30.0, 29.0, 20.0), (33.6, 30.0, 29.0, 20.0)]  # fmt: skip
     # the date it wins by more than the margin keeps it; the others take the classical regression
     assert choose(scores) == ("regression", "regression", "regression", "cmsn")
+    # the blend of the network and the regression wins most dates: the scene's filler
+    scores[..., METHODS.index("blend"), METRICS.index("psnr_db")] = [30.4, 30.3, 30.5, 29.0]
+    assert choose(scores) == ("blend", "blend", "blend", "cmsn")
 
 
 def test_only_dates_with_gaps_are_checked_and_nothing_to_fill_is_said_at_once(scene, tmp_path, monkeypatch):

@@ -248,7 +248,7 @@ def test_a_finished_block_states_the_calibrated_spread_of_what_it_filled_only():
     assert np.isfinite(out["uncertainty"]).all(axis=1).tolist() == filled.tolist()  # NaN where observed or not filled
     # with a self-check, each date's factor is its own filler's
     quality = np.full((3, len(METHODS), len(METRICS)), np.nan)
-    quality[..., METRICS.index("uncertainty_scale")] = [[2.0, 3.0, 4.0]] * 3
+    quality[..., METRICS.index("uncertainty_scale")] = [[2.0, 3.0, 4.0, 5.0]] * 3
     block = finished_block_inputs()
     checked = finish_block(
         *block, quality=quality, methods=np.array([1, 0, 0]), fill_unobserved=False, **FINISH_OPTIONS

@@ -124,3 +124,13 @@ def test_a_large_cloud_interior_is_stated_as_uncertain_not_certain():
     clear[:, :, :, 0:4, 0:4] = 0  # no date at all: no spread
     _, variance = local_regression_spread(dates * clear, clear, factor=1)
     assert variance is not None and torch.isnan(variance[0, 0, :, 0:4, 0:4]).all()
+
+
+def test_the_blend_is_the_mean_of_the_network_and_the_regression(scene):
+    observed = scene.drop_vars("truth")
+    parts = {m: reconstruct(observed, method=m).compute() for m in ("blend", "cmsn", "regression")}
+    filled = parts["blend"].filled.values == FILLED
+    mean = (parts["cmsn"].reconstructed.values + parts["regression"].reconstructed.values) / 2
+    np.testing.assert_allclose(parts["blend"].reconstructed.values.transpose(1, 0, 2, 3)[:, filled],
+                               mean.transpose(1, 0, 2, 3)[:, filled], atol=1e-5)  # fmt: skip
+    assert np.isfinite(parts["blend"].uncertainty.values.transpose(1, 0, 2, 3)[:, filled]).all()

@@ -109,7 +109,7 @@ def _method_names(ctx: click.Context, param: click.Parameter, value: str) -> tup
     default="nearest,linear,median,regression",
     callback=_method_names,
     help="Comma-separated gap-fillers to score: the baselines nearest, linear, median, regression, and every "
-    "reconstruct --method (cmsn, auto, weighted-regression; their model is --model).",
+    "reconstruct --method (cmsn, auto, weighted-regression, blend; their model is --model).",
 )
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Folder for evaluation.csv and evaluation.json."

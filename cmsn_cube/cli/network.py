@@ -46,8 +46,8 @@ from cmsn_cube.selfcheck import METHODS  # numpy only: --help stays instant
     "--method",
     type=click.Choice(["auto", *METHODS]),
     default="auto",
-    help="Filler of the gaps: per date the best of the network and two classical local regressions in the "
-    "scene self-check (auto), or one of them.",
+    help="Filler of the gaps: per date the best in the scene self-check (auto) of the network, two classical "
+    "local regressions and the blend (mean of the network and the regression), or one of them.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace another Zarr store at OUT (never the input, never a non-store)."

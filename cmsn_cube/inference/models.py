@@ -148,6 +148,7 @@ def fill_windows(
 ) -> WindowFill:
     """Fill the ``served`` dates of ``windows(batch, every date, bands + mask, y, x)`` and give their raw spread.
 
+    ``"blend"`` is the mean of the regression's and the network's (:func:`blend_fills`).
     The network and the weighted regression see the dates of ``triplet`` (which holds the served ones); their
     raw spread is the one their regression prior predicts (:func:`cmsn_cube.model.prior.local_regression_spread`).
     The classical regression (:func:`cmsn_cube.baselines.regress`) sees every date: per pixel it takes the best
@@ -157,6 +158,11 @@ def fill_windows(
     """
     from cmsn_cube.baselines import regress
 
+    if method == "blend":
+        options = {"served": served, "spec": spec, "device": device, "days": days}
+        regressed = fill_windows("regression", windows, triplet=tuple(range(windows.shape[1])), **options)  # type: ignore[arg-type]
+        network = fill_windows("cmsn", windows, triplet=triplet, **options)  # type: ignore[arg-type]
+        return blend_fills(regressed, network)
     if method == "regression":
         fits = [regress(w[:, :-1], w[:, -1] > 0.5, np.asarray(days, dtype=np.float64), targets=served) for w in windows]
         values = np.stack([fit.values[served] for fit in fits])
@@ -174,6 +180,17 @@ def fill_windows(
     else:
         spread = spread[:, position]
     return WindowFill(output[:, position], spread)
+
+
+def blend_fills(regressed: WindowFill, network: WindowFill) -> WindowFill:
+    """Return the mean of the regression's and the network's fills, and of their raw spreads.
+
+    Where the network's triplet saw nothing (its spread is NaN), the regression's fill alone.
+    """
+    alone = np.isnan(network.sigma)
+    values = np.where(alone, regressed.values, (regressed.values + network.values) / 2)
+    sigma = np.where(alone, regressed.sigma, (regressed.sigma + network.sigma) / 2)
+    return WindowFill(values.astype(regressed.values.dtype), sigma.astype(regressed.sigma.dtype))
 
 
 def _fill_with_spread(

@@ -96,7 +96,7 @@ def reconstruct(
     fill_unobserved : bool
         Also fill the gaps that no date of their triplet observed (the network's guess, flagged 3 in ``filled``);
         by default they stay NaN (flagged 2).
-    method : {"auto", "cmsn", "regression", "weighted-regression"}
+    method : {"auto", "cmsn", "regression", "weighted-regression", "blend"}
         Who fills the gaps: per date, the filler that scored best in the scene self-check (``"auto"``, see
         :mod:`cmsn_cube.selfcheck`; ties go to the classical ones), or one filler forced (see :func:`run_filler`).
     check_seed : int

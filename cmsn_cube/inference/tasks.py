@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cmsn_cube.cube import check_reflectance_values
-from cmsn_cube.inference.models import ModelSpec, fill_windows
+from cmsn_cube.inference.models import ModelSpec, WindowFill, blend_fills, fill_windows
 from cmsn_cube.inference.tiling import BlockBlend, Tilings, block_core, model_channels, take
 
 
@@ -138,12 +138,19 @@ def run_check_sample(
     assert planned_window == window, "the graph reads the window of sample_window()"
 
     every_date = tuple(range(len(days)))
+    made: dict[str, WindowFill] = {}  # the blend reuses the regression's and the network's fills of this sample
 
     def fill(method: str, channels: np.ndarray, date: int) -> tuple[np.ndarray, np.ndarray]:
-        context = every_date if method == "regression" else triplets[date]
-        filled = fill_windows(method, channels[None], triplet=context, served=[date], spec=spec, device=device,
-                              days=list(days))  # fmt: skip
+        for needed in ("regression", "cmsn") if method == "blend" else (method,):
+            if needed not in made:
+                made[needed] = _filled(needed, channels, date)
+        filled = blend_fills(made["regression"], made["cmsn"]) if method == "blend" else made[method]
         return filled.values[0, 0], filled.sigma[0, 0]
+
+    def _filled(method: str, channels: np.ndarray, date: int) -> WindowFill:
+        context = every_date if method == "regression" else triplets[date]
+        return fill_windows(method, channels[None], triplet=context, served=[date], spec=spec, device=device,
+                            days=list(days))  # fmt: skip
 
     return check_sample(
         *read,

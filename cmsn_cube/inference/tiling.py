@@ -303,7 +303,10 @@ class BlockBlend:
 
 
 def date_context(triplets: tuple[tuple[int, ...], ...], chosen: list[str], date: int) -> tuple[int, ...]:
-    """Return the dates a date's filler sees: its triplet, or every date for the classical regression."""
+    """Return the dates a date's filler sees: its triplet, or every date for the classical regression.
+
+    The blend's network sees the triplet (its regression every date of the windows it is handed).
+    """
     return tuple(range(len(chosen))) if chosen[date] == "regression" else tuple(triplets[date])
 
 
