@@ -39,8 +39,8 @@ METRICS: tuple[str, ...] = ("psnr_db", "mae", "sam_deg", "pixels", "psnr_pooled_
 MIN_PIXELS = 400
 #: Side of the sample windows (px) and how many; each sample hides one date of one window and runs as its own
 #: task. 160 px: the six samples of a 2048² scene cost about 1 s (9 % of the network path); 256 px cost 2.4 s for
-#: the same choices. Their per-date estimate is 1.9-2.7 dB from the measured PSNR on unseen generator seeds and
-#: 1.1-4.1 dB on the unseen real stacks (``benchmarks/bench_quality.py``): a guide to rank methods, not a measure.
+#: the same choices. Their per-date estimate is 2.1-2.7 dB from the measured PSNR on unseen generator seeds and
+#: 1.0-4.3 dB on the unseen real stacks (``benchmarks/bench_quality.py``): a guide to rank methods, not a measure.
 WINDOW = 160
 N_WINDOWS = 6
 
