@@ -134,3 +134,21 @@ def test_the_blend_is_the_mean_of_the_network_and_the_regression(scene):
     np.testing.assert_allclose(parts["blend"].reconstructed.values.transpose(1, 0, 2, 3)[:, filled],
                                mean.transpose(1, 0, 2, 3)[:, filled], atol=1e-5)  # fmt: skip
     assert np.isfinite(parts["blend"].uncertainty.values.transpose(1, 0, 2, 3)[:, filled]).all()
+
+
+def test_run_filler_gives_each_method_its_own_fill(scene):
+    """The public window filler: the blend is the mean of the network and the regression, not another filler."""
+    from cmsn_cube.baselines import days_of
+    from cmsn_cube.inference import model_channels, run_filler
+    from cmsn_cube.inference.models import model_spec
+
+    window = scene.drop_vars("truth").isel(y=slice(0, 96), x=slice(0, 96))
+    channels, to_fill = model_channels(window.reflectance.values.astype(np.float32), window.cloud_mask.values)
+    options = {"spec": model_spec(None), "device": "cpu", "days": list(days_of(window))}
+    fills = {m: run_filler(m, channels[None], **options)[0] for m in ("cmsn", "regression", "blend")}
+    seen_elsewhere = (to_fill.sum(axis=0) < to_fill.shape[0]) & to_fill  # pixels another date observes
+    gaps = np.broadcast_to(seen_elsewhere[:, None], fills["blend"].shape)
+    np.testing.assert_allclose(fills["blend"][gaps], ((fills["cmsn"] + fills["regression"]) / 2)[gaps], atol=1e-6)
+    assert np.abs(fills["cmsn"] - fills["regression"])[gaps].max() > 1e-3  # the two differ: the test can tell
+    only = run_filler("regression", channels[None], targets=[1], **options)[0]
+    assert np.isnan(only[[0, 2]]).all() and np.array_equal(only[1][gaps[1]], fills["regression"][1][gaps[1]])

@@ -100,29 +100,22 @@ def run_filler(
     device: str,
     days: list[float],
     targets: list[int] | None = None,
-    weighted: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fill ``windows(batch, dates, bands + mask, y, x)`` as ``(batch, dates, bands, y, x)``.
 
     ``method`` is the network (``"cmsn"``), the local regression weighted by fit (``"weighted-regression"``:
-    the network's prior on its own, :class:`cmsn_cube.model.prior.RegressionFill`) or the classical local
-    regression (``"regression"``: :func:`cmsn_cube.baselines.fill_regression` itself, nearest clear date
-    first; where it has no answer, the weighted one). ``targets``: the dates wanted (default all; the others
-    may be left unfilled); ``weighted``: the weighted regression of these windows when already run.
+    the network's prior on its own, :class:`cmsn_cube.model.prior.RegressionFill`), the classical local
+    regression (``"regression"``: :func:`cmsn_cube.baselines.regress` over the windows' dates; where no date
+    observes a pixel, the weighted one) or the mean of the network and the regression (``"blend"``); the
+    windows' dates are the network's (three for a CMSN). ``targets``: the dates wanted (default all); the
+    regression and the blend leave the others NaN. :func:`fill_windows` also gives the raw spread.
     """
-    from cmsn_cube.baselines import fill_regression
-
-    if method == "regression" and weighted is not None:
-        output = weighted.copy()
-    else:
-        output = _fill_with_spread(method, windows, spec=spec, device=device)[0]
-    if method != "regression":
-        return output
-    for k, window in enumerate(windows):
-        values, gap = window[:, :-1], window[:, -1] > 0.5
-        filled = fill_regression(values, gap, np.asarray(days, dtype=np.float64), targets=targets)
-        use = gap[:, None] & np.isfinite(filled)
-        output[k][use] = filled[use]
+    every_date = list(range(windows.shape[1]))
+    served = every_date if targets is None or method in ("cmsn", "weighted-regression") else list(targets)
+    options = {"spec": spec, "device": device, "days": days}
+    filled = fill_windows(method, windows, triplet=tuple(every_date), served=served, **options)  # type: ignore[arg-type]
+    output = np.full(windows[:, :, :-1].shape, np.nan, dtype=filled.values.dtype)
+    output[:, served] = filled.values
     return output
 
 
