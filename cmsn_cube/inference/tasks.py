@@ -13,7 +13,7 @@ import numpy as np
 
 from cmsn_cube.cube import check_reflectance_values
 from cmsn_cube.inference.models import ModelSpec, WindowFill, blend_fills, fill_windows
-from cmsn_cube.inference.tiling import BlockBlend, Tilings, block_core, model_channels, take
+from cmsn_cube.inference.tiling import BlockBlend, Tilings, block_core, date_context, model_channels, take
 
 
 def join(region: Any) -> np.ndarray:
@@ -137,7 +137,6 @@ def run_check_sample(
     date, planned_window = planned
     assert planned_window == window, "the graph reads the window of sample_window()"
 
-    every_date = tuple(range(len(days)))
     made: dict[str, WindowFill] = {}  # the blend reuses the regression's and the network's fills of this sample
 
     def fill(method: str, channels: np.ndarray, date: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +147,7 @@ def run_check_sample(
         return filled.values[0, 0], filled.sigma[0, 0]
 
     def _filled(method: str, channels: np.ndarray, date: int) -> WindowFill:
-        context = every_date if method == "regression" else triplets[date]
+        context = date_context(triplets[date], method, len(days))
         return fill_windows(method, channels[None], triplet=context, served=[date], spec=spec, device=device,
                             days=list(days))  # fmt: skip
 

@@ -274,7 +274,7 @@ class BlockBlend:
         if not self.corners:
             return []
         n_dates = len(chosen)
-        contexts = [date_context(triplets, chosen, d) for d in range(n_dates)]
+        contexts = [date_context(triplets[d], chosen[d], n_dates) for d in range(n_dates)]
         runs = []
         for triplet, method in sorted({(contexts[d], chosen[d]) for d in range(n_dates)}):
             served = [d for d in range(n_dates) if (contexts[d], chosen[d]) == (triplet, method)]
@@ -302,12 +302,12 @@ class BlockBlend:
                 self.sums[date, bands:, y : y + ty, x : x + tx] += np.nan_to_num(sigma[j, i]) * self.blend
 
 
-def date_context(triplets: tuple[tuple[int, ...], ...], chosen: list[str], date: int) -> tuple[int, ...]:
-    """Return the dates a date's filler sees: its triplet, or every date for the classical regression.
+def date_context(triplet: tuple[int, ...], method: str, n_dates: int) -> tuple[int, ...]:
+    """Return the dates a date's filler sees: its ``triplet``, or all ``n_dates`` for the classical regression.
 
     The blend's network sees the triplet (its regression every date of the windows it is handed).
     """
-    return tuple(range(len(chosen))) if chosen[date] == "regression" else tuple(triplets[date])
+    return tuple(range(n_dates)) if method == "regression" else tuple(triplet)
 
 
 def _fill_from_the_series(
@@ -399,7 +399,8 @@ def finish_block(
     np.copyto(reconstructed, observed, where=~to_fill[:, None])
     n_dates = to_fill.shape[0]
     chosen = [METHODS[int(m)] for m in methods] if methods is not None else ["cmsn"] * n_dates
-    seen = np.stack([(~to_fill[list(date_context(triplets, chosen, d))]).any(axis=0) for d in range(n_dates)])
+    contexts = [date_context(triplets[d], chosen[d], n_dates) for d in range(n_dates)]
+    seen = np.stack([(~to_fill[list(context)]).any(axis=0) for context in contexts])
     unobserved = to_fill & ~seen
     flags = to_fill.astype(np.uint8)  # FILLED where the network filled, OBSERVED elsewhere
     flags[to_fill & np.isnan(observed).any(axis=1)] = NO_DATA_FILLED  # stripes and edges, not clouds
