@@ -152,3 +152,17 @@ def test_run_filler_gives_each_method_its_own_fill(scene):
     assert np.abs(fills["cmsn"] - fills["regression"])[gaps].max() > 1e-3  # the two differ: the test can tell
     only = run_filler("regression", channels[None], targets=[1], **options)[0]
     assert np.isnan(only[[0, 2]]).all() and np.array_equal(only[1][gaps[1]], fills["regression"][1][gaps[1]])
+
+
+def test_the_network_states_its_spread_only_when_asked():
+    """Training, validation and window views do not pay for the spread; asking for it changes no fill."""
+    from cmsn_cube.model import CMSN
+
+    torch.manual_seed(0)
+    model = CMSN(width=8, depth=1, fusion_depth=1, skip_width=4).eval()
+    inputs = torch.rand(1, 3, 5, 32, 32)
+    inputs[:, :, -1] = (inputs[:, :, -1] > 0.8).float()
+    with torch.inference_mode():
+        plain, asked = model(inputs), model(inputs, spread=True)
+    assert plain.spread is None and asked.spread is not None and asked.spread.shape == asked.output.shape
+    assert torch.equal(plain.output, asked.output)

@@ -226,8 +226,8 @@ def _run_model(model: torch.nn.Module, windows: np.ndarray, device: str) -> tupl
         tensor = torch.from_numpy(windows).to(device)
         if device.startswith("cuda"):
             with torch.autocast("cuda", dtype=torch.float16):
-                result = model(tensor)
+                result = model(tensor, spread=True)
         else:
-            result = model(tensor)
+            result = model(tensor, spread=True)
         spread = None if result.spread is None else result.spread.float().cpu().numpy()
         return result.output.float().cpu().numpy(), spread

@@ -63,8 +63,8 @@ class CMSNOutput(NamedTuple):
     output: torch.Tensor
     """Input bands where the mask is 0 (bit-identical), ``refined`` where the mask is 1."""
     spread: torch.Tensor | None = None
-    """In evaluation mode with the regression prior: the raw spread of the prior's error that the local fits
-    predict (reflectance; NaN where no other date is clear): what :mod:`cmsn_cube.uncertainty` calibrates."""
+    """Asked for (``spread=True``) with the regression prior: the raw spread of the prior's error that the local
+    fits predict (reflectance; NaN where no other date is clear): what :mod:`cmsn_cube.uncertainty` calibrates."""
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int = 3, *, stride: int = 1) -> nn.Sequential:
@@ -360,18 +360,21 @@ class CMSN(nn.Module):
         refine_in = activation(refine_in)
         return coarse, coarse + self.refine[2](self.refine[1](refine_in))
 
-    def forward(self, inputs: torch.Tensor) -> CMSNOutput:
+    def forward(self, inputs: torch.Tensor, *, spread: bool = False) -> CMSNOutput:
         """Reconstruct every date.
 
         Parameters
         ----------
         inputs : torch.Tensor
             ``(B, T, bands + 1, H, W)`` float: reflectance (0 at cloudy pixels) then the cloud mask.
+        spread : bool
+            Also give the regression prior's spread (``CMSNOutput.spread``; what the whole-scene inference
+            calibrates into its uncertainty). Training, validation and window views do not ask for it.
 
         Returns
         -------
         CMSNOutput
-            ``coarse``, ``refined`` and ``output``, each ``(B, T, bands, H, W)``.
+            ``coarse``, ``refined`` and ``output``, each ``(B, T, bands, H, W)``, and ``spread`` if asked.
 
         Raises
         ------
@@ -390,10 +393,8 @@ class CMSN(nn.Module):
         mean, std = self.statistics(bands, clear)
         normalised = (bands - mean) / std * clear  # cloudy pixels sit at the band mean
         variance = None
-        if self.prior_name == "regression":  # its spread only for inference: training never reads it
-            prior, variance = local_regression_spread(
-                normalised, clear, factor=self.prior_factor, spread=not self.training
-            )
+        if self.prior_name == "regression":
+            prior, variance = local_regression_spread(normalised, clear, factor=self.prior_factor, spread=spread)
         else:
             prior = temporal_mean_fill(normalised, clear)
         net_inputs = torch.cat([normalised, mask], dim=2)
@@ -428,8 +429,8 @@ class CMSN(nn.Module):
         refined = to_reflectance(refined_normalised)
         # torch.where copies input values bit for bit where the mask is clear.
         output = torch.where(mask > 0.5, refined, bands.to(refined.dtype))
-        spread = None if variance is None else variance.float().sqrt() * std
-        return CMSNOutput(coarse=coarse, refined=refined, output=output, spread=spread)
+        stated = None if variance is None else variance.float().sqrt() * std
+        return CMSNOutput(coarse=coarse, refined=refined, output=output, spread=stated)
 
     def statistics(self, bands: torch.Tensor, clear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the ``(mean, std)`` that normalise ``bands`` (``(B, T, C, H, W)``), broadcastable to them."""

@@ -254,8 +254,8 @@ class RegressionFill(torch.nn.Module):
         """Build the regression with ``network``'s fallback band statistics (a CMSN's ``band_mean``/``band_std``)."""
         return cls(network.band_mean, network.band_std)  # type: ignore[arg-type]
 
-    def forward(self, inputs: torch.Tensor) -> Any:
-        """``(B, T, bands + 1, H, W)`` (bands 0 where masked, then the mask) -> ``CMSNOutput``."""
+    def forward(self, inputs: torch.Tensor, *, spread: bool = False) -> Any:
+        """``(B, T, bands + 1, H, W)`` (bands 0 where masked, then the mask) -> ``CMSNOutput`` (``spread`` as CMSN's)."""
         from cmsn_cube.model.cmsn import CMSNOutput
 
         bands, mask = inputs[:, :, :-1], inputs[:, :, -1:].clamp(0, 1)
@@ -268,8 +268,10 @@ class RegressionFill(torch.nn.Module):
             band_std=torch.as_tensor(self.band_std),
         )
         normalised = (bands - mean) / std * clear
-        fill, variance = local_regression_spread(normalised, clear, radius=self.radius, factor=self.factor)
+        fill, variance = local_regression_spread(
+            normalised, clear, radius=self.radius, factor=self.factor, spread=spread
+        )
         filled = fill.float() * std + mean
         output = torch.where(mask > 0.5, filled, bands.to(filled.dtype))
-        spread = None if variance is None else variance.float().sqrt() * std
-        return CMSNOutput(coarse=filled, refined=filled, output=output, spread=spread)
+        stated = None if variance is None else variance.float().sqrt() * std
+        return CMSNOutput(coarse=filled, refined=filled, output=output, spread=stated)
