@@ -309,18 +309,24 @@ def window_around(cube: xr.Dataset, date: DateChoice = None) -> tuple[list[int],
             return list(range(n)), 0
         fractions = cube["cloud_mask"].mean(("y", "x")).values if "cloud_mask" in cube else np.zeros(n)
         index = int(np.argmax(fractions))
-    elif isinstance(date, (int, np.integer)) and not isinstance(date, bool):
-        if not 0 <= date < n:
-            choices = f"{', '.join(map(str, range(n - 1)))} or {n - 1}" if n <= 10 else f"0 to {n - 1}"
-            raise ValueError(f"date must be {choices} (an index among the cube's {n} dates), got {date!r}")
-        index = int(date)
     else:
-        wanted = np.asarray(date, dtype="datetime64[ns]")
-        index = int(np.argmin(np.abs(cube["time"].values.astype("datetime64[ns]") - wanted)))
+        index = date_index(cube, date)
     if n <= 3:
         return list(range(n)), index
     first = min(max(index - 1, 0), n - 3)
     return [first, first + 1, first + 2], index - first
+
+
+def date_index(cube: xr.Dataset, date: int | str | np.datetime64) -> int:
+    """Return the position of ``date`` among the cube's dates: an index as it is (checked), or the nearest date."""
+    n = int(cube.sizes["time"])
+    if isinstance(date, (int, np.integer)) and not isinstance(date, bool):
+        if not 0 <= date < n:
+            choices = f"{', '.join(map(str, range(n - 1)))} or {n - 1}" if n <= 10 else f"0 to {n - 1}"
+            raise ValueError(f"date must be {choices} (an index among the cube's {n} dates), got {date!r}")
+        return int(date)
+    wanted = np.asarray(date, dtype="datetime64[ns]")
+    return int(np.argmin(np.abs(cube["time"].values.astype("datetime64[ns]") - wanted)))
 
 
 @overload
@@ -370,8 +376,7 @@ def plot_uncertainty(result: xr.Dataset, path: PathLike | None = None, *, date: 
     if date is None:
         shown = int(np.argmax(np.asarray((result["filled"] > 0).sum(("y", "x")).values)))
     else:
-        dates, position = window_around(result[["time"]], date)
-        shown = dates[position]
+        shown = date_index(result, date)
     one = result.isel(time=shown)
     spread = np.sqrt((np.asarray(one["uncertainty"].values, dtype=np.float64) ** 2).mean(axis=0))
     fig, axes = _subplots(1, 2, figsize=(12, 5.6))

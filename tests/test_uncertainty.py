@@ -166,3 +166,15 @@ def test_the_network_states_its_spread_only_when_asked():
         plain, asked = model(inputs), model(inputs, spread=True)
     assert plain.spread is None and asked.spread is not None and asked.spread.shape == asked.output.shape
     assert torch.equal(plain.output, asked.output)
+
+
+def test_the_uncertainty_figure_takes_a_date_by_index_or_by_day(results, tmp_path):
+    from cmsn_cube.plot import plot_uncertainty
+
+    result = results["regression"]
+    day = str(result.time.values[2])[:10]
+    for choice in (2, day):
+        figure = plot_uncertainty(result, date=choice)
+        assert figure.axes[0].get_title().startswith(day)
+    with pytest.raises(ValueError, match="date must be 0, 1 or 2"):
+        plot_uncertainty(result, tmp_path / "x.png", date=3)
