@@ -34,7 +34,8 @@ Filler = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 #: helper dates considered per pixel (the nearest in time that are clear there) and how many of them, those
 #: whose fits explain the window best, are averaged. Chosen on the real stacks of ../shared/data (pasted real
 #: cloud shapes, PSNR pooled over the bands): the best 3 of the 6 nearest gained 0.3-1.5 dB over the nearest
-#: clear date alone and 0.1-1.6 dB over averaging every helper (``benchmarks/bench_quality.py``).
+#: clear date alone (the previous regression; measured while choosing, with a script not kept) and
+#: 0.09-1.86 dB over averaging every helper (``reference`` in ``benchmarks/bench_quality.py``).
 REGRESSION_WINDOW = 31
 REGRESSION_MIN_PIXELS = 50
 REGRESSION_HELPERS = 6

@@ -178,3 +178,10 @@ def test_the_uncertainty_figure_takes_a_date_by_index_or_by_day(results, tmp_pat
         assert figure.axes[0].get_title().startswith(day)
     with pytest.raises(ValueError, match="date must be 0, 1 or 2"):
         plot_uncertainty(result, tmp_path / "x.png", date=3)
+
+
+def test_the_uncertainty_figure_refuses_a_dataset_without_the_layer(scene):
+    from cmsn_cube.plot import plot_uncertainty
+
+    with pytest.raises(ValueError, match="no 'uncertainty' in this dataset"):
+        plot_uncertainty(scene)
